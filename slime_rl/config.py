@@ -1,0 +1,336 @@
+"""Typed configuration: one nested dataclass per component.
+
+A `JobConfig` is built from defaults, then a YAML/JSON file, then CLI flags
+(`--rollout.temperature 0.7`). Unknown keys and bad values raise `ConfigError`
+naming the dotted field and, for choices, the allowed values. Choice fields are
+typed `Literal[...]`; the CLI and the validator both read the allowed values
+from the annotation, so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ALGORITHMS = ("GRPO", "DAPO", "REINFORCE_PPB", "RLOO", "PPO")
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `path` = an HF checkpoint directory; None builds a tiny model."""
+
+    path: str | None = None
+    tokenizer: str | None = None  # "char", a directory; None = the model dir's / char for tiny
+    arch: Literal["llama", "qwen2"] = "llama"  # tiny model only
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 128
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets (.jsonl / .parquet). Paths None = generate the synthetic task."""
+
+    train_path: str | None = None
+    val_path: str | None = None
+    sft_path: str | None = None  # (prompt, response) pairs for the SFT stage
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    response_key: str = "response"
+    metadata_keys: list[str] = field(default_factory=list)
+    apply_chat_template: bool = False
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 64
+    skip_bad_lines: bool = False
+    # synthetic task (used when train_path is None)
+    task: Literal["arithmetic"] = "arithmetic"
+    num_train: int = 4000
+    num_val: int = 200
+    num_sft: int = 400
+    task_seed: int = 1234
+
+
+@dataclass
+class RolloutConfig:
+    """Generation side: engine choice and sampling."""
+
+    engine: Literal["embedded"] = "embedded"
+    num_inferencers: int = 1
+    prompts_per_step: int = 32
+    n_samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 24
+    max_batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class AlgorithmConfig:
+    """Policy-gradient algorithm and loss."""
+
+    name: Literal["GRPO", "DAPO", "REINFORCE_PPB", "RLOO", "PPO"] = "GRPO"
+    eps_clip_low: float = 0.2
+    eps_clip_high: float = 0.2
+    kl_coef: float = 0.0  # > 0 keeps a reference model and adds the k3 KL term
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token", "sequence"] = "token"
+    scale_adv_by_std: bool = True
+    adv_eps: float = 1e-6
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class RewardConfig:
+    """Reward function: a registry name or a dotted path ("pkg.mod:fn")."""
+
+    name: str = "math"
+    timeout_s: float = 10.0
+    failure_reward: float = 0.0
+    max_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    """Trainer backend, optimizer and schedule for the RL stage."""
+
+    backend: Literal["hf", "megatron"] = "hf"
+    num_trainers: int = 1
+    num_steps: int = 40
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    updates_per_step: int = 1  # optimizer steps per rollout batch (mini-batches)
+    seed: int = 0
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm-up: loss on response tokens only."""
+
+    enabled: bool = True
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    micro_batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    """Validation: every N RL steps, greedy or sampled with n samples."""
+
+    every_n_steps: int = 10
+    greedy: bool = True
+    n_samples: int = 1
+    temperature: float = 1.0
+    max_examples: int = 0  # 0 = the whole validation set
+
+
+@dataclass
+class LogConfig:
+    """Where results go."""
+
+    output_dir: str = "runs/default"
+    progress: bool = True
+    save_checkpoint: bool = True
+    plot: bool = True
+
+
+@dataclass
+class JobConfig:
+    """A whole job: `slime-rl train` with no flags runs these defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Cross-field checks that a single field's type cannot express."""
+        checks = [
+            ("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt >= 1, ">= 1"),
+            ("rollout.prompts_per_step", self.rollout.prompts_per_step >= 1, ">= 1"),
+            ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
+            ("rollout.temperature", self.rollout.temperature >= 0, ">= 0"),
+            ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
+            ("rollout.top_k", self.rollout.top_k == -1 or self.rollout.top_k >= 1, "-1 or >= 1"),
+            ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.num_steps", self.train.num_steps >= 0, ">= 0"),
+            ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
+            ("train.num_trainers", self.train.num_trainers >= 1, ">= 1"),
+            ("rollout.num_inferencers", self.rollout.num_inferencers >= 1, ">= 1"),
+            ("algorithm.eps_clip_low", 0 <= self.algorithm.eps_clip_low < 1, "in [0, 1)"),
+            ("algorithm.eps_clip_high", self.algorithm.eps_clip_high >= 0, ">= 0"),
+            ("algorithm.kl_coef", self.algorithm.kl_coef >= 0, ">= 0"),
+            ("reward.timeout_s", self.reward.timeout_s > 0, "> 0"),
+            ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
+            ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {get_field(self, name)!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Generic dataclass <-> dict machinery (used by the YAML loader and the CLI).
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (strings -> types)."""
+    return typing.get_type_hints(cls)
+
+
+def is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def literal_choices(tp: Any) -> tuple | None:
+    """The allowed values of a Literal (or Optional[Literal]) annotation."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if _is_union(tp):
+        for arg in typing.get_args(tp):
+            choices = literal_choices(arg)
+            if choices is not None:
+                return choices
+    return None
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check/convert `value` to the annotated type; ConfigError names the field."""
+    if _is_union(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in typing.get_args(tp):
+                return None
+        return coerce(name, args[0], value)
+    choices = literal_choices(tp)
+    if choices is not None:
+        if value not in choices:
+            allowed = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"{name}: invalid value {value!r}; allowed values: {allowed}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected a boolean (true/false), got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [coerce(f"{name}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build a dataclass from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(known))}")
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value, f"{name}.") if is_dataclass_type(tp) else coerce(name, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def get_field(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def set_field(cfg: Any, dotted: str, value: Any) -> None:
+    """Set `a.b.c` on a nested dataclass, coercing and validating the value."""
+    *parents, leaf = dotted.split(".")
+    obj = cfg
+    for part in parents:
+        if not hasattr(obj, part):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    setattr(obj, leaf, coerce(dotted, field_types(type(obj))[leaf], value))
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    return data or {}
+
+
+def save_config(cfg: JobConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,231 @@
+"""Prompt datasets: JSONL / Parquet rows -> tokenized `PromptRecord`s.
+
+Each row holds a prompt (a string, or a chat message list
+`[{"role": ..., "content": ...}, ...]`), a label for the reward function, and
+optionally a reference response (SFT data) and metadata fields. A message list
+always goes through the tokenizer's chat template; a string does when
+`apply_chat_template=True` (as one user message after the optional system
+prompt). Prompt ids are encoded with `add_special_tokens=False`: the chat
+template, not the tokenizer, decides on BOS-like tokens.
+
+Bad rows fail loudly with `file:line: problem` (line = 1-based line of a JSONL
+file, 1-based row of a Parquet file); `skip_bad_lines=True` skips them instead
+and counts each reason in `DataStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+_MAX_SKIP_WARNINGS = 20  # per file; a summary line follows
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file (and line) and the problem."""
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class PromptRecord:
+    prompt_text: str  # after chat templating
+    prompt_ids: list[int]
+    label: Any
+    metadata: dict[str, Any]
+    source: str  # "file:line"
+    response_text: str | None = None
+
+
+@dataclass
+class DataStats:
+    loaded: int = 0
+    skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def load_prompts(
+    path: str | Path,
+    tokenizer: Any,
+    prompt_key: str = "prompt",
+    label_key: str | None = "label",
+    response_key: str | None = None,
+    metadata_keys: Iterable[str] = (),
+    apply_chat_template: bool = False,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int = 512,
+    skip_bad_lines: bool = False,
+) -> tuple[list[PromptRecord], DataStats]:
+    """Load and tokenize a prompt dataset (`.jsonl` or `.parquet`).
+
+    Required per row: `prompt_key`, `label_key` (unless None), `response_key`
+    (when given) and every `metadata_keys` entry. Raises DataError on the first
+    bad row unless `skip_bad_lines`, and when no row is loaded.
+    """
+    path = Path(path)
+    metadata_keys = tuple(metadata_keys)
+    stats = DataStats()
+    skipped: Counter[str] = Counter()
+    records: list[PromptRecord] = []
+    for line_no, row in _iter_rows(path):
+        source = f"{path}:{line_no}"
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            records.append(
+                _make_record(
+                    row, source, tokenizer, prompt_key, label_key, response_key,
+                    metadata_keys, apply_chat_template, system_prompt, max_prompt_tokens,
+                )
+            )
+        except _BadRow as bad:
+            if not skip_bad_lines:
+                raise DataError(f"{source}: {bad}") from None
+            skipped[bad.reason] += 1
+            if sum(skipped.values()) <= _MAX_SKIP_WARNINGS:
+                logger.warning("skipping %s: %s", source, bad)
+    stats.loaded = len(records)
+    stats.skipped = sum(skipped.values())
+    stats.skipped_by_reason = dict(skipped)
+    if stats.skipped:
+        logger.warning("%s: skipped %d bad line(s): %s", path, stats.skipped, stats.skipped_by_reason)
+    if not records:
+        detail = f" ({stats.skipped} bad line(s) skipped: {stats.skipped_by_reason})" if stats.skipped else ""
+        raise DataError(f"{path}: no records{detail}")
+    return records, stats
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object per line (UTF-8), creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+    """(1-based line/row number, parsed row or the parse problem)."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path)
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise DataError(f"{path}: unsupported extension {path.suffix!r} (expected .jsonl or .parquet)")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
+    with path.open("r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield line_no, _BadRow("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                yield line_no, _BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+                continue
+            yield line_no, row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet file: {e}") from e
+    for row_no, row in enumerate(table.to_pylist(), start=1):
+        yield row_no, row
+
+
+def _make_record(
+    row: dict[str, Any],
+    source: str,
+    tokenizer: Any,
+    prompt_key: str,
+    label_key: str | None,
+    response_key: str | None,
+    metadata_keys: tuple[str, ...],
+    apply_chat_template: bool,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+) -> PromptRecord:
+    required = [prompt_key] + [k for k in (label_key, response_key) if k is not None] + list(metadata_keys)
+    for key in required:
+        if key not in row:
+            raise _BadRow("missing_key", f"missing key {key!r}")
+    prompt_text = _format_prompt(row[prompt_key], tokenizer, apply_chat_template, system_prompt)
+    try:
+        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+    except ValueError as e:
+        raise _BadRow("untokenizable", f"cannot tokenize prompt: {e}") from None
+    if len(prompt_ids) > max_prompt_tokens:
+        raise _BadRow(
+            "prompt_too_long", f"prompt is {len(prompt_ids)} tokens, longer than max_prompt_tokens={max_prompt_tokens}"
+        )
+    response = None
+    if response_key is not None:
+        response = row[response_key]
+        if not isinstance(response, str):
+            raise _BadRow("bad_response", f"{response_key!r} must be a string, got {type(response).__name__}")
+    return PromptRecord(
+        prompt_text=prompt_text,
+        prompt_ids=prompt_ids,
+        label=row[label_key] if label_key is not None else None,
+        metadata={k: row[k] for k in metadata_keys},
+        source=source,
+        response_text=response,
+    )
+
+
+def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool, system_prompt: str | None) -> str:
+    """The prompt text the model sees: raw string or chat-templated messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _BadRow("empty_prompt", "empty prompt")
+        if not apply_chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise _BadRow("empty_prompt", "empty prompt (empty message list)")
+        messages = _check_messages(prompt)
+    else:
+        raise _BadRow("bad_prompt_type", f"prompt must be a string or a message list, got {type(prompt).__name__}")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # template errors (jinja raise_exception) are data problems
+        raise _BadRow("chat_template_error", f"chat template failed: {e}") from None
+
+
+def _check_messages(messages: list[Any]) -> list[dict[str, str]]:
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _BadRow("malformed_messages", f"message {i} must be an object, got {type(msg).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(msg.get(key), str):
+                raise _BadRow("malformed_messages", f"message {i} needs a string {key!r}")
+    if not any(msg["content"].strip() for msg in messages):
+        raise _BadRow("empty_prompt", "empty prompt (all messages empty)")
+    return [dict(m) for m in messages]  # extra keys (name, tool_calls) reach the template

@@ -1,0 +1,208 @@
+"""Jobs behind the CLI: build a Run (data, tokenizer, model, trainer, engine), then SFT / RL / eval.
+
+`slime-rl train` with no flags: generate the synthetic arithmetic task, build a
+tiny Llama, SFT warm-up on a small labelled subset, then GRPO on prompts with
+only answers; evaluate after SFT and after RL; write metrics JSONL + a plot.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from slime_rl import algorithms
+from slime_rl.config import JobConfig, save_config
+from slime_rl.data import load_prompts
+from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
+from slime_rl.loop import PRINT_KEYS, Run, maybe_evaluate, rl_loop, sync_weights
+from slime_rl.metrics import MetricsLogger, format_line, plot_curves
+from slime_rl.rewards import get_reward_fn
+from slime_rl.sft import run_sft as sft_train
+from slime_rl.tokenizer import load_tokenizer
+
+
+def _check_supported(cfg: JobConfig) -> None:
+    algorithms.check_implemented(cfg.algorithm.name)
+    if cfg.train.backend != "hf":
+        raise NotImplementedError(f"train.backend {cfg.train.backend!r} is not yet implemented; available: hf")
+    if cfg.train.num_trainers != 1 or cfg.rollout.num_inferencers != 1:
+        raise NotImplementedError("multiple trainers/engines (-t/-i > 1) are not yet implemented; "
+                                  "this version runs one trainer and one embedded engine in process")
+
+
+def _data_paths(cfg: JobConfig, out_dir: Path) -> dict[str, str | None]:
+    d = cfg.data
+    if d.train_path is not None:
+        return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+    from slime_rl.tasks.arithmetic import make_arithmetic_task
+
+    paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed)
+    print(f"[data] synthetic arithmetic task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> {out_dir / 'data'}")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _model(cfg: JobConfig, tokenizer) -> tuple[dict, dict]:
+    m = cfg.model
+    if m.path is not None:
+        return load_hf_checkpoint(m.path)
+    hf_config = tiny_hf_config(m.arch, vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+                               num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                               intermediate_size=m.intermediate_size,
+                               max_position_embeddings=m.max_position_embeddings,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    return hf_config, init_tiny_model(hf_config, seed=m.init_seed)
+
+
+def _load(path: str | None, cfg: JobConfig, tokenizer, with_response: bool) -> list:
+    if path is None:
+        return []
+    d = cfg.data
+    records, stats = load_prompts(path, tokenizer, prompt_key=d.prompt_key, label_key=d.label_key,
+                                  response_key=d.response_key if with_response else None,
+                                  metadata_keys=tuple(d.metadata_keys), apply_chat_template=d.apply_chat_template,
+                                  system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
+                                  skip_bad_lines=d.skip_bad_lines)
+    if stats.skipped:
+        print(f"[data] {path}: skipped {stats.skipped} bad lines {dict(stats.skipped_by_reason)}")
+    return records
+
+
+def build_run(cfg: JobConfig) -> Run:
+    """Everything a job needs, built once from the config."""
+    from rollout import EmbeddedEngine
+    from training.hf import HFTrainer, OptimSettings
+    from weight_sync import InProcessTransport
+
+    _check_supported(cfg)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.log.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    tok_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "char")
+    tokenizer = load_tokenizer(tok_spec)
+    paths = _data_paths(cfg, out_dir)
+    train_records = _load(paths["train"], cfg, tokenizer, with_response=False)
+    val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
+    sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
+    hf_config, state_dict = _model(cfg, tokenizer)
+    trainer = HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=cfg.algorithm.kl_coef > 0)
+    engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.rollout.seed)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
+    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine,
+               transport=InProcessTransport([engine]), reward_fn=get_reward_fn(cfg.reward.name),
+               train_records=train_records, val_records=val_records, sft_records=sft_records,
+               logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
+
+
+def _rl_opt(cfg: JobConfig):
+    from training.hf import OptimSettings
+
+    t = cfg.train
+    return OptimSettings(lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                         total_steps=max(1, t.num_steps * t.updates_per_step), weight_decay=t.weight_decay,
+                         betas=(t.adam_beta1, t.adam_beta2), grad_clip=t.grad_clip,
+                         micro_batch_size=t.micro_batch_size)
+
+
+def sft_stage(run: Run) -> dict[str, float]:
+    """Warm-up on labelled (prompt, response) pairs; returns validation metrics after it."""
+    from training.hf import OptimSettings
+
+    s = run.cfg.sft
+    if not run.sft_records:
+        raise ValueError("SFT needs data: set data.sft_path (prompt/response jsonl) or use the synthetic task")
+    steps = s.epochs * -(-len(run.sft_records) // s.batch_size)
+    run.trainer.reset_optimizer(OptimSettings(lr=s.lr, schedule="cosine", warmup_steps=s.warmup_steps,
+                                              total_steps=steps, micro_batch_size=s.micro_batch_size))
+    t0 = time.perf_counter()
+    print(f"[sft] {len(run.sft_records)} examples x {s.epochs} epochs = {steps} steps")
+    bar = _bar(steps, "sft", run.cfg.log.progress)
+    sft_train(run.trainer, run.sft_records, run.tokenizer, s.epochs, s.batch_size, seed=run.cfg.seed,
+            on_step=lambda i, st: bar(i + 1, {"nll": st["nll"]}))
+    sync_weights(run)
+    metrics = maybe_evaluate(run, 0, force=True)
+    print(f"[sft] done in {time.perf_counter() - t0:.0f}s: validation accuracy {metrics['val/accuracy']:.3f}")
+    return metrics
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm progress bar as a callback(step, record); plain prints when disabled."""
+    if not enabled:
+        return lambda step, record: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+    def update(step: int, record: dict) -> None:
+        bar.update(step - bar.n)
+        shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in record.items()
+                 if k in PRINT_KEYS[:3] or k == "nll" or k == "val/accuracy"}
+        bar.set_postfix(shown, refresh=False)
+        if "val/accuracy" in record:
+            bar.write(format_line(step, record, PRINT_KEYS))
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def run_train(cfg: JobConfig) -> int:
+    run = build_run(cfg)
+    t0 = time.perf_counter()
+    sft_acc = None
+    if cfg.sft.enabled:
+        sft_acc = sft_stage(run)["val/accuracy"]
+    else:
+        sync_weights(run)
+        sft_acc = maybe_evaluate(run, 0, force=True)["val/accuracy"]
+    run.logger.log({"step": 0, "val/accuracy": sft_acc})
+    run.trainer.reset_optimizer(_rl_opt(cfg))
+    print(f"[rl] {cfg.algorithm.name}: {cfg.train.num_steps} steps x {cfg.rollout.prompts_per_step} prompts "
+          f"x {cfg.rollout.n_samples_per_prompt} samples")
+    final = rl_loop(run, progress=_bar(cfg.train.num_steps, "rl", cfg.log.progress) if cfg.log.progress else None)
+    rl_acc = final.get("val/accuracy", float("nan"))
+    _finish(run, sft_acc, rl_acc, time.perf_counter() - t0)
+    return 0
+
+
+def _finish(run: Run, sft_acc: float, rl_acc: float, seconds: float) -> None:
+    out = run.out_dir
+    if run.cfg.log.save_checkpoint:
+        run.trainer.save(str(out / "checkpoint"))
+        run.tokenizer.save(str(out / "checkpoint"))
+    plot = plot_curves(run.logger, out / "curves.png", title=f"{run.cfg.algorithm.name} on {out.name}") \
+        if run.cfg.log.plot else None
+    label = "after SFT" if run.cfg.sft.enabled else "before RL"
+    print("\n" + "=" * 60)
+    print(f"validation accuracy {label}: {sft_acc * 100:5.1f}%")
+    print(f"validation accuracy after RL: {rl_acc * 100:5.1f}%  ({(rl_acc - sft_acc) * 100:+.1f} points)")
+    print(f"metrics: {run.logger.path}")
+    if plot:
+        print(f"plot:    {plot}")
+    if run.cfg.log.save_checkpoint:
+        print(f"model:   {out / 'checkpoint'}")
+    print(f"time:    {seconds:.0f}s")
+    print("=" * 60)
+
+
+def run_sft(cfg: JobConfig) -> int:
+    run = build_run(cfg)
+    acc = sft_stage(run)["val/accuracy"]
+    run.trainer.save(str(run.out_dir / "checkpoint"))
+    run.tokenizer.save(str(run.out_dir / "checkpoint"))
+    print(f"SFT validation accuracy: {acc * 100:.1f}%  model: {run.out_dir / 'checkpoint'}")
+    return 0
+
+
+def run_eval(cfg: JobConfig) -> int:
+    run = build_run(cfg)
+    sync_weights(run)
+    metrics = maybe_evaluate(run, 0, force=True)
+    run.logger.log({"step": 0, **metrics})
+    for k, v in sorted(metrics.items()):
+        print(f"{k}: {v:.4f}")
+    return 0

@@ -1,0 +1,97 @@
+"""The seams between components, as `typing.Protocol`s.
+
+Engines, trainer backends, weight transports, reward functions and
+environments meet only through these; each has a contract test under tests/.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from slime_rl.types import GenerateOutput, GenerateRequest, Sample, TrainBatch
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Produces token ids + per-token logprobs; serves a versioned policy."""
+
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """Generate for a batch of requests; outputs in request order."""
+
+    def abort(self, rid: str | None = None) -> None:
+        """Abort one request (by rid) or all in-flight requests (None)."""
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Stop scheduling new decode steps ("abort" or "in_place")."""
+
+    def continue_generation(self) -> None:
+        """Resume after pause_generation."""
+
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int
+    ) -> None:
+        """Load HF-named tensors; all-or-nothing; stamp the new version."""
+
+    def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
+        """Load an HF safetensors directory; all-or-nothing."""
+
+    def flush_cache(self) -> None:
+        """Drop any cached KV / prefix state."""
+
+    def health(self) -> bool:
+        """True when the engine can serve."""
+
+    def get_weight_version(self) -> int:
+        """The version of the weights now served."""
+
+
+@runtime_checkable
+class TrainerBackend(Protocol):
+    """Owns the policy weights (the source of truth) and the optimizer."""
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token logprobs [B, T] of `batch.input_ids_BT` (position t = log p(x_t | x_<t))."""
+
+    def train_step(self, batch: TrainBatch, loss_fn: "LossFn") -> dict[str, float]:
+        """One optimizer step over the batch (micro-batched); returns metrics."""
+
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy weights in HF naming, for weight sync."""
+
+    def save(self, path: str) -> None:
+        """Save an HF-format checkpoint (+ optimizer state) to a directory."""
+
+    def load(self, path: str) -> None:
+        """Restore from `save`."""
+
+
+class LossFn(Protocol):
+    """Per-micro-batch loss: (logprobs_BT, entropy_BT, micro TrainBatch) -> (loss, metrics)."""
+
+    def __call__(
+        self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@runtime_checkable
+class WeightTransport(Protocol):
+    """Moves HF-named weights from a trainer to engines."""
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int) -> None: ...
+
+
+RewardFn = Callable[[Sample], "float | dict[str, float]"]
+"""A reward function scores one sample; a dict must hold a 'reward' key."""
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """Multi-turn environment (tool use, dialogue)."""
+
+    def reset(self, sample: Sample) -> list[int]:
+        """Start an episode; return the initial observation tokens."""
+
+    def step(self, action_ids: list[int]) -> tuple[list[int], float, bool, dict[str, Any]]:
+        """Apply the model's tokens; return (observation ids, reward, done, info)."""

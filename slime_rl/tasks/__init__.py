@@ -1,0 +1,1 @@
+"""Synthetic tasks that the default job generates on the fly."""

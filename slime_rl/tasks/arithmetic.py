@@ -1,0 +1,47 @@
+"""Synthetic arithmetic: "a+b=" / "a-b=" prompts with verifiable answers.
+
+Writes three disjoint jsonl files: `sft.jsonl` (prompt, response, label: the
+labelled warm-up subset), `train.jsonl` (prompt, label: what RL sees — the
+verifier needs only the answer) and `val.jsonl`. The response format is
+`\\boxed{N}`, so the math reward measures format and answer accuracy apart.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from slime_rl.data import write_jsonl
+
+
+def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    if rng.random() < 0.5:
+        return f"{a}+{b}=", a + b
+    a, b = max(a, b), min(a, b)  # keep answers non-negative
+    return f"{a}-{b}=", a - b
+
+
+def make_arithmetic_task(out_dir: str | Path, num_train: int, num_val: int, num_sft: int, seed: int,
+                         max_operand: int = 99) -> dict[str, Path]:
+    """Generate the task files; problems never repeat across (or within) splits."""
+    rng = random.Random(seed)
+    capacity = (max_operand + 1) ** 2  # rough count of distinct problems
+    total = num_train + num_val + num_sft
+    if total > capacity:
+        raise ValueError(f"{total} distinct problems requested but operands up to {max_operand} allow ~{capacity}")
+    seen: set[str] = set()
+    problems: list[tuple[str, int]] = []
+    while len(problems) < total:
+        prompt, answer = _problem(rng, max_operand)
+        if prompt not in seen:
+            seen.add(prompt)
+            problems.append((prompt, answer))
+    sft, val, train = problems[:num_sft], problems[num_sft:num_sft + num_val], problems[num_sft + num_val:]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"sft": out / "sft.jsonl", "val": out / "val.jsonl", "train": out / "train.jsonl"}
+    write_jsonl(paths["sft"], [{"prompt": p, "response": f"\\boxed{{{a}}}", "label": str(a)} for p, a in sft])
+    write_jsonl(paths["val"], [{"prompt": p, "label": str(a)} for p, a in val])
+    write_jsonl(paths["train"], [{"prompt": p, "label": str(a)} for p, a in train])
+    return paths

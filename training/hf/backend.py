@@ -1,0 +1,199 @@
+"""Reference trainer backend: a transformers model trained with plain torch.
+
+The same math as the Megatron backend (a later issue) on one process: logprobs
+of packed right-padded batches, micro-batching with gradient accumulation,
+AdamW with gradient clipping and an LR schedule, HF-format checkpoints. It is
+the parity baseline: engine logprobs and Megatron logprobs are tested against
+this backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from slime_rl.ops.logprob import logprobs_from_logits
+from slime_rl.protocols import LossFn
+from slime_rl.types import TrainBatch
+
+
+@dataclass
+class OptimSettings:
+    """Optimizer + schedule; built from TrainConfig or SFTConfig."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    total_steps: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+
+
+def lr_lambda(opt: OptimSettings):
+    """Multiplier on opt.lr at a given step: linear warm-up, then the schedule."""
+
+    def fn(step: int) -> float:
+        if opt.warmup_steps and step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        if opt.schedule == "constant":
+            return 1.0
+        span = max(1, opt.total_steps - opt.warmup_steps)
+        progress = min(1.0, (step - opt.warmup_steps) / span)
+        floor = opt.min_lr / opt.lr
+        if opt.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """A transformers CausalLM from a config.json dict (+ weights), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[hf_config["model_type"]].from_dict(dict(hf_config))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+class HFTrainer:
+    """TrainerBackend on a transformers model (single process)."""
+
+    def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor], opt: OptimSettings,
+                 with_reference: bool = False):
+        self.hf_config = dict(hf_config)
+        self.model = build_hf_model(hf_config, state_dict)
+        self.ref_model = build_hf_model(hf_config, state_dict).requires_grad_(False) if with_reference else None
+        self.opt = opt
+        self.step = 0
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.opt.lr, betas=self.opt.betas,
+                                           weight_decay=self.opt.weight_decay, eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.opt))
+
+    def reset_optimizer(self, opt: OptimSettings) -> None:
+        """Fresh optimizer state and schedule (e.g. between the SFT and RL stages)."""
+        self.opt = opt
+        self.step = 0
+        self._build_optimizer()
+
+    # ------------------------------------------------------------------ forward
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[slice, TrainBatch]]:
+        mbs = max(1, self.opt.micro_batch_size)
+        for start in range(0, batch.num_sequences, mbs):
+            rows = slice(start, min(start + mbs, batch.num_sequences))
+            mb = batch.select(rows)
+            T = int(mb.attention_mask_BT.sum(dim=1).max())  # trim right padding of this micro-batch
+            yield rows, mb.select((slice(None), slice(0, T)))
+
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
+        logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
+        lp_BT1, ent_BT1 = logprobs_from_logits(logits_BTV[:, :-1], mb.input_ids_BT[:, 1:], mb.temperature, with_entropy)
+        pad = lp_BT1.new_zeros(lp_BT1.shape[0], 1)
+        lp_BT = torch.cat([pad, lp_BT1], dim=1)  # position t = log p(x_t | x_<t); t = 0 has none
+        ent_BT = torch.cat([pad, ent_BT1], dim=1) if ent_BT1 is not None else None
+        return lp_BT, ent_BT
+
+    @torch.no_grad()
+    def _logprobs_with(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+        out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+        for rows, mb in self._micro_batches(batch):
+            lp_BT, _ = self._forward(model, mb, with_entropy=False)
+            out_BT[rows, : lp_BT.shape[1]] = lp_BT
+        return out_BT
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Policy logprobs [B, T] (0 at position 0 and on padding)."""
+        return self._logprobs_with(self.model, batch)
+
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: construct HFTrainer(with_reference=True)")
+        return self._logprobs_with(self.ref_model, batch)
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over the whole batch, accumulated over micro-batches.
+
+        The loss function returns an already-normalized sum (per-token weights
+        are global to the batch), so accumulation needs no rescaling.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        maxes: dict[str, float] = {}
+        for _, mb in self._micro_batches(batch):
+            lp_BT, ent_BT = self._forward(self.model, mb, with_entropy=True)
+            loss, stats = loss_fn(lp_BT, ent_BT, mb)
+            loss.backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            for k, v in stats.items():
+                if k.endswith("_max"):
+                    maxes[k] = max(maxes.get(k, -math.inf), float(v))
+                elif k.endswith("_min"):
+                    maxes[k] = min(maxes.get(k, math.inf), float(v))
+                else:
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.opt.grad_clip if self.opt.grad_clip > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.model.eval()
+        return {**totals, **maxes, "grad_norm": float(grad_norm), "lr": lr}
+
+    # ------------------------------------------------------------------ weights
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named weights (lm_head omitted when tied to the embedding)."""
+        tied = self.hf_config.get("tie_word_embeddings", False)
+        for name, tensor in self.model.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue
+            yield name, tensor.detach()
+
+    def save(self, path: str) -> None:
+        """HF checkpoint (config.json + model.safetensors) + optimizer/scheduler state."""
+        from slime_rl.hf_io import save_hf_checkpoint
+
+        out = Path(path)
+        save_hf_checkpoint(out, self.hf_config, dict(self.named_hf_weights()))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   out / "optimizer.pt")
+        (out / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+
+    def load(self, path: str) -> None:
+        """Restore weights and, when present, optimizer/scheduler state from `save`."""
+        from slime_rl.hf_io import load_hf_checkpoint
+
+        _, state_dict = load_hf_checkpoint(path)
+        self.model.load_state_dict(state_dict, strict=False)
+        if self.hf_config.get("tie_word_embeddings", False):
+            self.model.tie_weights()
+        opt_file = Path(path) / "optimizer.pt"
+        if opt_file.exists():
+            state = torch.load(opt_file, weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        state_file = Path(path) / "trainer_state.json"
+        if state_file.exists():
+            self.step = json.loads(state_file.read_text())["step"]
