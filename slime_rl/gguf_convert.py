@@ -54,7 +54,15 @@ def is_converted(out_dir: str | Path) -> bool:
         and any(out_dir.glob("*.safetensors"))
         and (out_dir / "tokenizer.json").is_file()
         and (out_dir / "tokenizer_config.json").is_file()
+        and _has_chat_template(out_dir)
     )
+
+
+def _has_chat_template(out_dir: Path) -> bool:
+    """transformers 5 writes chat_template.jinja; older versions embed it in tokenizer_config.json."""
+    if (out_dir / "chat_template.jinja").is_file():
+        return True
+    return "chat_template" in json.loads((out_dir / "tokenizer_config.json").read_text())
 
 
 def convert_gguf(
@@ -98,18 +106,3 @@ def convert_gguf(
     print(f"[gguf_convert] wrote {out_dir} in {time.perf_counter() - start:.1f}s")
     return out_dir
 
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--gguf", default=None, help=f"GGUF file (default: {GGUF_FILENAME} from {GGUF_PACKAGE})")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args()
-    convert_gguf(args.out_dir, args.gguf, getattr(torch, args.dtype), force=args.force)
-
-
-if __name__ == "__main__":
-    main()

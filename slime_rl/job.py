@@ -38,7 +38,8 @@ def _data_paths(cfg: JobConfig, out_dir: Path) -> dict[str, str | None]:
         return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
     from slime_rl.tasks.arithmetic import make_arithmetic_task
 
-    paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed)
+    paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed,
+                                 max_operand=d.task_max_operand)
     print(f"[data] synthetic arithmetic task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> {out_dir / 'data'}")
     return {k: str(v) for k, v in paths.items()}
 

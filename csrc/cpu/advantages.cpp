@@ -7,8 +7,8 @@
 // (compiled with -fopenmp; the extension then shares torch's bundled libgomp
 // and honours torch.set_num_threads). Each group is a short contiguous row, so
 // one thread handles whole groups: two passes (mean, then squared deviations)
-// accumulated in double, which keeps the result within a few ulps of the
-// pure-torch reference for fp32 and is exact to ~1e-15 for fp64.
+// accumulated in double, exactly as the reference computes (see its module
+// docstring for why float32 rewards are not summed in float32).
 
 #include "advantages.h"
 

@@ -26,10 +26,11 @@ def make_arithmetic_task(out_dir: str | Path, num_train: int, num_val: int, num_
                          max_operand: int = 99) -> dict[str, Path]:
     """Generate the task files; problems never repeat across (or within) splits."""
     rng = random.Random(seed)
-    capacity = (max_operand + 1) ** 2  # rough count of distinct problems
+    m = max_operand + 1
+    capacity = m * m + m * (m + 1) // 2  # distinct a+b (ordered) and a-b (a >= b) problems
     total = num_train + num_val + num_sft
     if total > capacity:
-        raise ValueError(f"{total} distinct problems requested but operands up to {max_operand} allow ~{capacity}")
+        raise ValueError(f"{total} distinct problems requested but operands up to {max_operand} allow {capacity}")
     seen: set[str] = set()
     problems: list[tuple[str, int]] = []
     while len(problems) < total:

@@ -1,0 +1,178 @@
+"""Score samples with a reward function: in parallel, with per-sample time-outs.
+
+A reward function that raises, returns something invalid (no "reward" key,
+NaN, not a number) or runs past `timeout_s` never crashes the run: its sample
+gets `{"reward": failure_reward, "reward_error": 1.0}` (plus
+`"reward_timeout": 1.0` for a time-out), the failure is counted in
+`RewardStats` and logged with the sample id `group_id/index`.
+
+Threads, not processes: reward functions are mostly cheap Python (regex,
+numbers) or I/O (HTTP judges, sandboxes), and they get the `Sample` object
+itself. A small pool of daemon worker threads pulls sample indices from a
+shared counter, so thousands of cheap calls cost a lock round-trip each rather
+than a future each. The calling thread watches the clock: a sample running past
+`timeout_s` is marked failed and its worker is abandoned and replaced. Python
+cannot kill a thread, so the hung call keeps running in the background; its
+late result is discarded, and because the worker is a daemon thread it never
+blocks interpreter exit (a `ThreadPoolExecutor` would: its workers are joined
+at exit). A reward that hangs often should isolate itself in a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from slime_rl.protocols import RewardFn
+from slime_rl.types import Sample
+
+logger = logging.getLogger(__name__)
+
+_MAX_LOGGED_FAILURES = 20  # per call; a summary line covers the rest
+_OK, _ERROR, _TIMEOUT = "ok", "error", "timeout"
+
+
+@dataclass
+class RewardStats:
+    num_samples: int = 0
+    errors: int = 0  # raised or returned an invalid value
+    timeouts: int = 0
+    elapsed_s: float = 0.0
+    failed_ids: list[str] = field(default_factory=list)  # "group_id/index"
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "reward/errors": float(self.errors),
+            "reward/timeouts": float(self.timeouts),
+            "reward/elapsed_s": self.elapsed_s,
+        }
+
+
+class _Scoring:
+    """State shared by the workers and the watcher of one `score_samples` call."""
+
+    def __init__(self, samples: list[Sample], reward_fn: RewardFn):
+        self.samples = samples
+        self.reward_fn = reward_fn
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.next_index = 0
+        self.num_done = 0
+        self.outcomes: list[tuple[str, Any] | None] = [None] * len(samples)
+        self.running: dict[int, tuple[int, float]] = {}  # worker id -> (sample index, start time)
+        self.num_workers = 0
+
+    def start_worker(self) -> None:
+        worker_id = self.num_workers
+        self.num_workers += 1
+        threading.Thread(target=self._work, args=(worker_id,), name=f"reward-worker-{worker_id}", daemon=True).start()
+
+    def _work(self, worker_id: int) -> None:
+        while True:
+            with self.lock:
+                index = self.next_index
+                if index >= len(self.samples):
+                    return
+                self.next_index += 1
+                self.running[worker_id] = (index, time.monotonic())
+            try:
+                outcome = (_OK, _validate(self.reward_fn(self.samples[index])))
+            except Exception as e:  # any failure of user code is the sample's failure
+                outcome = (_ERROR, f"{type(e).__name__}: {e}")
+            with self.lock:
+                if self.outcomes[index] is not None:
+                    return  # timed out meanwhile: this worker was abandoned and replaced
+                del self.running[worker_id]
+                self._finish(index, outcome)
+
+    def _finish(self, index: int, outcome: tuple[str, Any]) -> None:
+        """Record an outcome; caller holds the lock."""
+        self.outcomes[index] = outcome
+        self.num_done += 1
+        if self.num_done == len(self.samples):
+            self.finished.set()
+
+    def expire(self, timeout_s: float) -> int:
+        """Mark samples running past `timeout_s` as timed out; returns how many workers were lost."""
+        now = time.monotonic()
+        with self.lock:
+            late = [(w, i, t) for w, (i, t) in self.running.items() if now - t > timeout_s]
+            for worker_id, index, started in late:
+                del self.running[worker_id]
+                self._finish(index, (_TIMEOUT, f"timed out after {now - started:.1f}s (limit {timeout_s}s)"))
+        return len(late)
+
+
+def _validate(value: Any) -> float | dict[str, Any]:
+    """A float reward, or a dict whose "reward" is a finite number."""
+    if isinstance(value, dict):
+        if "reward" not in value:
+            raise ValueError(f"reward dict has no 'reward' key (keys: {sorted(value)})")
+        reward = _finite(value["reward"])
+        return {**value, "reward": reward}
+    return _finite(value)
+
+
+def _finite(value: Any) -> float:
+    if not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"reward must be a number or a dict with 'reward', got {type(value).__name__}")
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise ValueError(f"reward is not finite: {reward}")
+    return reward
+
+
+def score_samples(
+    samples: list[Sample],
+    reward_fn: RewardFn,
+    timeout_s: float = 10.0,
+    failure_reward: float = 0.0,
+    max_workers: int = 8,
+) -> RewardStats:
+    """Set `sample.reward` on every sample; failures get `failure_reward` and are counted."""
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    start = time.perf_counter()
+    stats = RewardStats(num_samples=len(samples))
+    if not samples:
+        return stats
+    scoring = _Scoring(samples, reward_fn)
+    for _ in range(min(max_workers, len(samples))):
+        scoring.start_worker()
+    poll_s = min(0.02, timeout_s / 4)
+    while not scoring.finished.wait(poll_s):
+        for _ in range(scoring.expire(timeout_s)):
+            scoring.start_worker()  # replaces the abandoned one; exits at once if no work is left
+    _apply(samples, scoring.outcomes, failure_reward, stats, getattr(reward_fn, "__name__", repr(reward_fn)))
+    stats.elapsed_s = time.perf_counter() - start
+    return stats
+
+
+def _apply(
+    samples: list[Sample], outcomes: list, failure_reward: float, stats: RewardStats, fn_name: str
+) -> None:
+    for sample, (kind, value) in zip(samples, outcomes):
+        if kind == _OK:
+            sample.reward = value
+            continue
+        sample.reward = {"reward": float(failure_reward), "reward_error": 1.0}
+        if kind == _TIMEOUT:
+            sample.reward["reward_timeout"] = 1.0
+            stats.timeouts += 1
+        else:
+            stats.errors += 1
+        sample_id = f"{sample.group_id}/{sample.index}"
+        stats.failed_ids.append(sample_id)
+        if len(stats.failed_ids) <= _MAX_LOGGED_FAILURES:
+            logger.warning("reward fn %s failed on sample %s: %s", fn_name, sample_id, value)
+    if len(stats.failed_ids) > _MAX_LOGGED_FAILURES:
+        logger.warning(
+            "reward fn %s: %d failures in total (%d errors, %d timeouts); first %d logged",
+            fn_name, len(stats.failed_ids), stats.errors, stats.timeouts, _MAX_LOGGED_FAILURES,
+        )
