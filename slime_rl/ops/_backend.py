@@ -10,7 +10,7 @@ choice per call, for a tensor on device D:
 
 The library is looked for once, lazily, on the first op call (or
 available_impls()/describe()): import slime_rl._C; failing that, and only when
-SLIME_RL_JIT=1, build it with torch.utils.cpp_extension.load (~30 s, cached in
+SLIME_RL_JIT=1, build it with torch.utils.cpp_extension.load (~1 min, cached in
 torch's extension dir). Importing slime_rl.ops loads and compiles nothing.
 
 Forcing a path: SLIME_RL_OPS_IMPL=cuda|cpp|reference (read on first use),
@@ -96,7 +96,7 @@ def jit_load(build_directory: str | None = None, verbose: bool = False):
     Loading registers torch.ops.slime_rl.*. Only one copy of the library may be
     loaded per process (TORCH_LIBRARY registers the namespace once), so call
     this only where slime_rl._C is not imported. CUDA sources are included
-    when torch has CUDA and a toolkit is found. ~30 s on 2 cores; rebuilt only
+    when torch has CUDA and a toolkit is found. 30-70 s on 2 cores; rebuilt only
     when a source changes (cached in build_directory or torch's extension dir).
     """
     from torch.utils import cpp_extension
@@ -142,7 +142,7 @@ def _load_library() -> bool:
         else:
             _state.loaded, _state.source = False, (
                 f"{why}; JIT off (pip install -e . --no-build-isolation builds it, "
-                "or SLIME_RL_JIT=1 compiles it on first use, ~30 s)"
+                "or SLIME_RL_JIT=1 compiles it on first use, ~1 min)"
             )
     if _state.loaded:
         _register_fakes()
@@ -214,7 +214,8 @@ def choose(op: str, x: torch.Tensor, impl: str | None = None) -> str:
     if needs_grad:
         raise _unavailable(op, forced, "the input requires grad and the compiled kernels are forward-only")
     if forced != natural:
-        raise _unavailable(op, forced, f"the tensor is on {x.device} (the {forced} impl takes {forced.replace('cpp', 'cpu')} tensors)")
+        takes = "cpu" if forced == "cpp" else forced
+        raise _unavailable(op, forced, f"the tensor is on {x.device} (the {forced} impl takes {takes} tensors)")
     reason = _why_not(forced, op)
     if reason is not None:
         raise _unavailable(op, forced, reason)

@@ -30,7 +30,7 @@ def group_normalize(
     "reference" for this call (see slime_rl.ops._backend).
     """
     if rewards_GN.dim() != 2:
-        raise ValueError(f"group_normalize: rewards_GN must be 2-D [num_groups, n], got shape {tuple(rewards_GN.shape)}")
+        raise ValueError(f"group_normalize: rewards_GN must be 2-D [num_groups, n], got {tuple(rewards_GN.shape)}")
     if rewards_GN.shape[1] < 1:
         raise ValueError(f"group_normalize: groups must hold at least one sample, got shape {tuple(rewards_GN.shape)}")
     if not rewards_GN.is_floating_point():

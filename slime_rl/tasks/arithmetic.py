@@ -15,11 +15,13 @@ from slime_rl.data import write_jsonl
 
 
 def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
+    """Operands zero-padded to a fixed width, so every digit sits at a fixed offset."""
     a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    w = len(str(max_operand))
     if rng.random() < 0.5:
-        return f"{a}+{b}=", a + b
+        return f"{a:0{w}d}+{b:0{w}d}=", a + b
     a, b = max(a, b), min(a, b)  # keep answers non-negative
-    return f"{a}-{b}=", a - b
+    return f"{a:0{w}d}-{b:0{w}d}=", a - b
 
 
 def make_arithmetic_task(out_dir: str | Path, num_train: int, num_val: int, num_sft: int, seed: int,
@@ -42,7 +44,8 @@ def make_arithmetic_task(out_dir: str | Path, num_train: int, num_val: int, num_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"sft": out / "sft.jsonl", "val": out / "val.jsonl", "train": out / "train.jsonl"}
-    write_jsonl(paths["sft"], [{"prompt": p, "response": f"\\boxed{{{a}}}", "label": str(a)} for p, a in sft])
+    aw = len(str(2 * max_operand))  # answers zero-padded too (the verifier compares values: 085 == 85)
+    write_jsonl(paths["sft"], [{"prompt": p, "response": f"\\boxed{{{a:0{aw}d}}}", "label": str(a)} for p, a in sft])
     write_jsonl(paths["val"], [{"prompt": p, "label": str(a)} for p, a in val])
     write_jsonl(paths["train"], [{"prompt": p, "label": str(a)} for p, a in train])
     return paths
