@@ -57,11 +57,11 @@ class DataConfig:
     skip_bad_lines: bool = False
     # synthetic task (used when train_path is None)
     task: Literal["arithmetic"] = "arithmetic"
-    num_train: int = 4000
+    num_train: int = 2500
     num_val: int = 200
-    num_sft: int = 400
+    num_sft: int = 600
     task_seed: int = 1234
-    task_max_operand: int = 99
+    task_max_operand: int = 49
 
 
 @dataclass
@@ -111,11 +111,11 @@ class TrainConfig:
 
     backend: Literal["hf", "megatron"] = "hf"
     num_trainers: int = 1
-    num_steps: int = 40
-    lr: float = 2e-4
+    num_steps: int = 150
+    lr: float = 1e-4
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -130,7 +130,7 @@ class SFTConfig:
     """Supervised warm-up: loss on response tokens only."""
 
     enabled: bool = True
-    epochs: int = 8
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -141,9 +141,9 @@ class SFTConfig:
 class EvalConfig:
     """Validation: every N RL steps, greedy or sampled with n samples."""
 
-    every_n_steps: int = 10
-    greedy: bool = True
-    n_samples: int = 1
+    every_n_steps: int = 25
+    greedy: bool = False  # sampled at `temperature`, accuracy averaged over n_samples
+    n_samples: int = 4
     temperature: float = 1.0
     max_examples: int = 0  # 0 = the whole validation set
 

@@ -14,6 +14,7 @@ import torch
 
 from slime_rl import algorithms
 from slime_rl.config import JobConfig, save_config
+from slime_rl.evaluate import evaluate
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
 from slime_rl.loop import PRINT_KEYS, Run, maybe_evaluate, rl_loop, sync_weights
@@ -21,6 +22,20 @@ from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards import get_reward_fn
 from slime_rl.sft import run_sft as sft_train
 from slime_rl.tokenizer import load_tokenizer
+
+
+def greedy_accuracy(run: Run) -> float:
+    """Greedy validation accuracy, reported beside the configured (possibly sampled) one."""
+    e = run.cfg.eval
+    return evaluate(run.engine, run.val_records, run.reward_fn, greedy=True, n_samples=1, temperature=0.0,
+                    max_new_tokens=run.cfg.rollout.max_new_tokens, stop_token_ids=[run.tokenizer.eos_token_id],
+                    decode=run.tokenizer.decode, reward_timeout_s=run.cfg.reward.timeout_s,
+                    failure_reward=run.cfg.reward.failure_reward, max_examples=e.max_examples)["val/accuracy"]
+
+
+def _eval_label(cfg: JobConfig) -> str:
+    e = cfg.eval
+    return "greedy" if e.greedy else f"mean of {e.n_samples} samples at temperature {e.temperature}"
 
 
 def _check_supported(cfg: JobConfig) -> None:
@@ -132,8 +147,16 @@ def sft_stage(run: Run) -> dict[str, float]:
 
 def _bar(total: int, desc: str, enabled: bool):
     """A tqdm progress bar as a callback(step, record); plain prints when disabled."""
-    if not enabled:
-        return lambda step, record: None
+    import sys
+
+    if not enabled or not sys.stdout.isatty():  # logs and CI: a plain line every ~10% instead of a bar
+        every = max(1, total // 10)
+
+        def line(step: int, record: dict) -> None:
+            if step % every == 0 or step == total or "val/accuracy" in record:
+                print(format_line(step, record, PRINT_KEYS + ["nll"]).replace("step", desc, 1), flush=True)
+
+        return line
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
@@ -160,17 +183,21 @@ def run_train(cfg: JobConfig) -> int:
     else:
         sync_weights(run)
         sft_acc = maybe_evaluate(run, 0, force=True)["val/accuracy"]
-    run.logger.log({"step": 0, "val/accuracy": sft_acc})
+    sft_greedy = greedy_accuracy(run)
+    run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
     run.trainer.reset_optimizer(_rl_opt(cfg))
     print(f"[rl] {cfg.algorithm.name}: {cfg.train.num_steps} steps x {cfg.rollout.prompts_per_step} prompts "
           f"x {cfg.rollout.n_samples_per_prompt} samples")
-    final = rl_loop(run, progress=_bar(cfg.train.num_steps, "rl", cfg.log.progress) if cfg.log.progress else None)
+    final = rl_loop(run, progress=_bar(cfg.train.num_steps, "rl", cfg.log.progress))
     rl_acc = final.get("val/accuracy", float("nan"))
-    _finish(run, sft_acc, rl_acc, time.perf_counter() - t0)
+    rl_greedy = greedy_accuracy(run)
+    run.logger.log({"step": cfg.train.num_steps, "val/greedy_accuracy": rl_greedy})
+    _finish(run, (sft_acc, sft_greedy), (rl_acc, rl_greedy), time.perf_counter() - t0)
     return 0
 
 
-def _finish(run: Run, sft_acc: float, rl_acc: float, seconds: float) -> None:
+def _finish(run: Run, sft: tuple[float, float], rl: tuple[float, float], seconds: float) -> None:
+    """Save, plot, and print the summary: (accuracy, greedy accuracy) before and after RL."""
     out = run.out_dir
     if run.cfg.log.save_checkpoint:
         run.trainer.save(str(out / "checkpoint"))
@@ -179,8 +206,10 @@ def _finish(run: Run, sft_acc: float, rl_acc: float, seconds: float) -> None:
         if run.cfg.log.plot else None
     label = "after SFT" if run.cfg.sft.enabled else "before RL"
     print("\n" + "=" * 60)
-    print(f"validation accuracy {label}: {sft_acc * 100:5.1f}%")
-    print(f"validation accuracy after RL: {rl_acc * 100:5.1f}%  ({(rl_acc - sft_acc) * 100:+.1f} points)")
+    print(f"validation accuracy ({_eval_label(run.cfg)}; greedy in brackets)")
+    print(f"  {label + ':':10s} {sft[0] * 100:5.1f}%   [greedy {sft[1] * 100:5.1f}%]")
+    print(f"  {'after RL:':10s} {rl[0] * 100:5.1f}%   [greedy {rl[1] * 100:5.1f}%]   "
+          f"({(rl[0] - sft[0]) * 100:+.1f} points)")
     print(f"metrics: {run.logger.path}")
     if plot:
         print(f"plot:    {plot}")

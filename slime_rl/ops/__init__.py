@@ -12,6 +12,7 @@ csrc/README.md for building and adding kernels.
 
 from slime_rl.ops._backend import IMPLS, ImplUnavailableError, available_impls, describe, force_impl
 from slime_rl.ops.advantages import group_normalize
+from slime_rl.ops.logprob import logprobs_from_logits
 
 __all__ = [
     "IMPLS",
@@ -20,4 +21,5 @@ __all__ = [
     "describe",
     "force_impl",
     "group_normalize",
+    "logprobs_from_logits",
 ]

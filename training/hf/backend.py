@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from slime_rl.ops.logprob import logprobs_from_logits
+from slime_rl.ops import logprobs_from_logits
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 
