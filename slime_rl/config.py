@@ -111,8 +111,8 @@ class TrainConfig:
 
     backend: Literal["hf", "megatron"] = "hf"
     num_trainers: int = 1
-    num_steps: int = 150
-    lr: float = 1e-4
+    num_steps: int = 300
+    lr: float = 2e-4
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 10
@@ -141,7 +141,7 @@ class SFTConfig:
 class EvalConfig:
     """Validation: every N RL steps, greedy or sampled with n samples."""
 
-    every_n_steps: int = 25
+    every_n_steps: int = 50
     greedy: bool = False  # sampled at `temperature`, accuracy averaged over n_samples
     n_samples: int = 4
     temperature: float = 1.0

@@ -18,7 +18,7 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
 
     def log(self, record: dict[str, Any]) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in record.items()}
+        clean = {k: (v if isinstance(v, (bool, int, str)) else float(v)) for k, v in record.items()}
         self.history.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
