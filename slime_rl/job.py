@@ -14,10 +14,9 @@ import torch
 
 from slime_rl import algorithms
 from slime_rl.config import JobConfig, save_config
-from slime_rl.evaluate import evaluate
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
-from slime_rl.loop import PRINT_KEYS, Run, maybe_evaluate, rl_loop, sync_weights
+from slime_rl.loop import PRINT_KEYS, Run, evaluate_run, maybe_evaluate, rl_loop, sync_weights
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards import get_reward_fn
 from slime_rl.sft import run_sft as sft_train
@@ -26,11 +25,7 @@ from slime_rl.tokenizer import load_tokenizer
 
 def greedy_accuracy(run: Run) -> float:
     """Greedy validation accuracy, reported beside the configured (possibly sampled) one."""
-    e = run.cfg.eval
-    return evaluate(run.engine, run.val_records, run.reward_fn, greedy=True, n_samples=1, temperature=0.0,
-                    max_new_tokens=run.cfg.rollout.max_new_tokens, stop_token_ids=[run.tokenizer.eos_token_id],
-                    decode=run.tokenizer.decode, reward_timeout_s=run.cfg.reward.timeout_s,
-                    failure_reward=run.cfg.reward.failure_reward, max_examples=e.max_examples)["val/accuracy"]
+    return evaluate_run(run, greedy=True)["val/accuracy"]
 
 
 def _eval_label(cfg: JobConfig) -> str:

@@ -107,16 +107,21 @@ def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
     return stats
 
 
+def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
+    """Validation metrics of the engine's current weights."""
+    return evaluate(run.engine, run.val_records, run.reward_fn, greedy=greedy, n_samples=n_samples,
+                    temperature=temperature, max_new_tokens=run.cfg.rollout.max_new_tokens,
+                    stop_token_ids=[run.tokenizer.eos_token_id], decode=run.tokenizer.decode,
+                    reward_timeout_s=run.cfg.reward.timeout_s, failure_reward=run.cfg.reward.failure_reward,
+                    max_examples=run.cfg.eval.max_examples, seed=run.cfg.rollout.seed)
+
+
 def maybe_evaluate(run: Run, step: int, force: bool = False) -> dict[str, float]:
     every = run.cfg.eval.every_n_steps
     if not force and (every == 0 or step % every):
         return {}
     e = run.cfg.eval
-    return evaluate(run.engine, run.val_records, run.reward_fn, greedy=e.greedy, n_samples=e.n_samples,
-                    temperature=e.temperature, max_new_tokens=run.cfg.rollout.max_new_tokens,
-                    stop_token_ids=[run.tokenizer.eos_token_id], decode=run.tokenizer.decode,
-                    reward_timeout_s=run.cfg.reward.timeout_s, failure_reward=run.cfg.reward.failure_reward,
-                    max_examples=e.max_examples, seed=run.cfg.rollout.seed)
+    return evaluate_run(run, e.greedy, e.n_samples, e.temperature)
 
 
 def rl_loop(run: Run, progress=None) -> dict[str, float]:

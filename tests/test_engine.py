@@ -247,30 +247,30 @@ def run_in_thread(engine, reqs):
     return thread, result
 
 
-def test_abort_from_another_thread(engine):
-    ps = prompts(2)
-    reqs = [req(ps[0], rid="a", max_new_tokens=24, seed=1), req(ps[1], rid="b", max_new_tokens=24, seed=2)]
-    gate = ForwardGate(engine, call_at=3)
+def interrupted(engine, reqs, call_at, action):
+    """Run generate in a thread, call `action()` while it is held before forward `call_at`, then finish."""
+    gate = ForwardGate(engine, call_at=call_at)
     thread, result = run_in_thread(engine, reqs)
     assert gate.reached.wait(timeout=30)
-    engine.abort("a")
+    action()
     gate.release.set()
     thread.join(timeout=30)
     gate.remove()
-    a, b = result["outs"]
+    return result["outs"]
+
+
+def test_abort_from_another_thread(engine):
+    ps = prompts(2)
+    reqs = [req(ps[0], rid="a", max_new_tokens=24, seed=1), req(ps[1], rid="b", max_new_tokens=24, seed=2)]
+    a, b = interrupted(engine, reqs, 3, lambda: engine.abort("a"))
     assert a.finish_reason == SampleStatus.ABORTED and len(a.output_ids) == 3 == len(a.output_logprobs)
     assert b.finish_reason == SampleStatus.TRUNCATED and len(b.output_ids) == 24
     ref = engine.generate(reqs)
     assert a.output_ids == ref[0].output_ids[:3] and b.output_ids == ref[1].output_ids
 
-    gate = ForwardGate(engine, call_at=4)
-    thread, result = run_in_thread(engine, reqs)
-    assert gate.reached.wait(timeout=30)
-    engine.abort()  # all
-    gate.release.set()
-    thread.join(timeout=30)
-    assert [len(o.output_ids) for o in result["outs"]] == [4, 4]
-    assert all(o.finish_reason == SampleStatus.ABORTED for o in result["outs"])
+    outs = interrupted(engine, reqs, 4, engine.abort)  # abort all
+    assert [len(o.output_ids) for o in outs] == [4, 4]
+    assert all(o.finish_reason == SampleStatus.ABORTED for o in outs)
     assert engine.generate(reqs)[1].finish_reason == SampleStatus.TRUNCATED  # later calls unaffected
 
 
@@ -296,13 +296,8 @@ def test_pause_in_place_then_continue_with_new_weights(engine, hf_and_dir):
 
 def test_pause_abort_mode(engine):
     reqs = [req(p, max_new_tokens=30, seed=3) for p in prompts(2)]
-    gate = ForwardGate(engine, call_at=2)
-    thread, result = run_in_thread(engine, reqs)
-    assert gate.reached.wait(timeout=30)
-    engine.pause_generation("abort")
-    gate.release.set()
-    thread.join(timeout=30)
-    assert all(o.finish_reason == SampleStatus.ABORTED and len(o.output_ids) == 2 for o in result["outs"])
+    outs = interrupted(engine, reqs, 2, lambda: engine.pause_generation("abort"))
+    assert all(o.finish_reason == SampleStatus.ABORTED and len(o.output_ids) == 2 for o in outs)
     engine.continue_generation()
     assert all(o.finish_reason == SampleStatus.TRUNCATED for o in engine.generate(reqs))
     with pytest.raises(ValueError, match="pause mode"):
