@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from typing import Any
 
 from slime_rl.config import (
@@ -40,6 +41,8 @@ def _type_label(tp: Any) -> str:
     choices = literal_choices(tp)
     if choices is not None:
         return "{" + ",".join(map(str, choices)) + "}"
+    if typing.get_origin(tp) is dict:
+        return "JSON"
     name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
     return name.upper() if name in ("int", "float", "str", "bool") else str(tp).replace(" | None", "").upper()
 

@@ -76,8 +76,15 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 24
-    max_batch_size: int = 256
+    max_batch_size: int = 256  # most requests decoding at once (continuous batching)
     seed: int = 0
+    # embedded engine KV cache: a paged pool shared through a radix (prefix) tree
+    max_total_tokens: int | None = None  # KV pool size in tokens; None = from kv_cache_mb
+    kv_cache_mb: float = 256.0
+    page_size: int = 1
+    enable_prefix_cache: bool = True
+    # SGLang servers: engine arguments passed through (`--key value`; true = a bare flag)
+    sglang_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,6 +194,9 @@ class JobConfig:
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
             ("train.num_trainers", self.train.num_trainers >= 1, ">= 1"),
             ("rollout.num_inferencers", self.rollout.num_inferencers >= 1, ">= 1"),
+            ("rollout.page_size", self.rollout.page_size >= 1, ">= 1"),
+            ("rollout.kv_cache_mb", self.rollout.kv_cache_mb > 0, "> 0"),
+            ("rollout.max_total_tokens", (self.rollout.max_total_tokens or 1) >= 1, ">= 1 or None"),
             ("algorithm.eps_clip_low", 0 <= self.algorithm.eps_clip_low < 1, "in [0, 1)"),
             ("algorithm.eps_clip_high", self.algorithm.eps_clip_high >= 0, ">= 0"),
             ("algorithm.kl_coef", self.algorithm.kl_coef >= 0, ">= 0"),
@@ -264,6 +274,15 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
+    if typing.get_origin(tp) is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: expected a JSON object, got {value!r} ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):

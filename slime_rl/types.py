@@ -25,8 +25,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 = disabled
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # stop tokens / strings are ignored before this many tokens
     stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None  # None = draw from the engine's generator
+    stop: list[str] = field(default_factory=list)  # stop strings (need an engine tokenizer)
+    seed: int | None = None  # None = draw from the engine's generator (SGLang: sampling_seed)
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -37,27 +39,69 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
 
 
 @dataclass
 class GenerateRequest:
-    """One generation request: prompt token ids in."""
+    """One generation request: prompt token ids in.
+
+    `top_logprobs_num` > 0 adds the k most likely tokens at every output
+    position; `logprob_start_len` >= 0 adds prompt logprobs from that position
+    on (the first prompt token has none).
+    """
 
     input_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    rid: str | None = None
+    rid: str | None = None  # None = the engine assigns one
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 @dataclass
 class GenerateOutput:
-    """One generation result: token ids + logprobs of the sampled tokens out."""
+    """One generation result (or an in-progress snapshot: finish_reason None).
+
+    Every output token carries the weight version that sampled it
+    (`output_versions`); `weight_version` is the engine's version when the
+    request finished.
+    """
 
     rid: str | None
     output_ids: list[int]
     output_logprobs: list[float]
-    finish_reason: SampleStatus
+    finish_reason: SampleStatus | None
     weight_version: int
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    output_versions: list[int] = field(default_factory=list)
+    matched_stop: int | str | None = None  # the stop token id or stop string that ended it
+    output_top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) best first
+    input_logprobs: list[float | None] | None = None  # prompt positions logprob_start_len..n-1
+    e2e_latency: float = 0.0  # seconds from submit to finish
+
+
+@dataclass
+class BucketEntry:
+    """Where one HF-named tensor lives inside a flat weight bucket."""
+
+    name: str
+    dtype: str  # torch dtype name without "torch.", e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # in bytes from the start of the bucket
+
+
+@dataclass
+class WeightBucket:
+    """A flat byte buffer holding several tensors + their metadata (HF naming).
+
+    Built and read by `slime_rl.buckets.pack_bucket` / `unpack_bucket`.
+    """
+
+    buffer: Any  # torch.uint8 tensor [nbytes]
+    entries: list[BucketEntry]
+    weight_version: int = 0
 
 
 @dataclass

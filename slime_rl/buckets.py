@@ -1,0 +1,62 @@
+"""Flat weight buckets: many HF-named tensors packed into one byte buffer.
+
+A bucket is what crosses a process boundary during weight sync (one
+allocation, one transfer); `WeightBucket.entries` say where each tensor lives.
+Offsets are aligned to `ALIGN` bytes so every view is aligned for its dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from slime_rl.types import BucketEntry, WeightBucket
+
+ALIGN = 64
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def pack_bucket(named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int = 0) -> WeightBucket:
+    """Copy tensors into one uint8 buffer (on the first tensor's device)."""
+    items = [(name, t.detach()) for name, t in named_tensors]
+    entries, offset = [], 0
+    for name, t in items:
+        entries.append(BucketEntry(name, dtype_name(t.dtype), tuple(t.shape), offset))
+        offset = _aligned(offset + t.numel() * t.element_size())
+    device = items[0][1].device if items else "cpu"
+    buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, t), e in zip(items, entries):
+        nbytes = t.numel() * t.element_size()
+        buffer[e.offset : e.offset + nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    return WeightBucket(buffer, entries, weight_version)
+
+
+def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
+    """Views into the bucket's buffer (no copy), one per entry, in order."""
+    out = []
+    size = bucket.buffer.numel()
+    for e in bucket.entries:
+        dtype = dtype_from_name(e.dtype)
+        numel = 1
+        for d in e.shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if e.offset < 0 or e.offset + nbytes > size:
+            raise ValueError(f"bucket entry {e.name!r} [{e.offset}, {e.offset + nbytes}) lies outside the {size}-byte buffer")
+        out.append((e.name, bucket.buffer[e.offset : e.offset + nbytes].view(dtype).view(tuple(e.shape))))
+    return out
