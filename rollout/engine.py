@@ -1,41 +1,48 @@
 """EmbeddedEngine: the in-process `RolloutEngine` (token ids in, ids + logprobs out).
 
-Generation is static batching per call: requests are sorted by prompt length,
-cut into chunks of at most `max_batch_size`, and each chunk runs prefill +
-decode with a KV cache preallocated for the chunk. Prompts are left-padded to
-a common length P; each row's position ids start at 0 at its first real token
-and a per-row key mask hides the padding, so all rows share one cache slot per
-decode step. Rows that finish stop being recorded at once and leave the batch
-(their KV rows are dropped) once a quarter of the batch has finished.
+A continuous-batching inference core (rollout/scheduler.py) over a paged KV
+pool (rollout/kv_cache.py) shared through a radix prefix cache
+(rollout/radix_cache.py). The scheduler runs on a background thread; any
+thread may `submit` requests (or call the blocking `generate` /
+async `agenerate`) and control the engine.
 
-Concurrency: `generate` is synchronous but may run on a worker thread while
-another thread calls `abort`, `pause_generation`, `continue_generation` or a
-weight update. Abort / pause are checked before every forward step; weight
-updates take the same lock as a forward step, so a step never sees a
-half-updated model. A weight update during an in-place pause makes later
-tokens come from the new weights; each output is stamped with the weight
-version current when that row finished.
+Concurrency: every scheduler step and every control operation (abort, pause,
+retract, flush, weight update) holds one step lock, so a forward never sees a
+half-updated model and control takes effect between two steps. Every output
+token is stamped with the weight version that sampled it.
+
+Pause modes (SGLang's): "abort" finishes every request now with what it has;
+"in_place" stops stepping and keeps requests with their KV (a weight update
+meanwhile makes later tokens come from the new weights, over KV computed by
+the old ones, as in SGLang); "retract" sends running requests back to the
+queue and releases their KV, so after `continue_generation` they are
+re-prefilled from their tokens under the weights current then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import threading
-from dataclasses import dataclass
+import uuid
 from glob import glob
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file
 
-from rollout.model import DecoderLM, KVCache, ModelConfig
-from rollout.sampling import SamplingTensors, row_uniforms, sample
-from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
+from rollout.kv_cache import PagedKVPool, bytes_per_token
+from rollout.model import DecoderLM, ModelConfig
+from rollout.radix_cache import RadixCache
+from rollout.sampling import row_uniforms
+from rollout.scheduler import Request, Scheduler
+from slime_rl.buckets import unpack_bucket
+from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
 
-_RUNNING, _COMPLETED, _TRUNCATED, _ABORTED = 0, 1, 2, 3
-_STATUS = {_COMPLETED: SampleStatus.COMPLETED, _TRUNCATED: SampleStatus.TRUNCATED, _ABORTED: SampleStatus.ABORTED}
-PAUSE_MODES = ("abort", "in_place")
+log = logging.getLogger(__name__)
+PAUSE_MODES = ("abort", "in_place", "retract")
 
 
 def load_safetensors_dir(model_dir: str) -> dict[str, torch.Tensor]:
@@ -56,81 +63,38 @@ def load_safetensors_dir(model_dir: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
-class _Control:
-    """Abort / pause state shared between `generate` and other threads."""
+class RequestHandle:
+    """A submitted request: wait for its output, or get called back when it finishes."""
 
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.paused = False
-        self.abort_epoch = 0  # bumped by abort-all; a generate call snapshots it
-        self.inflight: dict[str, int] = {}
-        self.aborted_rids: set[str] = set()
+    def __init__(self, rid: str):
+        self.rid = rid
+        self._event = threading.Event()
+        self._output: GenerateOutput | None = None
+        self._callbacks: list[Callable[[GenerateOutput], None]] = []
+        self._mu = threading.Lock()
 
-    def begin(self, rids: list[str]) -> int:
-        with self.cond:
-            for rid in rids:
-                self.inflight[rid] = self.inflight.get(rid, 0) + 1
-            return self.abort_epoch
+    def done(self) -> bool:
+        return self._event.is_set()
 
-    def end(self, rids: list[str]) -> None:
-        with self.cond:
-            for rid in rids:
-                self.inflight[rid] -= 1
-                if self.inflight[rid] == 0:
-                    del self.inflight[rid]
-                    self.aborted_rids.discard(rid)
+    def result(self, timeout: float | None = None) -> GenerateOutput:
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"request {self.rid!r} not finished after {timeout} s")
+        return self._output  # type: ignore[return-value]
 
-    def abort(self, rid: str | None) -> None:
-        with self.cond:
-            if rid is None:
-                self.abort_epoch += 1
-            elif rid in self.inflight:
-                self.aborted_rids.add(rid)
-            self.cond.notify_all()
+    def add_done_callback(self, fn: Callable[[GenerateOutput], None]) -> None:
+        with self._mu:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self._output)
 
-    def row_aborts(self, epoch: int, rids: list[str | None]) -> list[bool] | None:
-        """Per-row abort flags, or None when nothing is aborted (the fast path)."""
-        if self.abort_epoch == epoch and not self.aborted_rids:
-            return None
-        with self.cond:
-            if self.abort_epoch != epoch:
-                return [True] * len(rids)
-            return [rid in self.aborted_rids for rid in rids]
-
-    def wait_while_paused(self, epoch: int, rids: list[str | None]) -> None:
-        """Block while paused, unless one of these rows gets aborted meanwhile."""
-        if not self.paused:
-            return
-        with self.cond:
-            while self.paused and self.row_aborts(epoch, rids) is None:
-                self.cond.wait()
-
-    def set_paused(self, paused: bool) -> None:
-        with self.cond:
-            self.paused = paused
-            self.cond.notify_all()
-
-
-@dataclass
-class _Batch:
-    """Per-row state of the rows still in the decode batch (compacted together)."""
-
-    rows_B: torch.Tensor  # index into the chunk's result tensors
-    rids: list[str | None]
-    st: SamplingTensors
-    u_BT: torch.Tensor  # per-row uniforms, one per step
-    stop_BK: torch.Tensor  # stop token ids, padded with -1
-    max_new_B: torch.Tensor
-    lens_B: torch.Tensor  # prompt lengths
-    key_valid_BS: torch.Tensor  # False on left padding
-    cache: KVCache
-
-    def keep(self, idx_B: torch.Tensor) -> None:
-        for name in ("rows_B", "u_BT", "stop_BK", "max_new_B", "lens_B", "key_valid_BS"):
-            setattr(self, name, getattr(self, name)[idx_B])
-        self.rids = [self.rids[i] for i in idx_B.tolist()]
-        self.st = self.st.select(idx_B)
-        self.cache.keep_rows(idx_B)
+    def _set(self, out: GenerateOutput) -> None:
+        with self._mu:
+            self._output = out
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(out)
 
 
 class EmbeddedEngine:
@@ -144,232 +108,280 @@ class EmbeddedEngine:
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 64,
         seed: int = 0,
+        max_total_tokens: int | None = None,
+        kv_cache_mb: float = 256.0,
+        page_size: int = 1,
+        enable_prefix_cache: bool = True,
+        max_prefill_tokens: int = 8192,
+        tokenizer=None,
     ):
-        """`state_dict` in HF naming (all tensors required); None = random init from `seed`."""
+        """`state_dict` in HF naming (all tensors required); None = random init from `seed`.
+        The KV pool holds `max_total_tokens` tokens, or as many as fit in `kv_cache_mb`."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.config = ModelConfig.from_hf(hf_config)
         self.hf_config = dict(hf_config)
         self.device, self.dtype, self.max_batch_size = torch.device(device), dtype, max_batch_size
+        self.context_len = self.config.max_position_embeddings
+        self.tokenizer = tokenizer
         self.model = DecoderLM(self.config, self.device, dtype).eval()
         self._params = dict(self.model.named_parameters())
-        self._gen = torch.Generator().manual_seed(seed)
-        self._lock = threading.RLock()  # one forward step or one weight update at a time
-        self._ctl = _Control()
-        self._version = 0
+        self._lock = threading.RLock()  # one scheduler step or one control operation at a time
         if state_dict is None:
             self.model.init_random(seed)
         else:
             self._apply(self._check_tensors(state_dict.items(), full=True))
+        if max_total_tokens is None:
+            max_total_tokens = int(kv_cache_mb * 2**20) // bytes_per_token(self.config, dtype)
+        num_pages = max(1, max_total_tokens // page_size)
+        self.pool = PagedKVPool(self.config, num_pages, page_size, max_batch_size, self.device, dtype)
+        tree = RadixCache(page_size, self.pool.free) if enable_prefix_cache else None
+        decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
+        self._sched = Scheduler(self.model, self.pool, tree, max_batch_size, max_prefill_tokens, decode)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._cv = threading.Condition()  # guards the inbox, the in-flight rid set, paused, stop
+        self._inbox: list[Request] = []
+        self._inflight: set[str] = set()
+        self._paused = False
+        self._stop = False
+        self._abort_rids: set[str] = set()  # control requests the scheduler applies between steps
+        self._abort_all = False
+        self._retract_all = False
+        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, device="cpu", dtype=torch.float32, max_batch_size=64, seed=0):
+    def from_pretrained(cls, model_dir: str, device="cpu", dtype=torch.float32, **kwargs) -> "EmbeddedEngine":
         """Load `config.json` + `*.safetensors` (possibly sharded) from an HF directory."""
         with open(os.path.join(model_dir, "config.json")) as f:
             hf_config = json.load(f)
-        return cls(hf_config, load_safetensors_dir(model_dir), device, dtype, max_batch_size, seed)
+        return cls(hf_config, load_safetensors_dir(model_dir), device, dtype, **kwargs)
 
-    # ---- generation -------------------------------------------------------
+    # ---- submission ---------------------------------------------------------
 
-    @torch.inference_mode()
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        """Generate for all requests; outputs in request order."""
-        self._check_requests(requests)
-        seeds = [self._request_seed(r) for r in requests]
-        rids = [r.rid for r in requests if r.rid is not None]
-        epoch = self._ctl.begin(rids)
-        outputs: list[GenerateOutput | None] = [None] * len(requests)
+    def _validate(self, r: GenerateRequest, where: str) -> None:
         try:
-            order = sorted(range(len(requests)), key=lambda i: -len(requests[i].input_ids))
-            for c in range(0, len(order), self.max_batch_size):
-                chunk = order[c : c + self.max_batch_size]
-                outs = self._generate_chunk([requests[i] for i in chunk], [seeds[i] for i in chunk], epoch)
-                for i, out in zip(chunk, outs):
-                    outputs[i] = out
-        finally:
-            self._ctl.end(rids)
-        return outputs  # type: ignore[return-value]
+            r.sampling.validate()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        n, vocab = len(r.input_ids), self.config.vocab_size
+        if n == 0:
+            raise ValueError(f"{where}: input_ids is empty")
+        if n >= self.context_len:
+            raise ValueError(f"{where}: prompt of {n} tokens does not fit the context limit of "
+                             f"{self.context_len} tokens (max_position_embeddings); at most "
+                             f"{self.context_len - 1} prompt tokens leave room for one new token")
+        if min(r.input_ids) < 0 or max(r.input_ids) >= vocab:
+            raise ValueError(f"{where}: token ids must be in [0, {vocab}), got range "
+                             f"[{min(r.input_ids)}, {max(r.input_ids)}]")
+        if n + 1 > self.pool.max_tokens:
+            raise ValueError(f"{where}: prompt of {n} tokens exceeds the KV cache of {self.pool.max_tokens} tokens")
+        if r.top_logprobs_num < 0:
+            raise ValueError(f"{where}: top_logprobs_num must be >= 0, got {r.top_logprobs_num}")
+        if not -1 <= r.logprob_start_len < n:
+            raise ValueError(f"{where}: logprob_start_len must be -1 or in [0, {n}) (prompt length), "
+                             f"got {r.logprob_start_len}")
+        if r.sampling.stop and self.tokenizer is None:
+            raise ValueError(f"{where}: stop strings need an engine tokenizer; use stop_token_ids")
 
-    def _request_seed(self, req: GenerateRequest) -> int:
-        if req.sampling.seed is not None:
-            return int(req.sampling.seed)
-        return int(torch.randint(0, 2**62, (1,), generator=self._gen))
+    def _make_request(self, r: GenerateRequest, on_update) -> tuple[Request, RequestHandle]:
+        rid = r.rid if r.rid is not None else uuid.uuid4().hex
+        max_new = min(r.sampling.max_new_tokens, self.context_len - len(r.input_ids),
+                      self.pool.max_tokens - len(r.input_ids))
+        seed = r.sampling.seed
+        if seed is None:
+            with self._cv:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._gen))
+        handle = RequestHandle(rid)
+        req = Request(req=r, rid=rid, max_new=max_new, uniforms=row_uniforms([int(seed)], max_new)[0].tolist(),
+                      finish_cb=self._on_finish, on_update=on_update)
+        req.handle = handle  # type: ignore[attr-defined]
+        if r.top_logprobs_num > 0:
+            req.out_top = []
+        return req, handle
 
-    def _check_requests(self, requests: list[GenerateRequest]) -> None:
-        limit, vocab = self.config.max_position_embeddings, self.config.vocab_size
+    def submit(self, request: GenerateRequest, on_update: Callable[[GenerateOutput], None] | None = None) -> RequestHandle:
+        """Queue one request (validated first); see the module docstring for on_update."""
+        return self._submit_all([request], [on_update])[0]
+
+    def _submit_all(self, requests: list[GenerateRequest], on_updates) -> list[RequestHandle]:
         for i, r in enumerate(requests):
-            where = f"request {i} (rid={r.rid!r})"
-            try:
-                r.sampling.validate()
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            n, m = len(r.input_ids), r.sampling.max_new_tokens
-            if n == 0:
-                raise ValueError(f"{where}: input_ids is empty")
-            if n + m > limit:
-                raise ValueError(
-                    f"{where}: prompt of {n} tokens + max_new_tokens {m} = {n + m} exceeds "
-                    f"max_position_embeddings {limit}"
-                )
-            if min(r.input_ids) < 0 or max(r.input_ids) >= vocab:
-                raise ValueError(f"{where}: token ids must be in [0, {vocab}), got range "
-                                 f"[{min(r.input_ids)}, {max(r.input_ids)}]")
+            self._validate(r, f"request {i} (rid={r.rid!r})")
+        rids = [r.rid for r in requests if r.rid is not None]
+        if len(set(rids)) != len(rids):
+            raise ValueError("duplicate rids in one call")
+        made = [self._make_request(r, cb) for r, cb in zip(requests, on_updates)]
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("engine is closed")
+            busy = [req.rid for req, _ in made if req.rid in self._inflight]
+            if busy:
+                raise ValueError(f"rid {busy[0]!r} is already in flight")
+            for req, _ in made:
+                self._inflight.add(req.rid)
+            self._inbox.extend(req for req, _ in made)
+            self._cv.notify_all()
+        return [h for _, h in made]
 
-    def _new_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> tuple[_Batch, torch.Tensor]:
-        """Left-padded prompt ids [B, P] and the per-row decode state."""
-        dev, B = self.device, len(reqs)
-        lens = [len(r.input_ids) for r in reqs]
-        P, T = max(lens), max(r.sampling.max_new_tokens for r in reqs)
-        ids_BP = torch.zeros(B, P, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids_BP[b, P - lens[b] :] = torch.tensor(r.input_ids, dtype=torch.long)
-        K = max(1, max(len(r.sampling.stop_token_ids) for r in reqs))
-        stop_BK = torch.full((B, K), -1, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            stop_BK[b, : len(r.sampling.stop_token_ids)] = torch.tensor(r.sampling.stop_token_ids, dtype=torch.long)
-        lens_B = torch.tensor(lens, device=dev)
-        batch = _Batch(
-            rows_B=torch.arange(B, device=dev),
-            rids=[r.rid for r in reqs],
-            st=SamplingTensors.from_params([r.sampling for r in reqs], self.config.vocab_size, dev),
-            u_BT=row_uniforms(seeds, T).to(dev),
-            stop_BK=stop_BK.to(dev),
-            max_new_B=torch.tensor([r.sampling.max_new_tokens for r in reqs], device=dev),
-            lens_B=lens_B,
-            key_valid_BS=torch.arange(P + T, device=dev).unsqueeze(0) >= (P - lens_B).unsqueeze(1),
-            cache=KVCache(self.config, B, P + T, dev, self.dtype),
-        )
-        return batch, ids_BP.to(dev)
+    def _on_finish(self, req: Request, out: GenerateOutput) -> None:
+        with self._cv:
+            self._inflight.discard(req.rid)
+        if req.on_update is not None:
+            req.on_update(out)
+        req.handle._set(out)  # type: ignore[attr-defined]
 
-    def _prefill(self, batch: _Batch, ids_BP: torch.Tensor) -> torch.Tensor:
-        """Run the prompts into the cache; logits [B, V] at each row's last token."""
-        B, P = ids_BP.shape
-        pos_BP = (torch.arange(P, device=self.device).unsqueeze(0) - (P - batch.lens_B).unsqueeze(1)).clamp(min=0)
-        causal_PP = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-        # Pad queries also see themselves: a fully masked row would make NaNs
-        # that reach real rows through 0 * NaN in the attention product.
-        eye_PP = torch.eye(P, dtype=torch.bool, device=self.device)
-        mask_B1PP = ((causal_PP & batch.key_valid_BS[:, None, :P]) | eye_PP).unsqueeze(1)
-        with self._lock:
-            return self.model(ids_BP, pos_BP, batch.cache, 0, mask_B1PP, last_only=True)[:, -1]
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """Generate for all requests (blocking); outputs in request order."""
+        handles = self._submit_all(list(requests), [None] * len(requests))
+        return [h.result() for h in handles]
 
-    def _decode_step(self, batch: _Batch, tok_B: torch.Tensor, step: int, P: int) -> torch.Tensor:
-        """Feed each row's token `step - 1` (cache slot P + step - 1); logits [B, V]."""
-        slot = P + step - 1
-        pos_B1 = (batch.lens_B + (step - 1)).unsqueeze(1)
-        mask_B11S = batch.key_valid_BS[:, None, None, : slot + 1]
-        with self._lock:
-            return self.model(tok_B.unsqueeze(1), pos_B1, batch.cache, slot, mask_B11S)[:, -1]
+    async def agenerate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """`generate` for asyncio code; cancelling it aborts the requests."""
+        loop = asyncio.get_running_loop()
+        handles = self._submit_all(list(requests), [None] * len(requests))
+        futures = []
+        for h in handles:
+            fut = loop.create_future()
+            h.add_done_callback(lambda out, fut=fut: loop.call_soon_threadsafe(_resolve, fut, out))
+            futures.append(fut)
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for h in handles:
+                self.abort(h.rid)
+            raise
 
-    def _generate_chunk(self, reqs: list[GenerateRequest], seeds: list[int], epoch: int) -> list[GenerateOutput]:
-        batch, ids_BP = self._new_batch(reqs, seeds)
-        N, P, T = len(reqs), ids_BP.shape[1], batch.u_BT.shape[1]
-        tokens_NT = torch.zeros(N, T, dtype=torch.long, device=self.device)
-        logps_NT = torch.zeros(N, T, dtype=torch.float32, device=self.device)
-        n_gen_N = torch.zeros(N, dtype=torch.long, device=self.device)
-        status_N = torch.zeros(N, dtype=torch.long, device=self.device)
-        versions = [self._version] * N
-        alive_B = torch.ones(N, dtype=torch.bool, device=self.device)
-        tok_B = torch.zeros(N, dtype=torch.long, device=self.device)
-        for t in range(T):
-            self._ctl.wait_while_paused(epoch, batch.rids)
-            aborted = self._ctl.row_aborts(epoch, batch.rids)
-            if aborted is not None:
-                hit_B = alive_B & torch.tensor(aborted, device=self.device)
-                self._finish(hit_B, _ABORTED, batch, status_N, versions)
-                alive_B &= ~hit_B
-            if not bool(alive_B.any()):
-                break
-            dead = int((~alive_B).sum())
-            if dead and dead * 4 >= alive_B.numel():
-                keep_B = alive_B.nonzero().squeeze(1)
-                batch.keep(keep_B)
-                alive_B, tok_B, ids_BP = alive_B[keep_B], tok_B[keep_B], ids_BP[keep_B]
-            logits_BV = self._prefill(batch, ids_BP) if t == 0 else self._decode_step(batch, tok_B, t, P)
-            tok_B, lp_B = sample(logits_BV, batch.st, batch.u_BT[:, t])
-            rows = batch.rows_B[alive_B]
-            tokens_NT[rows, t], logps_NT[rows, t] = tok_B[alive_B], lp_B[alive_B]
-            n_gen_N[rows] += 1
-            stop_B = alive_B & (tok_B.unsqueeze(1) == batch.stop_BK).any(1)
-            full_B = alive_B & ~stop_B & (batch.max_new_B <= t + 1)
-            self._finish(stop_B, _COMPLETED, batch, status_N, versions)
-            self._finish(full_B, _TRUNCATED, batch, status_N, versions)
-            alive_B &= ~(stop_B | full_B)
-        return self._outputs(reqs, tokens_NT, logps_NT, n_gen_N, status_N, versions)
+    # ---- the scheduler thread ----------------------------------------------
 
-    def _finish(self, hit_B, code: int, batch: _Batch, status_N, versions: list[int]) -> None:
-        if bool(hit_B.any()):
-            rows = batch.rows_B[hit_B]
-            status_N[rows] = code
-            for r in rows.tolist():
-                versions[r] = self._version
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        sched = self._sched
+        while True:
+            with self._cv:
+                while not (self._stop or self._inbox or self._pending() or (sched.has_work() and not self._paused)):
+                    self._cv.wait()
+                if self._stop:
+                    return
+            with self._lock:
+                self._apply_pending()
+                if self._paused or not sched.has_work():
+                    continue
+                try:
+                    with torch.inference_mode():
+                        sched.step()
+                except Exception:  # keep serving: fail what was running, log why
+                    log.exception("engine step failed; aborting %d running requests", len(sched.running))
+                    for r in list(sched.running):
+                        sched.finish(r, SampleStatus.ABORTED)
 
-    @staticmethod
-    def _outputs(reqs, tokens_NT, logps_NT, n_gen_N, status_N, versions) -> list[GenerateOutput]:
-        tokens, logps = tokens_NT.tolist(), logps_NT.tolist()
-        n_gen, status = n_gen_N.tolist(), status_N.tolist()
-        return [
-            GenerateOutput(
-                rid=r.rid,
-                output_ids=tokens[i][: n_gen[i]],
-                output_logprobs=logps[i][: n_gen[i]],
-                finish_reason=_STATUS[status[i]],
-                weight_version=versions[i],
-                prompt_tokens=len(r.input_ids),
-            )
-            for i, r in enumerate(reqs)
-        ]
+    # ---- control --------------------------------------------------------------
+    # Control calls never wait for a step in progress: they record what to do,
+    # and the scheduler (or the next control call that takes the step lock, such
+    # as a weight update) applies it before any further step.
 
-    # ---- scoring ----------------------------------------------------------
+    def _pending(self) -> bool:
+        return bool(self._abort_rids or self._abort_all or self._retract_all)
 
-    @torch.inference_mode()
-    def compute_logprobs(
-        self, sequences: list[list[int]], temperature: float = 1.0, start_positions: list[int] | None = None
-    ) -> list[torch.Tensor]:
-        """No-cache forward. For sequence i returns float32 CPU [len_i - start_i]:
-        log_softmax(logits / temperature) of token t given tokens < t, for t in
-        [start_i, len_i); start defaults to 1. Matches generation's logprobs."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
-        starts = [1] * len(sequences) if start_positions is None else list(start_positions)
-        if len(starts) != len(sequences):
-            raise ValueError(f"got {len(starts)} start positions for {len(sequences)} sequences")
-        for i, (s, start) in enumerate(zip(sequences, starts)):
-            if not 1 <= start <= len(s):
-                raise ValueError(f"sequence {i}: start position {start} not in [1, {len(s)}]")
-        out: list[torch.Tensor] = []
-        for c in range(0, len(sequences), self.max_batch_size):
-            seqs = sequences[c : c + self.max_batch_size]
-            T = max(len(s) for s in seqs)
-            ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                ids_BT[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-            ids_BT = ids_BT.to(self.device)
-            with self._lock:  # right padding: causal attention never sees it
-                logits_BTV = self.model(ids_BT).float()
-            lp_BT = torch.log_softmax(logits_BTV[:, :-1] / temperature, -1).gather(2, ids_BT[:, 1:, None])[..., 0]
-            for b, s in enumerate(seqs):
-                out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
-        return out
+    def _apply_pending(self) -> None:
+        """Move new requests to the queue and apply aborts / retractions (step lock held)."""
+        with self._cv:
+            new, self._inbox = self._inbox, []
+            rids, abort_all, retract = self._abort_rids, self._abort_all, self._retract_all
+            self._abort_rids, self._abort_all, self._retract_all = set(), False, False
+        sched = self._sched
+        sched.waiting.extend(new)
+        if abort_all or rids:
+            for r in list(sched.running) + list(sched.waiting):
+                if abort_all or r.rid in rids:
+                    sched.finish(r, SampleStatus.ABORTED)
+        if retract:
+            for r in reversed(list(sched.running)):
+                sched.retract(r)
 
-    # ---- control ----------------------------------------------------------
+    def _request(self, **flags) -> None:
+        with self._cv:
+            for name, value in flags.items():
+                setattr(self, name, value)
+            self._cv.notify_all()
 
     def abort(self, rid: str | None = None) -> None:
-        """Abort one in-flight request by rid (unknown rids are ignored) or all (None)."""
-        self._ctl.abort(rid)
+        """Abort one request by rid (unknown rids are ignored) or all (None); each
+        returns what it generated so far with finish_reason ABORTED."""
+        with self._cv:
+            if rid is None:
+                self._abort_all = True
+            elif rid in self._inflight:
+                self._abort_rids.add(rid)
+            self._cv.notify_all()
 
     def pause_generation(self, mode: str = "abort") -> None:
-        """Stop decoding until `continue_generation`: "abort" also aborts in-flight
-        rows (they return what they have); "in_place" keeps them waiting. A
-        `generate` started while paused waits before its prefill."""
+        """Stop stepping until `continue_generation` (modes in the module docstring).
+        Requests submitted while paused wait. No step starts after this returns."""
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
-        self._ctl.set_paused(True)
-        if mode == "abort":
-            self._ctl.abort(None)
+        self._request(_paused=True, _abort_all=self._abort_all or mode == "abort",
+                      _retract_all=self._retract_all or mode == "retract")
 
     def continue_generation(self) -> None:
-        self._ctl.set_paused(False)
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def is_paused(self) -> bool:
+        return self._paused
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; refused (False) while requests are queued or running."""
+        with self._lock:
+            self._apply_pending()
+            if self._sched.has_work():
+                return False
+            self._invalidate_cache()
+            return True
+
+    def _invalidate_cache(self) -> None:
+        sched = self._sched
+        if sched.tree is not None:
+            sched.tree.invalidate()
+        sched.epoch += 1
+
+    def health(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def get_weight_version(self) -> int:
+        return self._sched.version
+
+    def load(self) -> dict:
+        with self._cv:
+            inbox = len(self._inbox)
+        s = self._sched
+        return {"num_running_reqs": len(s.running), "num_waiting_reqs": len(s.waiting) + inbox,
+                "num_used_tokens": s.used_tokens(), "max_total_num_tokens": self.pool.max_tokens}
+
+    def stats(self) -> dict:
+        s = dict(self._sched.stats)
+        s["cache_hit_rate"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+        return s
+
+    def close(self) -> None:
+        """Abort everything and stop the scheduler thread."""
+        with self._lock:
+            self.abort(None)
+            self._apply_pending()
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def __del__(self):  # best effort: let the daemon thread end with its engine
+        try:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+        except Exception:
+            pass
 
     # ---- weights ----------------------------------------------------------
 
@@ -403,27 +415,65 @@ class EmbeddedEngine:
             for dst, src in pairs:
                 dst.copy_(src)
 
-    def update_weights_from_tensors(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int
-    ) -> None:
-        """Partial or full update in HF naming; validated first, then applied whole."""
-        pairs = self._check_tensors(list(named_tensors), full=False)
+    def _update(self, pairs, weight_version: int, flush_cache: bool) -> None:
         with self._lock:
+            self._apply_pending()  # a pause(abort) just before must finish its requests under the old version
             self._apply(pairs)
-            self._version = int(weight_version)
+            self._sched.version = int(weight_version)
+            if flush_cache:
+                self._invalidate_cache()
 
-    def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int, flush_cache: bool = True
+    ) -> None:
+        """Partial or full update in HF naming; validated first, then applied whole.
+        `flush_cache` drops prefix KV computed by the old weights."""
+        pairs = self._check_tensors(list(named_tensors), full=False)
+        self._update(pairs, weight_version, flush_cache)
+
+    def update_weights_from_bucket(self, bucket: WeightBucket, weight_version: int, flush_cache: bool = True) -> None:
+        """Update from a flat bucket (slime_rl.buckets layout)."""
+        self.update_weights_from_tensors(unpack_bucket(bucket), weight_version, flush_cache)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: int, flush_cache: bool = True) -> None:
         """Full update from an HF safetensors directory."""
         pairs = self._check_tensors(load_safetensors_dir(model_path).items(), full=True)
-        with self._lock:
-            self._apply(pairs)
-            self._version = int(weight_version)
+        self._update(pairs, weight_version, flush_cache)
 
-    def flush_cache(self) -> None:
-        """No cross-call KV / prefix cache is kept, so there is nothing to drop."""
 
-    def health(self) -> bool:
-        return True
+    # ---- scoring ----------------------------------------------------------
 
-    def get_weight_version(self) -> int:
-        return self._version
+    @torch.inference_mode()
+    def compute_logprobs(
+        self, sequences: list[list[int]], temperature: float = 1.0, start_positions: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """No-cache forward. For sequence i returns float32 CPU [len_i - start_i]:
+        log_softmax(logits / temperature) of token t given tokens < t, for t in
+        [start_i, len_i); start defaults to 1. Matches generation's logprobs."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
+        starts = [1] * len(sequences) if start_positions is None else list(start_positions)
+        if len(starts) != len(sequences):
+            raise ValueError(f"got {len(starts)} start positions for {len(sequences)} sequences")
+        for i, (s, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start <= len(s):
+                raise ValueError(f"sequence {i}: start position {start} not in [1, {len(s)}]")
+        out: list[torch.Tensor] = []
+        for c in range(0, len(sequences), self.max_batch_size):
+            seqs = sequences[c : c + self.max_batch_size]
+            T = max(len(s) for s in seqs)
+            ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids_BT[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids_BT = ids_BT.to(self.device)
+            with self._lock:  # right padding: causal attention never sees it
+                logits_BTV = self.model(ids_BT).float()
+            lp_BT = torch.log_softmax(logits_BTV[:, :-1] / temperature, -1).gather(2, ids_BT[:, 1:, None])[..., 0]
+            for b, s in enumerate(seqs):
+                out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
+        return out
+
+
+def _resolve(fut: asyncio.Future, out: GenerateOutput) -> None:
+    if not fut.done():
+        fut.set_result(out)

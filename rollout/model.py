@@ -9,8 +9,10 @@ fp32 the way transformers does, attention through torch SDPA.
 Two forward modes:
 - no cache (`forward(ids_BT)`): right-padded full sequences with a plain causal
   mask; used for prompt / sequence logprobs and parity tests;
-- with a `KVCache` preallocated per generation batch: left-padded prompts, a
-  per-row key-validity mask and explicit position ids (see rollout/engine.py).
+- with a cache view (`hidden(ids_BQ, pos_BQ, cache, mask)`): the view's
+  `update(layer, k, v)` stores this call's keys/values and returns every key
+  and value the queries may attend to (see rollout/kv_cache.py); the caller
+  supplies positions and the attention mask.
 """
 
 from __future__ import annotations
@@ -148,20 +150,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class KVCache:
-    """Preallocated per-layer K/V buffers [B, H_kv, S_max, D] for one batch."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-
-    def keep_rows(self, idx_B: torch.Tensor) -> None:
-        """Drop finished rows: keep only batch rows `idx_B` (in that order)."""
-        self.k = [k.index_select(0, idx_B) for k in self.k]
-        self.v = [v.index_select(0, idx_B) for v in self.v]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
@@ -172,7 +160,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, nkv * d, cfg.attention_bias, device, dtype)
         self.o_proj = Linear(nq * d, h, cfg.o_proj_bias, device, dtype)
 
-    def forward(self, x_BTH, cos_BTD, sin_BTD, cache: KVCache | None, layer: int, start: int, mask):
+    def forward(self, x_BTH, cos_BTD, sin_BTD, cache, layer: int, mask):
         B, T, _ = x_BTH.shape
         q_BNTD = self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTD = self.k_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -181,10 +169,7 @@ class Attention(nn.Module):
         q_BNTD = q_BNTD * cos + _rotate_half(q_BNTD) * sin
         k_BKTD = k_BKTD * cos + _rotate_half(k_BKTD) * sin
         if cache is not None:
-            cache.k[layer][:, :, start : start + T] = k_BKTD
-            cache.v[layer][:, :, start : start + T] = v_BKTD
-            k_BKTD = cache.k[layer][:, :, : start + T]
-            v_BKTD = cache.v[layer][:, :, : start + T]
+            k_BKTD, v_BKTD = cache.update(layer, k_BKTD, v_BKTD)
         out_BNTD = F.scaled_dot_product_attention(
             q_BNTD, k_BKTD, v_BKTD, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
         )
@@ -211,8 +196,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
 
-    def forward(self, x_BTH, cos, sin, cache, layer, start, mask):
-        x_BTH = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos, sin, cache, layer, start, mask)
+    def forward(self, x_BTH, cos, sin, cache, layer, mask):
+        x_BTH = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos, sin, cache, layer, mask)
         return x_BTH + self.mlp(self.post_attention_layernorm(x_BTH))
 
 
@@ -258,20 +243,12 @@ class DecoderLM(nn.Module):
         emb_BTD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)
         return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
 
-    def forward(
-        self,
-        ids_BT: torch.Tensor,
-        pos_BT: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`) in the weight dtype.
+    def hidden(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, cache=None, mask=None) -> torch.Tensor:
+        """Final hidden states [B, T, H] before the last norm.
 
-        Without `mask`, attention is plainly causal (right-padded input). With a
-        `cache`, this call's K/V are written at slots [start, start+T) and
-        `mask` [B, 1, T, start+T] (bool, True = attend) selects visible keys.
+        Without `mask`, attention is plainly causal (right-padded input). With
+        `cache`, `mask` [B, 1, T, K] (bool, True = attend) selects which of the
+        K keys returned by `cache.update` each query sees.
         """
         B, T = ids_BT.shape
         if pos_BT is None:
@@ -279,9 +256,14 @@ class DecoderLM(nn.Module):
         x_BTH = self.model.embed_tokens(ids_BT)
         cos, sin = self.rope(pos_BT, x_BTH.dtype)
         for i, layer in enumerate(self.model.layers):
-            x_BTH = layer(x_BTH, cos, sin, cache, i, start, mask)
-        if last_only:
-            x_BTH = x_BTH[:, -1:]
-        x_BTH = self.model.norm(x_BTH)
+            x_BTH = layer(x_BTH, cos, sin, cache, i, mask)
+        return x_BTH
+
+    def logits(self, x_NH: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of hidden states [..., H] (final norm + LM head)."""
         w_VH = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x_BTH, w_VH)
+        return F.linear(self.model.norm(x_NH), w_VH)
+
+    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of right-padded sequences (causal, no cache)."""
+        return self.logits(self.hidden(ids_BT))

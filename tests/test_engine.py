@@ -226,11 +226,11 @@ class ForwardGate:
     def __init__(self, engine: EmbeddedEngine, call_at: int):
         self.reached, self.release = threading.Event(), threading.Event()
         self.calls, self.call_at, self._model = 0, call_at, engine.model
-        self._fwd = engine.model.forward
-        engine.model.forward = self
+        self._fwd = engine.model.hidden
+        engine.model.hidden = self
 
     def remove(self) -> None:
-        del self._model.forward
+        del self._model.hidden
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -309,8 +309,12 @@ def test_pause_abort_mode(engine):
 
 def test_request_validation(engine):
     ok = req([1, 2, 3], max_new_tokens=4)
-    with pytest.raises(ValueError, match=r"request 1 \(rid='long'\).*exceeds max_position_embeddings 128"):
-        engine.generate([ok, req(list(range(60)) * 2, rid="long", max_new_tokens=9)])
+    with pytest.raises(ValueError, match=r"request 1 \(rid='long'\): prompt of 128 tokens does not fit the context "
+                                         r"limit of 128 tokens"):
+        engine.generate([ok, req(list(range(64)) * 2, rid="long", max_new_tokens=9)])
+    # Like SGLang, max_new_tokens is clamped to the room left in the context.
+    (clamped,) = engine.generate([req(list(range(60)) * 2, rid="near", max_new_tokens=9)])
+    assert clamped.finish_reason == SampleStatus.TRUNCATED and len(clamped.output_ids) == 8
     with pytest.raises(ValueError, match=r"request 0 .*top_p"):
         engine.generate([req([1, 2], top_p=0.0)])
     with pytest.raises(ValueError, match="empty"):

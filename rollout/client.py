@@ -1,0 +1,661 @@
+"""An async client for any SGLang-protocol server: real SGLang, sglang-router, or our own server.
+
+`EngineClient` implements the `RolloutEngine` protocol over HTTP (field names
+from SGLang's native API, see /work/shared/reference/sglang-http-api.md):
+
+- data plane: one `POST /generate` per request (token ids in, ids + logprobs
+  out), sent concurrently but at most `max_concurrency` at a time. Requests are
+  never batched into one call: the router rejects list-valued
+  `sampling_params`, and one request per call keeps rids, retries and
+  routing keys per request. `astream` reads SSE cumulative snapshots.
+- control plane: abort, pause / continue, flush, weight updates and versions
+  fan out to `control_urls` (the workers). A router does not route those
+  endpoints, so with a router in `url` the workers must be listed there.
+
+Robustness: connection refused / reset, a connect-phase timeout and HTTP
+502/503/504 are retried with exponential backoff and jitter (`max_retries`
+retries after the first attempt, the same body and rid each time); any other
+4xx/5xx raises `EngineError` at once with the server's message. Every error
+names the URL, the endpoint and the rid. `timeout_s` bounds each attempt.
+
+Sessions are per event loop, so the async API works from any loop; the
+concurrency bound holds per loop. The sync methods (`generate`, `abort`, ...)
+run the coroutines on a private event loop in a daemon thread: they work from
+plain code and from other threads, but must not be called from that private
+loop itself (i.e. from code the client runs), which would deadlock; they raise
+RuntimeError there instead.
+
+Departures from a real SGLang server: `aupdate_weights_from_tensors` /
+`aupdate_weights_from_bucket` send `torch.save` payloads (our server's format);
+real SGLang expects torch-multiprocessing pickles of CUDA IPC handles, so use
+disk or distributed updates with it. Only cumulative (default) streaming is
+understood, not `--incremental-streaming-output`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, TypeVar
+
+import aiohttp
+import torch
+
+from slime_rl.buckets import dtype_name
+from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
+
+T = TypeVar("T")
+
+RETRY_STATUSES = (502, 503, 504)
+_RETRY_EXCEPTIONS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
+PAUSE_MODES = ("abort", "in_place", "retract")
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"  # sglang-router's session-affinity header
+_FINISH_TYPES = {"length": SampleStatus.TRUNCATED, "stop": SampleStatus.COMPLETED, "abort": SampleStatus.ABORTED}
+
+
+class EngineError(RuntimeError):
+    """A failed call to an engine; the message names the URL, endpoint, rid and what went wrong."""
+
+    def __init__(self, message: str, *, url: str = "", endpoint: str = "", rid: str | None = None,
+                 status: int | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.url, self.endpoint, self.rid, self.status, self.attempts = url, endpoint, rid, status, attempts
+
+
+class _Retryable(Exception):
+    """One failed attempt worth retrying; `reason` goes into the final EngineError."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+@dataclass
+class _LoopState:
+    """What the client holds per event loop (aiohttp sessions cannot cross loops)."""
+
+    session: aiohttp.ClientSession
+    semaphore: asyncio.Semaphore
+
+
+# ---- request / response mapping -------------------------------------------------------------
+
+
+def generate_payload(req: GenerateRequest, rid: str, stream: bool = False) -> dict[str, Any]:
+    """The `/generate` body for one request (SGLang native field names)."""
+    s = req.sampling
+    sampling: dict[str, Any] = {
+        "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+        "max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens,
+    }
+    if s.stop_token_ids:
+        sampling["stop_token_ids"] = list(s.stop_token_ids)
+    if s.stop:
+        sampling["stop"] = list(s.stop)
+    if s.seed is not None:
+        sampling["sampling_seed"] = s.seed  # SGLang has no "seed" key; unknown keys fail there
+    payload: dict[str, Any] = {
+        "input_ids": list(req.input_ids), "sampling_params": sampling, "rid": rid, "return_logprob": True,
+    }
+    if req.top_logprobs_num > 0:
+        payload["top_logprobs_num"] = req.top_logprobs_num
+    if req.logprob_start_len >= 0:
+        payload["logprob_start_len"] = req.logprob_start_len
+    if stream:
+        payload["stream"] = True
+    return payload
+
+
+def weight_version_int(value: Any) -> int:
+    """SGLang reports versions as strings ("default" until set); non-integers read as 0."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return 0
+
+
+def parse_generate_response(body: Any, req: GenerateRequest, rid: str, *, final: bool = True) -> GenerateOutput:
+    """Map one `/generate` result (or streamed snapshot when `final` is False) to a GenerateOutput.
+
+    Token ids come from `output_token_logprobs` when present, as they are
+    aligned 1:1 with the logprobs by construction (whether a server's
+    `output_ids` keeps the matched EOS differs between versions).
+    """
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
+        raise ValueError(f"rid {rid}: expected a JSON object with meta_info, got {str(body)[:200]!r}")
+    meta = body["meta_info"]
+    triples = meta.get("output_token_logprobs")
+    if triples is not None:
+        output_ids = [int(t[1]) for t in triples]
+        output_logprobs = [float(t[0]) for t in triples]
+    else:
+        output_ids = [int(t) for t in body.get("output_ids") or []]
+        output_logprobs = []
+    status, matched = _finish_reason(meta.get("finish_reason"), rid, final)
+    version = weight_version_int(meta.get("weight_version", 0))
+    versions = meta.get("output_weight_versions")
+    top = meta.get("output_top_logprobs") if req.top_logprobs_num > 0 else None
+    inputs = meta.get("input_token_logprobs") if req.logprob_start_len >= 0 else None
+    return GenerateOutput(
+        rid=str(meta.get("id", rid)),
+        output_ids=output_ids,
+        output_logprobs=output_logprobs,
+        finish_reason=status,
+        weight_version=version,
+        prompt_tokens=int(meta.get("prompt_tokens", len(req.input_ids))),
+        cached_tokens=int(meta.get("cached_tokens", 0)),
+        output_versions=[int(v) for v in versions] if versions is not None else [version] * len(output_ids),
+        matched_stop=matched,
+        output_top_logprobs=None if top is None else [
+            [(int(t[1]), float(t[0])) for t in position or []] for position in top
+        ],
+        input_logprobs=None if inputs is None else [None if t[0] is None else float(t[0]) for t in inputs],
+        e2e_latency=float(meta.get("e2e_latency") or 0.0),
+    )
+
+
+def _finish_reason(reason: Any, rid: str, final: bool) -> tuple[SampleStatus | None, int | str | None]:
+    if reason is None:
+        if final:
+            raise ValueError(f"rid {rid}: a finished result has no meta_info.finish_reason")
+        return None, None
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in _FINISH_TYPES:
+        raise ValueError(f"rid {rid}: unknown finish_reason {reason!r} (expected type length/stop/abort)")
+    matched = reason.get("matched") if isinstance(reason, dict) and kind == "stop" else None
+    return _FINISH_TYPES[kind], matched
+
+
+def error_message(body: Any) -> str:
+    """The human message of an error body: SGLang `{"error":{"message"}}`, FastAPI
+    `{"object":"error","message"}`, weight updates `{"success":false,"message"}`, or plain text."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        for key in ("message", "detail"):
+            if key in body:
+                return str(body[key])
+    text = body if isinstance(body, str) else json.dumps(body)
+    return text.strip()[:2000] or "(empty body)"
+
+
+def _parse_body(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def serialize_payload(obj: Any) -> str:
+    """base64 of `torch.save(obj)`: the per-rank blob of `/update_weights_from_tensor` (our server)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---- the client -------------------------------------------------------------------------------
+
+
+class EngineClient:
+    """`RolloutEngine` over the SGLang HTTP protocol (async API + sync wrappers)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        control_urls: list[str] | None = None,
+        timeout_s: float = 600,
+        connect_timeout_s: float = 10,
+        max_retries: int = 5,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        max_concurrency: int = 256,
+        routing_key: str | None = None,
+    ):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.url = url.rstrip("/")
+        self.control_urls = [u.rstrip("/") for u in (control_urls or [url])]
+        self.api_key = api_key
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
+        self.max_concurrency = max_concurrency
+        self.routing_key = routing_key
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._states_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the sync wrappers' private loop
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EngineClient({self.url!r}, control_urls={self.control_urls!r})"
+
+    # ---- transport ----
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        with self._states_lock:
+            state = self._states.get(loop)
+            if state is None or state.session.closed:
+                timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.connect_timeout_s)
+                session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+                state = self._states[loop] = _LoopState(session, asyncio.Semaphore(self.max_concurrency))
+        return state
+
+    def _headers(self, routing_key: str | None = None) -> dict[str, str]:
+        headers = {}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if routing_key is not None:
+            headers[ROUTING_KEY_HEADER] = routing_key
+        return headers
+
+    def _backoff(self, retry: int) -> float:
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
+        return delay * random.uniform(0.75, 1.25)
+
+    async def _with_retries(self, base: str, endpoint: str, rid: str | None, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` until it does not raise _Retryable, at most 1 + max_retries times."""
+        last: _Retryable | None = None
+        for n in range(self.max_retries + 1):
+            if n:
+                await asyncio.sleep(self._backoff(n))
+            try:
+                return await attempt()
+            except _Retryable as exc:
+                last = exc
+        attempts = self.max_retries + 1
+        raise EngineError(
+            f"{base}{endpoint} (rid={rid}) failed after {attempts} attempts; last error: {last.reason}",
+            url=base, endpoint=endpoint, rid=rid, status=last.status, attempts=attempts,
+        )
+
+    def _http_error(self, base: str, endpoint: str, rid: str | None, status: int, body: Any) -> Exception:
+        message = f"HTTP {status}: {error_message(body)}"
+        if status in RETRY_STATUSES:
+            return _Retryable(message, status)
+        return EngineError(f"{base}{endpoint} (rid={rid}) failed: {message}",
+                           url=base, endpoint=endpoint, rid=rid, status=status)
+
+    def _timeout_error(self, base: str, endpoint: str, rid: str | None) -> EngineError:
+        return EngineError(f"{base}{endpoint} (rid={rid}) timed out after {self.timeout_s} s",
+                           url=base, endpoint=endpoint, rid=rid)
+
+    async def _call(self, method: str, base: str, endpoint: str, payload: Any = None, *, rid: str | None = None,
+                    routing_key: str | None = None) -> Any:
+        """One JSON call with retries; returns the parsed body (JSON, or the text when not JSON)."""
+        session = self._state().session
+        headers = self._headers(routing_key)
+
+        async def attempt() -> Any:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    async with session.request(method, base + endpoint, json=payload, headers=headers) as resp:
+                        status, body = resp.status, _parse_body(await resp.text())
+            except _RETRY_EXCEPTIONS as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            except TimeoutError as exc:
+                raise self._timeout_error(base, endpoint, rid) from exc
+            if status >= 400:
+                raise self._http_error(base, endpoint, rid, status, body)
+            return body
+
+        return await self._with_retries(base, endpoint, rid, attempt)
+
+    async def _fan_out(self, calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+        """Await calls concurrently; on the first failure cancel the rest and raise it."""
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _control(self, endpoint: str, payload: Any = None, method: str = "POST") -> list[Any]:
+        return await self._fan_out(self._call(method, u, endpoint, payload) for u in self.control_urls)
+
+    # ---- generation ----
+
+    async def agenerate_one(self, request: GenerateRequest, routing_key: str | None = None) -> GenerateOutput:
+        """One request, one `/generate` call; the rid is assigned here when the request has none."""
+        rid = request.rid or uuid.uuid4().hex
+        key = routing_key if routing_key is not None else self.routing_key
+        state = self._state()
+        async with state.semaphore:
+            body = await self._call("POST", self.url, "/generate", generate_payload(request, rid), rid=rid,
+                                    routing_key=key)
+        return self._parse(body, request, rid)
+
+    def _parse(self, body: Any, request: GenerateRequest, rid: str, final: bool = True) -> GenerateOutput:
+        try:
+            return parse_generate_response(body, request, rid, final=final)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise EngineError(f"{self.url}/generate (rid={rid}) returned a malformed result: {exc}",
+                              url=self.url, endpoint="/generate", rid=rid) from exc
+
+    async def agenerate(self, requests: list[GenerateRequest],
+                        routing_keys: list[str | None] | None = None) -> list[GenerateOutput]:
+        """Outputs in request order; if one request fails the others are cancelled and the error raised."""
+        if routing_keys is not None and len(routing_keys) != len(requests):
+            raise ValueError(f"routing_keys has {len(routing_keys)} entries for {len(requests)} requests")
+        keys = routing_keys or [None] * len(requests)
+        return await self._fan_out(self.agenerate_one(r, k) for r, k in zip(requests, keys))
+
+    async def astream(self, request: GenerateRequest, routing_key: str | None = None) -> AsyncIterator[GenerateOutput]:
+        """Cumulative snapshots over SSE; the last one has finish_reason set.
+
+        Closing the iterator early closes the connection, which aborts the
+        request on the server.
+        """
+        rid = request.rid or uuid.uuid4().hex
+        key = routing_key if routing_key is not None else self.routing_key
+        state = self._state()
+        loop = asyncio.get_running_loop()
+        async with state.semaphore:
+            resp = await self._open_stream(state.session, generate_payload(request, rid, stream=True), rid, key)
+            deadline = loop.time() + self.timeout_s
+            async with resp:
+                finished = False
+                while True:
+                    line = await self._read_line(resp, deadline, rid)
+                    data = line.decode("utf-8").strip()
+                    if not data.startswith("data:"):
+                        continue
+                    data = data[len("data:"):].strip()
+                    if data == "[DONE]" or finished:  # after the final chunk only [DONE] is left
+                        break
+                    chunk = _parse_body(data)
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        raise EngineError(f"{self.url}/generate (rid={rid}) failed mid-stream: {error_message(chunk)}",
+                                          url=self.url, endpoint="/generate", rid=rid)
+                    out = self._parse(chunk, request, rid, final=False)
+                    finished = out.finish_reason is not None
+                    yield out
+                if not finished:
+                    raise EngineError(f"{self.url}/generate (rid={rid}) stream ended without a finish_reason",
+                                      url=self.url, endpoint="/generate", rid=rid)
+
+    async def _read_line(self, resp: aiohttp.ClientResponse, deadline: float, rid: str) -> bytes:
+        """One SSE line before the request's deadline; b"data: [DONE]" at EOF."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                line = await resp.content.readline()
+        except TimeoutError as exc:
+            raise self._timeout_error(self.url, "/generate", rid) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"{self.url}/generate (rid={rid}) stream broke: {exc!r}",
+                              url=self.url, endpoint="/generate", rid=rid) from exc
+        return line or b"data: [DONE]"
+
+    async def _open_stream(self, session: aiohttp.ClientSession, payload: dict, rid: str,
+                           routing_key: str | None) -> aiohttp.ClientResponse:
+        """POST a streaming /generate with retries until a 200 response starts; the caller reads it."""
+        headers = self._headers(routing_key)
+
+        async def attempt() -> aiohttp.ClientResponse:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    resp = await session.post(self.url + "/generate", json=payload, headers=headers)
+                    if resp.status < 400:
+                        return resp
+                    status, body = resp.status, _parse_body(await resp.text())
+                    resp.release()
+            except _RETRY_EXCEPTIONS as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            except TimeoutError as exc:
+                raise self._timeout_error(self.url, "/generate", rid) from exc
+            raise self._http_error(self.url, "/generate", rid, status, body)
+
+        return await self._with_retries(self.url, "/generate", rid, attempt)
+
+    # ---- request control ----
+
+    async def aabort(self, rid: str | None = None) -> None:
+        """Abort one request (unknown rids are ignored by the server) or, with None, all of them."""
+        payload = {"rid": "", "abort_all": True} if rid is None else {"rid": rid}
+        await self._control("/abort_request", payload)
+
+    async def apause_generation(self, mode: str = "abort") -> None:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        await self._control("/pause_generation", {"mode": mode})
+
+    async def acontinue_generation(self) -> None:
+        await self._control("/continue_generation", {})
+
+    async def aflush_cache(self) -> bool:
+        """True when every worker flushed; False when one refused because requests are running (HTTP 400)."""
+
+        async def flush(base: str) -> bool:
+            try:
+                await self._call("POST", base, "/flush_cache")
+            except EngineError as exc:
+                if exc.status == 400:
+                    return False
+                raise
+            return True
+
+        return all(await self._fan_out(flush(u) for u in self.control_urls))
+
+    # ---- weights ----
+
+    async def _update(self, endpoint: str, payloads: list[dict[str, Any]]) -> None:
+        """POST one payload per control URL; `{"success": false}` raises EngineError."""
+
+        async def one(base: str, payload: dict[str, Any]) -> None:
+            body = await self._call("POST", base, endpoint, payload)
+            if isinstance(body, dict) and body.get("success") is False:
+                raise EngineError(f"{base}{endpoint} failed: {error_message(body)}", url=base, endpoint=endpoint)
+
+        await self._fan_out(one(u, p) for u, p in zip(self.control_urls, payloads))
+
+    def _same_for_all(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        return [payload] * len(self.control_urls)
+
+    async def aupdate_weights_from_disk(self, path: str, weight_version: int, flush_cache: bool = True) -> None:
+        payload = {"model_path": str(path), "weight_version": str(weight_version), "flush_cache": flush_cache}
+        await self._update("/update_weights_from_disk", self._same_for_all(payload))
+
+    async def aupdate_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                           weight_version: int, flush_cache: bool = True) -> None:
+        """Send (name, tensor) pairs (copied to CPU) as one torch.save blob (one TP rank)."""
+        pairs = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
+        await self._send_tensors(serialize_payload(pairs), None, weight_version, flush_cache)
+
+    async def aupdate_weights_from_bucket(self, bucket: WeightBucket, weight_version: int,
+                                          flush_cache: bool = True) -> None:
+        """Send a flat bucket (`load_format="flattened_bucket"`): buffer + per-tensor metadata."""
+        obj = {
+            "flattened_tensor": bucket.buffer.detach().to("cpu"),
+            "metadata": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset}
+                         for e in bucket.entries],
+        }
+        await self._send_tensors(serialize_payload(obj), "flattened_bucket", weight_version, flush_cache)
+
+    async def _send_tensors(self, blob: str, load_format: str | None, weight_version: int, flush_cache: bool) -> None:
+        payload: dict[str, Any] = {
+            "serialized_named_tensors": [blob], "weight_version": str(weight_version), "flush_cache": flush_cache,
+        }
+        if load_format is not None:
+            payload["load_format"] = load_format
+        await self._update("/update_weights_from_tensor", self._same_for_all(payload))
+
+    async def ainit_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                         world_size: int, group_name: str = "weight_update_group",
+                                         backend: str = "gloo") -> None:
+        """Make every worker join the trainer's broadcast group (the trainer is rank 0).
+
+        With several control URLs, worker i gets ranks from
+        `rank_offset + i * ranks_per_worker`, where ranks_per_worker =
+        (world_size - rank_offset) / number of workers. Returns once all ranks
+        joined, so callers start it as a task and join the group themselves.
+        """
+        n = len(self.control_urls)
+        if world_size <= rank_offset or (world_size - rank_offset) % n:
+            raise ValueError(f"world_size {world_size} - rank_offset {rank_offset} must be a positive multiple "
+                             f"of the {n} control URLs")
+        per_worker = (world_size - rank_offset) // n
+        payloads = [{"master_address": master_address, "master_port": master_port,
+                     "rank_offset": rank_offset + i * per_worker, "world_size": world_size,
+                     "group_name": group_name, "backend": backend} for i in range(n)]
+        await self._update("/init_weights_update_group", payloads)
+
+    async def aupdate_weights_from_distributed(self, names: list[str], dtypes: list[str | torch.dtype],
+                                               shapes: list[Iterable[int]], weight_version: int,
+                                               group_name: str = "weight_update_group",
+                                               load_format: str | None = None, flush_cache: bool = True) -> None:
+        """Announce tensors the trainer is about to broadcast; returns after the broadcast is received."""
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) must align")
+        payload: dict[str, Any] = {
+            "names": list(names),
+            "dtypes": [dtype_name(d) if isinstance(d, torch.dtype) else str(d).removeprefix("torch.") for d in dtypes],
+            "shapes": [list(s) for s in shapes], "group_name": group_name,
+            "weight_version": str(weight_version), "flush_cache": flush_cache,
+        }
+        if load_format is not None:
+            payload["load_format"] = load_format
+        await self._update("/update_weights_from_distributed", self._same_for_all(payload))
+
+    async def adestroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        await self._update("/destroy_weights_update_group", self._same_for_all({"group_name": group_name}))
+
+    # ---- info ----
+
+    async def ahealth(self) -> bool:
+        """True when `url` and every control URL answer GET /health with 2xx (one try each, no retries)."""
+
+        async def ok(base: str) -> bool:
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    async with self._state().session.get(base + "/health", headers=self._headers()) as resp:
+                        return resp.status < 300
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return False
+
+        return all(await asyncio.gather(*(ok(u) for u in dict.fromkeys([self.url, *self.control_urls]))))
+
+    async def _get_first(self, base: str, endpoints: tuple[str, ...]) -> Any:
+        """GET the first endpoint that exists (newer SGLang renamed several; 404 -> try the next)."""
+        for endpoint in endpoints[:-1]:
+            try:
+                return await self._call("GET", base, endpoint)
+            except EngineError as exc:
+                if exc.status != 404:
+                    raise
+        return await self._call("GET", base, endpoints[-1])
+
+    async def aget_model_info(self) -> dict[str, Any]:
+        return await self._get_first(self.url, ("/model_info", "/get_model_info"))
+
+    async def aget_server_info(self) -> dict[str, Any]:
+        return await self._get_first(self.url, ("/server_info", "/get_server_info"))
+
+    async def aget_weight_version(self) -> int:
+        """The lowest version any worker serves (the stalest one bounds off-policyness)."""
+
+        async def version(base: str) -> int:
+            info = await self._get_first(base, ("/model_info", "/get_model_info", "/get_weight_version"))
+            if not isinstance(info, dict) or "weight_version" not in info:
+                raise EngineError(f"{base}: model info has no weight_version: {str(info)[:200]}", url=base)
+            return weight_version_int(info["weight_version"])
+
+        return min(await self._fan_out(version(u) for u in self.control_urls))
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP session."""
+        with self._states_lock:
+            state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.session.close()
+
+    async def __aenter__(self) -> "EngineClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ---- sync wrappers (RolloutEngine) ----
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._thread_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="engine-client", daemon=True)
+                self._thread.start()
+            loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError("EngineClient sync methods cannot run on the client's own event loop; use the a* API")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        return self._run(self.agenerate(requests))
+
+    def abort(self, rid: str | None = None) -> None:
+        self._run(self.aabort(rid))
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        self._run(self.apause_generation(mode))
+
+    def continue_generation(self) -> None:
+        self._run(self.acontinue_generation())
+
+    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int,
+                                    flush_cache: bool = True) -> None:
+        self._run(self.aupdate_weights_from_tensors(named_tensors, weight_version, flush_cache))
+
+    def update_weights_from_bucket(self, bucket: WeightBucket, weight_version: int, flush_cache: bool = True) -> None:
+        self._run(self.aupdate_weights_from_bucket(bucket, weight_version, flush_cache))
+
+    def update_weights_from_disk(self, model_path: str, weight_version: int, flush_cache: bool = True) -> None:
+        self._run(self.aupdate_weights_from_disk(model_path, weight_version, flush_cache))
+
+    def flush_cache(self) -> bool:
+        return self._run(self.aflush_cache())
+
+    def health(self) -> bool:
+        return self._run(self.ahealth())
+
+    def get_weight_version(self) -> int:
+        return self._run(self.aget_weight_version())
+
+    def close(self) -> None:
+        """Close the private loop's session and stop its thread (sessions of other loops: `aclose`)."""
+        with self._thread_lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    def __enter__(self) -> "EngineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SGLangClient = EngineClient

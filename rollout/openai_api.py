@@ -1,0 +1,327 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+Built on the native protocol (`rollout.protocol`): the same sampling
+validation, engine bridge and stop-trimming; shapes per the reference
+(section 6). Our choices:
+
+- Completions text prompts are tokenized with special tokens (as /generate);
+  chat messages go through `tokenizer.apply_chat_template` and are tokenized
+  without adding special tokens (the template carries them).
+- `max_tokens` defaults to 16 for completions; for chat `max_completion_tokens`
+  wins over `max_tokens` and, when neither is given, generation runs to the
+  context limit. `seed` maps to SGLang's `sampling_seed`.
+- Not supported (400): `echo`, `tools`, a `response_format` other than text.
+- Streaming sends deltas; text that could be the start of a stop string (or an
+  incomplete UTF-8 character) is held back until the next token decides.
+- Both endpoints need a tokenizer (400 otherwise).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from aiohttp import web
+
+from rollout.protocol import (
+    SSE_DONE,
+    BadRequest,
+    GenItem,
+    Submission,
+    build_items,
+    encode_text,
+    get_field,
+    make_rids,
+    output_text,
+    read_json,
+    require,
+    sse,
+    start_sse,
+    token_text,
+)
+from slime_rl.types import GenerateOutput, SampleStatus
+
+if TYPE_CHECKING:
+    from rollout.server import ServerState
+
+FINISH_REASONS = {SampleStatus.COMPLETED: "stop", SampleStatus.TRUNCATED: "length", SampleStatus.ABORTED: "abort"}
+# OpenAI field -> native sampling_params key (SGLang extras keep their names).
+_SAMPLING_FIELDS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "n": "n", "stop": "stop", "seed": "sampling_seed",
+    "min_tokens": "min_new_tokens", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+    "no_stop_trim": "no_stop_trim", "skip_special_tokens": "skip_special_tokens",
+}
+
+
+@dataclass
+class OpenAICall:
+    """One parsed completions / chat request."""
+
+    chat: bool
+    items: list[GenItem]  # choice order: prompt0 x n, prompt1 x n, ...
+    n: int
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    top_logprobs: int | None = None  # None = no logprobs
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def envelope(self, choices: list[dict], chunk: bool = False) -> dict[str, Any]:
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        kind = self.object + (".chunk" if chunk and self.chat else "")
+        return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+
+def _build(state: ServerState, body: dict, chat: bool, prompts: list[list[int]], is_batch: bool,
+           max_tokens: int | None, top_logprobs: int | None) -> OpenAICall:
+    sampling = {native: body[key] for key, native in _SAMPLING_FIELDS.items() if body.get(key) is not None}
+    sampling["max_new_tokens"] = state.engine.context_len if max_tokens is None else max_tokens
+    batch = len(prompts)
+    items = build_items(
+        prompts, [sampling], make_rids(body.get("rid"), batch, is_batch), state.eos_token_id,
+        return_logprob=[top_logprobs is not None] * batch, logprob_start_len=[-1] * batch,
+        top_logprobs_num=[top_logprobs or 0] * batch, where="request",
+    )
+    options = get_field(body, "stream_options", (dict,), {}, "request")
+    model = body.get("model") if isinstance(body.get("model"), str) else state.served_model_name
+    return OpenAICall(chat, items, len(items) // batch, model, get_field(body, "stream", (bool,), False, "request"),
+                      bool(options.get("include_usage")), top_logprobs)
+
+
+def parse_completion(state: ServerState, body: dict) -> OpenAICall:
+    if body.get("echo"):
+        raise BadRequest("echo is not supported by this server")
+    prompt = require(body, "prompt", (str, list), "completions")
+    is_batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    if isinstance(prompt, str):
+        prompts = [encode_text(state.tokenizer, prompt, "prompt")]
+    elif is_batch:
+        prompts = [encode_text(state.tokenizer, p, f"prompt[{i}]") if isinstance(p, str)
+                   else _ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        prompts = [_ids(prompt, "prompt")]
+    logprobs = get_field(body, "logprobs", (int,), None, "request")
+    if logprobs is not None and logprobs < 0:
+        raise BadRequest(f"logprobs must be >= 0, got {logprobs}")
+    max_tokens = get_field(body, "max_tokens", (int,), 16, "request")
+    return _build(state, body, False, prompts, is_batch, max_tokens, logprobs)
+
+
+def _ids(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise BadRequest(f"{where} must be a string or a non-empty list of token ids")
+    return value
+
+
+def _message_text(message: Any, i: int) -> dict[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported, got {part!r}")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
+    return {"role": message["role"], "content": content}
+
+
+def parse_chat(state: ServerState, body: dict) -> OpenAICall:
+    if body.get("tools"):
+        raise BadRequest("tools are not supported by this server")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise BadRequest(f"response_format {response_format!r} is not supported by this server (only text)")
+    messages = require(body, "messages", (list,), "chat")
+    if not messages:
+        raise BadRequest("messages must not be empty")
+    try:
+        text = state.tokenizer.apply_chat_template([_message_text(m, i) for i, m in enumerate(messages)],
+                                                   add_generation_prompt=True)
+    except ValueError as exc:
+        raise BadRequest(f"messages: cannot apply the chat template: {exc}") from exc
+    prompt = encode_text(state.tokenizer, text, "messages", add_special_tokens=False)
+    max_tokens = get_field(body, "max_completion_tokens", (int,), None, "request")
+    if max_tokens is None:
+        max_tokens = get_field(body, "max_tokens", (int,), None, "request")
+    top = get_field(body, "top_logprobs", (int,), 0, "request")
+    want = get_field(body, "logprobs", (bool,), False, "request")
+    if top < 0 or (top and not want):
+        raise BadRequest(f"top_logprobs must be >= 0 and needs logprobs=true, got {top}")
+    return _build(state, body, True, [prompt], False, max_tokens, top if want else None)
+
+
+# ---- response shaping -------------------------------------------------------------------
+
+
+def completion_logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int, offset: int) -> dict[str, Any]:
+    """Legacy completions logprobs for output tokens [start:] (text offsets from `offset`)."""
+    tokens = [token_text(tok, t) for t in out.output_ids[start:]]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    tops = (out.output_top_logprobs or [])[start:] if call.top_logprobs else [None] * len(tokens)
+    return {
+        "text_offset": offsets, "token_logprobs": list(out.output_logprobs[start:]), "tokens": tokens,
+        "top_logprobs": [None if pos is None else {token_text(tok, t): lp for t, lp in pos} for pos in tops],
+    }
+
+
+def _token_entry(tok: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    s = token_text(tok, token_id)
+    return {"token": s, "bytes": list(s.encode("utf-8")), "logprob": logprob}
+
+
+def chat_logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int) -> dict[str, Any]:
+    tops = (out.output_top_logprobs or [])[start:] if call.top_logprobs else []
+    content = []
+    for k, (t, lp) in enumerate(zip(out.output_ids[start:], out.output_logprobs[start:])):
+        entry = _token_entry(tok, t, lp)
+        entry["top_logprobs"] = [_token_entry(tok, tt, tlp) for tt, tlp in tops[k]] if k < len(tops) else []
+        content.append(entry)
+    return {"content": content}
+
+
+def _logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int = 0, offset: int = 0) -> dict | None:
+    if call.top_logprobs is None:
+        return None
+    return chat_logprobs(call, out, tok, start) if call.chat else completion_logprobs(call, out, tok, start, offset)
+
+
+def final_choice(call: OpenAICall, index: int, out: GenerateOutput, tok: Any) -> dict[str, Any]:
+    text = output_text(call.items[index], out, tok)
+    choice: dict[str, Any] = {"index": index}
+    if call.chat:
+        choice["message"] = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=_logprobs(call, out, tok), finish_reason=FINISH_REASONS[out.finish_reason],
+                  matched_stop=out.matched_stop)
+    return choice
+
+
+def usage(call: OpenAICall, outs: list[GenerateOutput]) -> dict[str, Any]:
+    firsts = outs[:: call.n]  # the prompt is counted once per prompt, not once per sample
+    prompt = sum(o.prompt_tokens or len(item.request.input_ids) for o, item in zip(firsts, call.items[:: call.n]))
+    completion = sum(len(o.output_ids) for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in firsts)}}
+
+
+def held_back(text: str, stops: list[str]) -> str:
+    """`text` minus a tail that may still become a stop string or a whole UTF-8 character."""
+    cut = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return text[:cut]
+
+
+@dataclass
+class DeltaState:
+    """What one streamed choice has sent so far."""
+
+    text: str = ""
+    tokens: int = 0
+    started: bool = False
+
+    def choice(self, call: OpenAICall, index: int, out: GenerateOutput, tok: Any) -> dict[str, Any] | None:
+        item, final = call.items[index], out.finish_reason is not None
+        if final:
+            text = output_text(item, out, tok)
+        else:
+            text = held_back(tok.decode(out.output_ids, skip_special_tokens=item.skip_special_tokens),
+                             item.request.sampling.stop)
+        delta_text = text[len(self.text):] if text.startswith(self.text) else ""
+        if not final and not delta_text and self.started and len(out.output_ids) == self.tokens:
+            return None
+        logprobs = _logprobs(call, out, tok, self.tokens, len(self.text))
+        choice: dict[str, Any] = {"index": index}
+        if call.chat:
+            choice["delta"] = {"content": delta_text} if self.started else {"role": "assistant", "content": delta_text}
+        else:
+            choice["text"] = delta_text
+        choice.update(logprobs=logprobs, finish_reason=FINISH_REASONS[out.finish_reason] if final else None,
+                      matched_stop=out.matched_stop if final else None)
+        self.text, self.tokens, self.started = self.text + delta_text, len(out.output_ids), True
+        return choice
+
+
+# ---- handlers ---------------------------------------------------------------------------
+
+
+async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> web.StreamResponse:
+    sub = Submission(state.engine, [item.request for item in call.items], stream=call.stream)
+    try:
+        sub.start()
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    tok = state.tokenizer
+    try:
+        if call.stream:
+            resp = await start_sse(request)
+            deltas = [DeltaState() for _ in call.items]
+            async for updates in sub.updates():
+                for index, out in updates:
+                    choice = deltas[index].choice(call, index, out, tok)
+                    if choice is not None:
+                        await resp.write(sse(call.envelope([choice], chunk=True)))
+            if call.include_usage:
+                outs = [sub.final[i] for i in range(len(call.items))]
+                await resp.write(sse({**call.envelope([], chunk=True), "usage": usage(call, outs)}))
+            await resp.write(SSE_DONE)
+            return resp
+        outs = await sub.results()
+    finally:
+        sub.abort_unfinished()
+    choices = [final_choice(call, i, out, tok) for i, out in enumerate(outs)]
+    return web.json_response({**call.envelope(choices), "usage": usage(call, outs)})
+
+
+def _handler(parse: Callable[[ServerState, dict], OpenAICall], get_state: Callable[[web.Request], ServerState]):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = get_state(request)
+        if state.tokenizer is None:
+            raise BadRequest(f"{request.path} needs a tokenizer and this server has none; use /generate with input_ids")
+        return await _run(request, state, parse(state, await read_json(request)))
+
+    return handler
+
+
+def model_card(state: ServerState) -> dict[str, Any]:
+    name = state.served_model_name
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "sglang", "root": name,
+            "parent": None, "max_model_len": state.engine.context_len}
+
+
+def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerState]) -> None:
+    async def list_models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [model_card(get_state(request))]})
+
+    async def get_model(request: web.Request) -> web.Response:
+        state = get_state(request)
+        if request.match_info["model_id"] != state.served_model_name:
+            return web.json_response({"error": {"message": f"model {request.match_info['model_id']!r} not found; "
+                                                           f"this server serves {state.served_model_name!r}",
+                                                "type": "NotFoundError", "code": 404}}, status=404)
+        return web.json_response(model_card(state))
+
+    app.router.add_post("/v1/completions", _handler(parse_completion, get_state))
+    app.router.add_post("/v1/chat/completions", _handler(parse_chat, get_state))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)

@@ -1,0 +1,484 @@
+"""The SGLang-protocol HTTP server of the embedded engine (aiohttp).
+
+Anything that talks to an SGLang server (our `rollout.client`, sglang-router
+0.3.2, OpenAI clients) talks to this one; field names and shapes follow
+/work/shared/reference/sglang-http-api.md. Request parsing and response
+shaping live in `rollout.protocol`, OpenAI-compatible routes in
+`rollout.openai_api`.
+
+    app = create_app(engine, tokenizer, model_path=...)       # an aiohttp Application
+    with BackgroundServer(engine, tokenizer) as server:        # its own event-loop thread
+        requests.post(server.url + "/generate", ...)
+    slime-rl serve --model DIR --port 30000                    # a process (`serve_main`)
+
+Concurrency: the engine's scheduler runs on its own thread; generation
+handlers only submit and await callbacks, and blocking work (weight loading,
+torch.load, collective receives, group rendezvous) runs in a thread pool, so
+the event loop keeps serving. Weight operations are serialized by one lock.
+
+API key (when configured): the state-changing endpoints (`PROTECTED_PATHS`:
+weight updates, group init/destroy, pause/continue, flush, abort, weight
+version, memory release/resume) need `Authorization: Bearer <key>`;
+generation, info and health stay open so a router can probe and route
+without the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import torch
+from aiohttp import web
+
+import slime_rl
+from rollout import openai_api, weight_api
+from rollout.protocol import (
+    SSE_DONE,
+    BadRequest,
+    Submission,
+    engine_error_response,
+    error_response,
+    generate_response,
+    get_field,
+    new_rid,
+    parse_generate,
+    read_json,
+    sse,
+    start_sse,
+)
+from slime_rl.dist_group import WeightGroup
+from slime_rl.types import GenerateRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROTECTED_PATHS = frozenset({
+    "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
+    "/init_weights_update_group", "/destroy_weights_update_group", "/update_weight_version",
+    "/pause_generation", "/continue_generation", "/flush_cache", "/abort_request",
+    "/release_memory_occupation", "/resume_memory_occupation",
+})
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+FLUSHED_TEXT = ("Cache flushed.\nPlease check backend logs for more details. "
+                "(When there are running or waiting requests, the operation will not be performed.)\n")
+
+
+@dataclass
+class ServerState:
+    """What every handler needs (stored on the app under `STATE`)."""
+
+    engine: Any
+    tokenizer: Any
+    model_path: str
+    tokenizer_path: str
+    served_model_name: str
+    api_key: str | None
+    executor: ThreadPoolExecutor
+    weight_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    groups: dict[str, WeightGroup] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
+    async def blocking(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking call in the server's thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+STATE = web.AppKey("slime_rl_server_state", ServerState)
+
+
+def get_state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+# ---- bodies and errors ------------------------------------------------------------------
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    key = request.app[STATE].api_key
+    if key and request.path in PROTECTED_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            why = "missing" if not given else "wrong"
+            return error_response(f"{request.path} needs 'Authorization: Bearer <api key>' ({why} header)", 401)
+    return await handler(request)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """No request may kill the server: validation errors -> 400, anything unexpected -> 500 (logged)."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except BadRequest as exc:
+        return error_response(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the server must stay up
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(f"internal error in {request.method} {request.path}: {type(exc).__name__}: {exc}", 500)
+
+
+# ---- generation -------------------------------------------------------------------------
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    parsed = parse_generate(await read_json(request), state.tokenizer, state.eos_token_id)
+    sub = Submission(state.engine, [item.request for item in parsed.items], stream=parsed.stream)
+    try:
+        sub.start()
+    except ValueError as exc:  # e.g. a prompt longer than the context (the message says both lengths)
+        return engine_error_response(str(exc))
+    try:
+        if parsed.stream:
+            resp = await start_sse(request)
+            async for updates in sub.updates():
+                for index, out in updates:
+                    chunk = generate_response(parsed.items[index], out, state.tokenizer)
+                    if not parsed.single:
+                        chunk["index"] = index
+                    await resp.write(sse(chunk))
+            await resp.write(SSE_DONE)
+            return resp
+        outs = await sub.results()
+    finally:
+        sub.abort_unfinished()  # client went away (handler cancelled / write failed)
+    bodies = [generate_response(item, out, state.tokenizer) for item, out in zip(parsed.items, outs)]
+    return web.json_response(bodies[0] if parsed.single else bodies)
+
+
+# ---- request control --------------------------------------------------------------------
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    state, body = request.app[STATE], await read_json(request, optional=True)
+    rid = get_field(body, "rid", (str,), "", "abort_request")
+    if get_field(body, "abort_all", (bool,), False, "abort_request"):
+        await state.blocking(state.engine.abort, None)
+    elif rid:
+        await state.blocking(state.engine.abort, rid)
+    return web.Response(status=200)
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    state, body = request.app[STATE], await read_json(request, optional=True)
+    mode = get_field(body, "mode", (str,), "abort", "pause_generation")
+    try:
+        await state.blocking(state.engine.pause_generation, mode)
+    except ValueError as exc:
+        raise BadRequest(f"pause_generation: {exc}") from exc
+    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await state.blocking(state.engine.continue_generation)
+    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if await state.blocking(state.engine.flush_cache):
+        return web.Response(text=FLUSHED_TEXT)
+    load = state.engine.load()
+    return web.Response(status=400, text=f"Cache not flushed: {load['num_running_reqs']} running and "
+                                         f"{load['num_waiting_reqs']} waiting requests.\n")
+
+
+# ---- memory and info -------------------------------------------------------------------
+
+
+async def memory_occupation(request: web.Request) -> web.Response:
+    """Accepted for RL-colocation clients; the embedded engine keeps its weights and KV pool in memory."""
+    await read_json(request, optional=True)
+    return web.json_response(None)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[STATE].engine.health() else 503)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """A 1-token greedy generation (rid HEALTH_CHECK_...); 503 if it fails or takes too long."""
+    state = request.app[STATE]
+    probe = GenerateRequest([0], SamplingParams(max_new_tokens=1, temperature=0.0), rid=f"HEALTH_CHECK_{new_rid()}")
+    sub = Submission(state.engine, [probe])
+    try:
+        sub.start()
+        await asyncio.wait_for(sub.results(), HEALTH_GENERATE_TIMEOUT_S)
+        return web.Response(status=200)
+    except (ValueError, RuntimeError, asyncio.TimeoutError) as exc:
+        log.warning("health_generate failed: %r", exc)
+        return web.Response(status=503)
+    finally:
+        sub.abort_unfinished()
+
+
+def _settings(engine: Any) -> dict[str, Any]:
+    """Engine settings for server_info (public attributes where the engine has them)."""
+    pool = getattr(engine, "pool", None)
+    sched = getattr(engine, "_sched", None)
+    prefix = getattr(engine, "enable_prefix_cache", None)
+    if prefix is None and sched is not None:
+        prefix = getattr(sched, "tree", None) is not None
+    return {
+        "max_running_requests": engine.max_batch_size,
+        "page_size": getattr(engine, "page_size", getattr(pool, "page_size", 1)),
+        "enable_prefix_cache": bool(prefix), "disable_radix_cache": not prefix,
+        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+    }
+
+
+def model_info_dict(state: ServerState) -> dict[str, Any]:
+    engine = state.engine
+    return {
+        "model_path": state.model_path, "tokenizer_path": state.tokenizer_path, "is_generation": True,
+        "preferred_sampling_params": None, "weight_version": str(engine.get_weight_version()),
+        "has_image_understanding": False, "has_audio_understanding": False,
+        "model_type": engine.config.model_type, "architectures": list(engine.hf_config.get("architectures") or []),
+    }
+
+
+async def model_info(request: web.Request) -> web.Response:
+    return web.json_response(model_info_dict(request.app[STATE]))
+
+
+async def server_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.engine
+    load = engine.load()
+    return web.json_response({
+        **model_info_dict(state),
+        "served_model_name": state.served_model_name, "tp_size": 1, "dp_size": 1,
+        "load_balance_method": "round_robin", "disaggregation_mode": "null", **_settings(engine),
+        "max_total_tokens": load["max_total_num_tokens"], "max_total_num_tokens": load["max_total_num_tokens"],
+        "context_length": engine.context_len, "max_req_input_len": engine.context_len - 1,
+        "status": "ready", "version": slime_rl.__version__,
+        "internal_states": [{**load, **engine.stats()}],
+    })
+
+
+async def get_load(request: web.Request) -> web.Response:
+    load = request.app[STATE].engine.load()
+    return web.json_response([{
+        "dp_rank": 0, "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"],
+        "num_waiting_reqs": load["num_waiting_reqs"], "num_tokens": load["num_used_tokens"],
+    }])
+
+
+async def get_weight_version(request: web.Request) -> web.Response:
+    return web.json_response({"weight_version": str(request.app[STATE].engine.get_weight_version())})
+
+
+# ---- the application --------------------------------------------------------------------
+
+
+def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", tokenizer_path: str = "",
+               served_model_name: str | None = None, api_key: str | None = None) -> web.Application:
+    """The aiohttp application serving `engine` (owned by the caller: the app never closes it)."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=2**31)
+    state = ServerState(engine, tokenizer, model_path, tokenizer_path or model_path,
+                        served_model_name or model_path or "default", api_key or None,
+                        ThreadPoolExecutor(max_workers=4, thread_name_prefix="slime-rl-server"))
+    app[STATE] = state
+
+    async def cleanup(app: web.Application) -> None:
+        for group in state.groups.values():
+            group.destroy()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(cleanup)
+    r = app.router
+    r.add_post("/generate", generate)
+    r.add_put("/generate", generate)
+    for path, handler in [("/abort_request", abort_request), ("/pause_generation", pause_generation),
+                          ("/continue_generation", continue_generation)]:
+        r.add_post(path, handler)
+    for path, handler in [("/flush_cache", flush_cache), ("/release_memory_occupation", memory_occupation),
+                          ("/resume_memory_occupation", memory_occupation)]:
+        r.add_route("GET", path, handler)
+        r.add_post(path, handler)
+    for path, handler in [("/health", health), ("/health_generate", health_generate),
+                          ("/model_info", model_info), ("/get_model_info", model_info),
+                          ("/server_info", server_info), ("/get_server_info", server_info),
+                          ("/get_load", get_load), ("/get_weight_version", get_weight_version)]:
+        r.add_get(path, handler)
+    weight_api.add_routes(app, get_state)
+    openai_api.add_routes(app, get_state)
+    return app
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    # handler_cancellation: a client that disconnects cancels its handler, whose `finally` aborts its rids.
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+
+
+class BackgroundServer:
+    """Serve `create_app(engine, ...)` on its own event-loop thread (tests, in-process rollout)."""
+
+    def __init__(self, engine: Any, tokenizer: Any = None, *, host: str = "127.0.0.1", port: int = 0,
+                 **create_app_kwargs: Any):
+        self.app = create_app(engine, tokenizer, **create_app_kwargs)
+        self.host, self.port = host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "BackgroundServer":
+        """Bind and start serving; returns once the port is bound (raises what binding raised)."""
+        self._thread = threading.Thread(target=self._run, name=f"slime-rl-server:{self.port}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        runner = make_runner(self.app)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self.port)
+            loop.run_until_complete(site.start())
+            self.port = runner.addresses[0][1]
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            self._error = exc
+            self._started.set()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            return
+        self._started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    def stop(self) -> None:
+        """Stop serving (in-flight requests are aborted); the engine stays open."""
+        if self._thread is None or self._loop is None:
+            return
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ---- `slime-rl serve` -------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What slime_rl.tokenizer.load_tokenizer recognizes in a directory.
+TOKENIZER_FILES = ("char_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `slime-rl serve` (one flag per field, same names)."""
+
+    model: str  # HF directory: config.json + *.safetensors
+    tokenizer: str | None = None  # None: the model dir if it has tokenizer files, else "char"
+    host: str = "127.0.0.1"
+    port: int = 30000  # 0 = any free port (the printed line says which)
+    api_key: str | None = None
+    max_running_requests: int = 64
+    max_total_tokens: int | None = None
+    page_size: int = 1
+    disable_radix_cache: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    served_model_name: str | None = None
+    seed: int = 0
+
+
+def _model_dir_problem(path: str) -> str | None:
+    if not os.path.isdir(path):
+        return "not a directory"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "no config.json (expected an HF checkpoint directory)"
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        return "no *.safetensors weight files"
+    return None
+
+
+async def _serve_until_signal(app: web.Application, cfg: ServeConfig, banner: str) -> int:
+    runner = make_runner(app)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, cfg.host, cfg.port).start()
+        except OSError as exc:
+            print(f"slime-rl serve: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        port = runner.addresses[0][1]
+        print(f"slime-rl serve: listening on http://{cfg.host}:{port} ({banner})", flush=True)
+        await stop.wait()
+        print("slime-rl serve: shutting down", flush=True)
+        return 0
+    finally:
+        await runner.cleanup()
+
+
+def serve_main(cfg: ServeConfig) -> int:
+    """Load the model, serve it until SIGINT/SIGTERM, close the engine. Returns the exit code."""
+    from rollout.engine import EmbeddedEngine
+    from slime_rl.tokenizer import load_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = os.path.abspath(cfg.model)
+    problem = _model_dir_problem(model_dir)
+    if problem:
+        print(f"slime-rl serve: --model {cfg.model}: {problem}", file=sys.stderr)
+        return 2
+    if cfg.dtype not in DTYPES:
+        print(f"slime-rl serve: --dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}", file=sys.stderr)
+        return 2
+    has_files = any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
+    tokenizer_spec = cfg.tokenizer or (model_dir if has_files else "char")
+    try:
+        tokenizer = load_tokenizer(tokenizer_spec)
+        engine = EmbeddedEngine.from_pretrained(
+            model_dir, device=cfg.device, dtype=DTYPES[cfg.dtype], max_batch_size=cfg.max_running_requests,
+            seed=cfg.seed, max_total_tokens=cfg.max_total_tokens, page_size=cfg.page_size,
+            enable_prefix_cache=not cfg.disable_radix_cache, tokenizer=tokenizer,
+        )
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        print(f"slime-rl serve: cannot load {model_dir} (tokenizer {tokenizer_spec!r}): {exc}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(engine, tokenizer, model_path=model_dir, tokenizer_path=str(tokenizer_spec),
+                         served_model_name=cfg.served_model_name, api_key=cfg.api_key)
+        n_params = sum(p.numel() for p in engine.model.parameters())
+        banner = f"model {model_dir}, {n_params} parameters, tokenizer {tokenizer_spec}"
+        return asyncio.run(_serve_until_signal(app, cfg, banner))
+    finally:
+        engine.close()

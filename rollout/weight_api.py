@@ -1,0 +1,238 @@
+"""Weight-update endpoints of the HTTP server (SGLang protocol, reference section 3).
+
+Every endpoint answers `{"success": bool, "message": str}` with 200 / 400,
+runs under the server's weight lock (updates apply in arrival order), and
+does its blocking work (torch.load, disk reads, collective receives, group
+rendezvous) in the server's thread pool. The engine validates a whole update
+before applying it, so a failed update changes nothing.
+
+`weight_version` in a request is an int or an integer-like string (this
+server uses integer versions); absent, the version stays as it is.
+
+Payloads:
+- `/update_weights_from_tensor`: `serialized_named_tensors` = one base64 blob
+  (one TP rank) of `torch.save(obj)` bytes, loaded with `weights_only=True`;
+  obj is a list of (name, tensor) pairs, or with `load_format="flattened_bucket"`
+  a dict `{"flattened_tensor": uint8 tensor, "metadata": [{name, dtype, shape, offset}]}`.
+- `/update_weights_from_distributed`: rank 0 broadcasts one tensor per name
+  in order, or with `load_format="flattened_bucket"` ONE uint8 buffer laid out
+  exactly as `slime_rl.buckets.pack_bucket` lays out the listed tensors
+  (in order, offsets aligned to `buckets.ALIGN` bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import torch
+from aiohttp import web
+
+from rollout.protocol import BadRequest, get_field, read_json, require
+from slime_rl.buckets import ALIGN, dtype_from_name
+from slime_rl.dist_group import WeightGroup, init_weight_group
+from slime_rl.types import BucketEntry, WeightBucket
+
+if TYPE_CHECKING:
+    from rollout.server import ServerState
+
+log = logging.getLogger(__name__)
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+def weight_result(success: bool, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
+
+
+def parse_weight_version(value: Any, current: int, key: str = "weight_version") -> int:
+    """An int or integer-like string; None keeps `current`."""
+    if value is None:
+        return current
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INT_RE.match(value.strip()):
+        return int(value.strip())
+    raise BadRequest(
+        f"{key} must be an integer or an integer-like string (this server uses integer weight versions), "
+        f"got {value!r}"
+    )
+
+
+def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:
+    """`serialized_named_tensors` -> (name, tensor) pairs, or a WeightBucket for "flattened_bucket"."""
+    if load_format not in (None, "flattened_bucket"):
+        raise BadRequest(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
+    if not isinstance(serialized, list) or len(serialized) != 1 or not isinstance(serialized[0], str):
+        raise BadRequest("serialized_named_tensors must be a list with one base64 string (this server has one TP rank)")
+    try:
+        obj = torch.load(io.BytesIO(base64.b64decode(serialized[0], validate=True)), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's payload
+        raise BadRequest(f"serialized_named_tensors[0] is not base64 of a torch.save payload: {exc}") from exc
+    if load_format == "flattened_bucket":
+        if not isinstance(obj, dict) or not isinstance(obj.get("flattened_tensor"), torch.Tensor):
+            raise BadRequest("a flattened_bucket payload must be a dict with 'flattened_tensor' and 'metadata'")
+        try:
+            entries = [BucketEntry(m["name"], str(m["dtype"]).removeprefix("torch."),
+                                   tuple(int(d) for d in m["shape"]), int(m["offset"]))
+                       for m in obj.get("metadata") or []]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
+        return WeightBucket(obj["flattened_tensor"], entries)
+    if not isinstance(obj, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
+        for p in obj
+    ):
+        raise BadRequest("the payload must be a list of (name, tensor) pairs")
+    return [(name, t) for name, t in obj]
+
+
+def bucket_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[BucketEntry], int]:
+    """Entries + total bytes of the buffer `pack_bucket` would build for these tensors."""
+    entries, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        entries.append(BucketEntry(name, dtype.removeprefix("torch."), tuple(shape), offset))
+        numel = 1
+        for d in shape:
+            numel *= d
+        offset = -(-(offset + numel * dtype_from_name(dtype).itemsize) // ALIGN) * ALIGN
+    return entries, offset
+
+
+def receive_tensors(group: WeightGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                    flattened: bool) -> list[tuple[str, torch.Tensor]] | WeightBucket:
+    """Receive rank 0's broadcasts (blocking): one per tensor in order, or one flat buffer."""
+    if flattened:
+        entries, nbytes = bucket_layout(names, dtypes, shapes)
+        buffer = group.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=group.device), src=0)
+        return WeightBucket(buffer, entries)
+    return [(name, group.broadcast(torch.empty(shape, dtype=dtype_from_name(dtype), device=group.device), src=0))
+            for name, dtype, shape in zip(names, dtypes, shapes)]
+
+
+# ---- handlers ---------------------------------------------------------------------------
+
+Handler = Callable[["ServerState", dict], Awaitable[web.Response]]
+
+
+async def _apply(state: ServerState, body: dict, where: str, update: Callable, payload: Any) -> web.Response:
+    """Abort if asked, then run the engine update."""
+    version = parse_weight_version(body.get("weight_version"), state.engine.get_weight_version())
+    flush = get_field(body, "flush_cache", (bool,), True, where)
+    if get_field(body, "abort_all_requests", (bool,), False, where):
+        await state.blocking(state.engine.abort, None)
+    await state.blocking(update, payload, version, flush_cache=flush)
+    message = "Succeeded to update model weights."
+    if body.get("weight_version") is not None:
+        message += f" Weight version updated to {version}."
+    return weight_result(True, message, num_paused_requests=0)
+
+
+def _update_fn(engine: Any, payload: Any) -> Callable:
+    return engine.update_weights_from_bucket if isinstance(payload, WeightBucket) else engine.update_weights_from_tensors
+
+
+async def update_weights_from_disk(state: ServerState, body: dict) -> web.Response:
+    path = require(body, "model_path", (str,), "update_weights_from_disk")
+    return await _apply(state, body, "update_weights_from_disk", state.engine.update_weights_from_disk, path)
+
+
+async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Response:
+    parse_weight_version(body.get("weight_version"), 0)  # a bad version fails before the work
+    payload = await state.blocking(decode_tensor_payload, body.get("serialized_named_tensors"),
+                                   body.get("load_format"))
+    return await _apply(state, body, "update_weights_from_tensor", _update_fn(state.engine, payload), payload)
+
+
+async def init_weights_update_group(state: ServerState, body: dict) -> web.Response:
+    """Join the trainer's group as rank `rank_offset` (blocks until every rank arrived)."""
+    where = "init_weights_update_group"
+    name = get_field(body, "group_name", (str,), "weight_update_group", where)
+    if name in state.groups:
+        raise BadRequest(f"weight group {name!r} already exists; destroy it first")
+    on_gpu = torch.cuda.is_available() and torch.device(state.engine.device).type == "cuda"
+    group = await state.blocking(
+        init_weight_group,
+        require(body, "master_address", (str,), where), require(body, "master_port", (int,), where),
+        require(body, "rank_offset", (int,), where), require(body, "world_size", (int,), where),
+        backend=get_field(body, "backend", (str,), "nccl" if on_gpu else "gloo", where), group_name=name,
+    )
+    state.groups[name] = group
+    return weight_result(True, "Succeeded to initialize custom process group.")
+
+
+async def update_weights_from_distributed(state: ServerState, body: dict) -> web.Response:
+    where = "update_weights_from_distributed"
+    names = require(body, "names", (list,), where)
+    dtypes = require(body, "dtypes", (list,), where)
+    shapes = require(body, "shapes", (list,), where)
+    if not len(names) == len(dtypes) == len(shapes):
+        raise BadRequest(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) must align")
+    if not all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes):
+        raise BadRequest("shapes must be lists of non-negative integers")
+    dtypes = [str(d) for d in dtypes]
+    for dtype in dtypes:
+        dtype_from_name(dtype)  # a bad dtype fails before any receive
+    load_format = body.get("load_format")
+    if load_format not in (None, "flattened_bucket"):
+        raise BadRequest(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
+    name = get_field(body, "group_name", (str,), "weight_update_group", where)
+    if name not in state.groups:
+        raise BadRequest(f"no weight group {name!r}; call /init_weights_update_group first")
+    parse_weight_version(body.get("weight_version"), 0)
+    payload = await state.blocking(receive_tensors, state.groups[name], names, dtypes, shapes,
+                                   load_format == "flattened_bucket")
+    return await _apply(state, body, where, _update_fn(state.engine, payload), payload)
+
+
+async def destroy_weights_update_group(state: ServerState, body: dict) -> web.Response:
+    name = get_field(body, "group_name", (str,), "weight_update_group", "destroy_weights_update_group")
+    group = state.groups.pop(name, None)
+    if group is None:
+        raise BadRequest(f"no weight group {name!r}")
+    await state.blocking(group.destroy)
+    return weight_result(True, "Succeeded to destroy custom process group.")
+
+
+async def update_weight_version(state: ServerState, body: dict) -> web.Response:
+    where = "update_weight_version"
+    version = parse_weight_version(require(body, "new_version", (str, int), where), 0, key="new_version")
+    if get_field(body, "abort_all_requests", (bool,), True, where):
+        await state.blocking(state.engine.abort, None)
+    # An empty update stamps the version without touching weights or the cache.
+    await state.blocking(state.engine.update_weights_from_tensors, [], version, flush_cache=False)
+    return weight_result(True, f"Weight version updated to {version}.", new_version=str(version))
+
+
+HANDLERS: dict[str, Handler] = {
+    "/update_weights_from_disk": update_weights_from_disk,
+    "/update_weights_from_tensor": update_weights_from_tensor,
+    "/init_weights_update_group": init_weights_update_group,
+    "/update_weights_from_distributed": update_weights_from_distributed,
+    "/destroy_weights_update_group": destroy_weights_update_group,
+    "/update_weight_version": update_weight_version,
+}
+
+
+def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerState]) -> None:
+    """POST routes for every weight endpoint; failures become `{"success": false, ...}` (400)."""
+
+    def wrap(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        @functools.wraps(handler)
+        async def endpoint(request: web.Request) -> web.Response:
+            state = get_state(request)
+            try:
+                body = await read_json(request, optional=True)
+                async with state.weight_lock:
+                    return await handler(state, body)
+            except (BadRequest, ValueError, TypeError, OSError, RuntimeError) as exc:
+                log.warning("%s failed: %s", request.path, exc)
+                return weight_result(False, f"{request.path}: {exc}")
+
+        return endpoint
+
+    for path, handler in HANDLERS.items():
+        app.router.add_post(path, wrap(handler))
