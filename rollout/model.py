@@ -125,17 +125,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """nn.Linear without the init cost (weights arrive from a checkpoint)."""
+    """nn.Linear without the init cost (weights arrive from a checkpoint).
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, device, dtype):
+    `weight` / `bias` may be given as views into a fused tensor (see
+    `_fused`): the HF-named parameter then shares storage with it.
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, device, dtype, weight=None, bias_view=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(d_out, device=device, dtype=dtype), requires_grad=False) if bias else None
-        )
+        w = torch.empty(d_out, d_in, device=device, dtype=dtype) if weight is None else weight
+        self.weight = nn.Parameter(w, requires_grad=False)
+        b = torch.empty(d_out, device=device, dtype=dtype) if bias_view is None else bias_view
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def _fused(d_in: int, d_outs: list[int], bias: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None, list[Linear]]:
+    """One [sum(d_outs), d_in] weight (+ bias) and a Linear per part viewing it.
+
+    The HF parameters (q/k/v_proj, gate/up_proj) stay separate names for
+    loading and weight sync, while the forward runs one matmul for all parts.
+    """
+    w = torch.empty(sum(d_outs), d_in, device=device, dtype=dtype)
+    b = torch.zeros(sum(d_outs), device=device, dtype=dtype) if bias else None
+    parts, lo = [], 0
+    for d in d_outs:
+        parts.append(Linear(d_in, d, bias, device, dtype, w[lo : lo + d], b[lo : lo + d] if bias else None))
+        lo += d
+    return w, b, parts
 
 
 class RMSNorm(nn.Module):
@@ -155,16 +174,17 @@ class Attention(nn.Module):
         super().__init__()
         h, d, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.n_heads, self.n_kv, self.head_dim = nq, nkv, d
-        self.q_proj = Linear(h, nq * d, cfg.attention_bias, device, dtype)
-        self.k_proj = Linear(h, nkv * d, cfg.attention_bias, device, dtype)
-        self.v_proj = Linear(h, nkv * d, cfg.attention_bias, device, dtype)
+        self.qkv_weight, self.qkv_bias, (self.q_proj, self.k_proj, self.v_proj) = _fused(
+            h, [nq * d, nkv * d, nkv * d], cfg.attention_bias, device, dtype)
         self.o_proj = Linear(nq * d, h, cfg.o_proj_bias, device, dtype)
 
     def forward(self, x_BTH, cos_BTD, sin_BTD, cache, layer: int, mask):
         B, T, _ = x_BTH.shape
-        q_BNTD = self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTD = self.k_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v_BKTD = self.v_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        qkv_BTX = F.linear(x_BTH, self.qkv_weight, self.qkv_bias)
+        q_BNTD = qkv_BTX[..., : nq * d].view(B, T, nq, d).transpose(1, 2)
+        k_BKTD = qkv_BTX[..., nq * d : (nq + nkv) * d].view(B, T, nkv, d).transpose(1, 2)
+        v_BKTD = qkv_BTX[..., (nq + nkv) * d :].view(B, T, nkv, d).transpose(1, 2)
         cos, sin = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
         q_BNTD = q_BNTD * cos + _rotate_half(q_BNTD) * sin
         k_BKTD = k_BKTD * cos + _rotate_half(k_BKTD) * sin
@@ -180,12 +200,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
         h, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(h, f, b, device, dtype)
-        self.up_proj = Linear(h, f, b, device, dtype)
+        self.f = f
+        self.gate_up_weight, self.gate_up_bias, (self.gate_proj, self.up_proj) = _fused(h, [f, f], b, device, dtype)
         self.down_proj = Linear(f, h, b, device, dtype)
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_BTH)) * self.up_proj(x_BTH))
+        gate_up_BTF = F.linear(x_BTH, self.gate_up_weight, self.gate_up_bias)
+        return self.down_proj(F.silu(gate_up_BTF[..., : self.f]) * gate_up_BTF[..., self.f :])
 
 
 class DecoderLayer(nn.Module):
@@ -225,6 +246,7 @@ class DecoderLM(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, device, dtype)
         # A plain attribute, not a buffer: it must stay fp32 whatever the weight dtype.
         self.inv_freq = rope_inv_freq(cfg).to(device)
+        self._rope_tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init_random(self, seed: int, std: float = 0.02) -> None:
         """HF-style init (normal(0, std) weights, zero biases, unit norms)."""
@@ -239,9 +261,15 @@ class DecoderLM(nn.Module):
             p.data.copy_(val)
 
     def rope(self, pos_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_BTd = pos_BT[..., None].float() * self.inv_freq
-        emb_BTD = torch.cat((freqs_BTd, freqs_BTd), dim=-1)
-        return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
+        """cos, sin [B, T, D] looked up from a per-dtype table over all positions
+        (element for element the same fp32 math as computing them per call)."""
+        table = self._rope_tables.get(dtype)
+        if table is None:
+            pos_S = torch.arange(self.config.max_position_embeddings, device=self.inv_freq.device)
+            freqs_Sd = pos_S[:, None].float() * self.inv_freq
+            emb_SD = torch.cat((freqs_Sd, freqs_Sd), dim=-1)
+            table = self._rope_tables[dtype] = (emb_SD.cos().to(dtype), emb_SD.sin().to(dtype))
+        return table[0][pos_BT], table[1][pos_BT]
 
     def hidden(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, cache=None, mask=None) -> torch.Tensor:
         """Final hidden states [B, T, H] before the last norm.

@@ -37,10 +37,11 @@ from rollout.radix_cache import Node, RadixCache
 from rollout.sampling import SamplingTensors, sample
 from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
 
+DECODE_RESERVE_TOKENS = 16  # decode takes KV pages for this many tokens at a time (fewer table updates)
 DEFER_MIN_TOKENS = 32  # a shared, uncached prefix this long (or half the prompt) waits for the cache
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: requests are compared and looked up by object
 class Request:
     """Scheduler-side state of one request."""
 
@@ -69,6 +70,14 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.req.input_ids + self.out_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.req.input_ids) + len(self.out_ids)
+
+    def tokens_from(self, start: int) -> list[int]:
+        n = len(self.req.input_ids)
+        return self.out_ids[start - n :] if start >= n else self.req.input_ids[start:] + self.out_ids
 
     def snapshot(self, status: SampleStatus | None, version: int) -> GenerateOutput:
         return GenerateOutput(
@@ -124,17 +133,21 @@ class Scheduler:
 
     # ---- admission -----------------------------------------------------------
 
-    def _match(self, r: Request) -> tuple[list[int], Node | None]:
-        if self.tree is None:
-            return [], None
+    def _reusable(self, r: Request) -> list[int]:
+        """The tokens whose KV may come from the cache."""
         limit = len(r.tokens) - 1  # at least one token must run to produce logits
         if r.input_logprobs is None and r.req.logprob_start_len >= 0:
             limit = min(limit, max(r.req.logprob_start_len, 1) - 1)  # prompt logprobs need those logits
-        return self.tree.match_prefix(r.tokens[:limit])
+        return r.tokens[:limit]
+
+    def _match(self, r: Request) -> tuple[list[int], Node | None]:
+        if self.tree is None:
+            return [], None
+        return self.tree.match_prefix(self._reusable(r))
 
     def _defer(self, r: Request, matched: int, round_tree: RadixCache) -> bool:
         """True when a request admitted this round shares a long uncached prefix with r."""
-        common = len(round_tree.match_prefix(r.tokens)[0])
+        common = len(round_tree.match_prefix(self._reusable(r))[0])
         extra = common - matched
         return extra > 0 and (extra >= DEFER_MIN_TOKENS or 2 * extra >= len(r.tokens) - matched)
 
@@ -178,13 +191,14 @@ class Scheduler:
 
     def _ensure_decode_pages(self, reqs: list[Request]) -> list[Request]:
         """Give every request a slot for its next token; retract the newest when out of pages."""
-        for r in list(reqs):
-            if r not in self.running:
+        needy = [r for r in reqs if self._pages_for(r.num_tokens) > len(r.pages)]
+        updates = []
+        for r in needy:
+            if r.row < 0:
                 continue  # retracted below for an older request
-            need = self._pages_for(len(r.tokens)) - len(r.pages)
-            if need <= 0:
-                continue
-            own = self._alloc(need)
+            need = self._pages_for(r.num_tokens) - len(r.pages)
+            ahead = self._pages_for(min(r.num_tokens + DECODE_RESERVE_TOKENS, len(r.req.input_ids) + r.max_new))
+            own = self._alloc(ahead - len(r.pages)) or self._alloc(need)
             while own is None:
                 victim = self.running[-1]
                 if victim is r and len(self.running) == 1:
@@ -194,32 +208,36 @@ class Scheduler:
                     break
                 own = self._alloc(need)
             if own is not None:
-                first = len(r.pages)
+                updates.append((r.row, len(r.pages), own))
                 r.pages += own
-                self.pool.set_slots(r.row, r.pages, first)
-        return [r for r in reqs if r in self.running]
+        self.pool.set_slots_many([u for u in updates])
+        return [r for r in reqs if r.row >= 0]
 
     def forward(self, reqs: list[Request], prefill: bool) -> torch.Tensor:
         """Run every request's not-yet-cached tokens; logits [B, V] (float32) at each last token."""
         dev, B = self.device, len(reqs)
-        q_list = [len(r.tokens) - r.kv_len for r in reqs]
+        q_list = [r.num_tokens - r.kv_len for r in reqs]
         Q = max(q_list)
-        ids_BQ = torch.zeros(B, Q, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids_BQ[b, : q_list[b]] = torch.tensor(r.tokens[r.kv_len :], dtype=torch.long)
-        ids_BQ = ids_BQ.to(dev)
+        flat = [t for r in reqs for t in r.tokens_from(r.kv_len)]
         c_B = torch.tensor([r.kv_len for r in reqs], device=dev)
         q_B = torch.tensor(q_list, device=dev)
         rows_B = torch.tensor([r.row for r in reqs], device=dev)
         pos_BQ = c_B.unsqueeze(1) + torch.arange(Q, device=dev)
         valid_BQ = torch.arange(Q, device=dev).unsqueeze(0) < q_B.unsqueeze(1)
+        if Q == 1:
+            ids_BQ = torch.tensor(flat, dtype=torch.long, device=dev).unsqueeze(1)
+        else:
+            ids_BQ = torch.zeros(B, Q, dtype=torch.long, device=dev)
+            ids_BQ[valid_BQ] = torch.tensor(flat, dtype=torch.long, device=dev)
         end_B = c_B + q_B
         K = int(end_B.max())
         table = self.pool.req_to_slot
         write_N = table[rows_B.unsqueeze(1).expand(B, Q)[valid_BQ], pos_BQ[valid_BQ]]
         j_K = torch.arange(K, device=dev)
         # Pad queries (i >= q_b) see all of their row's keys, which keeps them NaN-free.
-        mask_B1QK = ((j_K <= pos_BQ.unsqueeze(2)) & (j_K < end_B.view(B, 1, 1))).unsqueeze(1)
+        see_B1QK = ((j_K <= pos_BQ.unsqueeze(2)) & (j_K < end_B.view(B, 1, 1))).unsqueeze(1)
+        # An additive float mask, built once: SDPA would convert a bool mask in every layer.
+        mask_B1QK = torch.zeros(see_B1QK.shape, dtype=self.pool.k[0].dtype, device=dev).masked_fill_(~see_B1QK, float("-inf"))
         view = PagedView(self.pool, write_N, valid_BQ, table[rows_B, :K])
         x_BQH = self.model.hidden(ids_BQ, pos_BQ, view, mask_B1QK)
         last_BH = x_BQH[torch.arange(B, device=dev), q_B - 1]
@@ -228,7 +246,7 @@ class Scheduler:
                 if r.input_logprobs is None and r.req.logprob_start_len >= 0:
                     self._prompt_logprobs(r, x_BQH[b, : q_list[b] - 1])
         for r in reqs:
-            r.kv_len = len(r.tokens)
+            r.kv_len = r.num_tokens
         return self.model.logits(last_BH).float()
 
     def _prompt_logprobs(self, r: Request, x_QH: torch.Tensor) -> None:
@@ -356,7 +374,8 @@ class Scheduler:
             for r in new:
                 if r in self.running:
                     self.cache_prompt(r)
-        old = [r for r in self.running if r not in new]
+        fresh = set(map(id, new))
+        old = [r for r in self.running if id(r) not in fresh]
         old = self._ensure_decode_pages(old)
         if old:
             self.stats["decode_steps"] += 1
