@@ -1,0 +1,204 @@
+"""Generation strategies over any engine with `agenerate` (embedded or HTTP client).
+
+- Groups: the `n` samples of one prompt go out together, with one routing key
+  (`X-SMG-Routing-Key` through an `EngineClient`) so a router keeps them on one
+  worker, where they share the prompt's KV.
+- Over-sampling with a dynamic filter (DAPO): launch more groups than a batch
+  needs; score each group as it completes; keep it only if `keep(group)` (by
+  default: its rewards are not all equal, i.e. it carries a learning signal);
+  launch more while the batch is short; once it is full, abort what is still
+  running.
+- Partial rollout: samples cut off by that abort (or by a weight update)
+  keep their tokens, logprobs and the weight version of every token; they wait
+  in a `PartialBuffer` and resume from their tokens in the next collection,
+  under whatever weights the engine serves then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Callable, Iterator
+
+from rollout.groups import request_seed
+from slime_rl.types import GenerateOutput, GenerateRequest, Sample, SampleStatus, SamplingParams
+
+
+def new_group(prompt: Any, group_id: int, n: int) -> list[Sample]:
+    """Empty samples for one prompt (`prompt` has prompt_ids, prompt_text, label, metadata)."""
+    return [Sample(prompt_ids=list(prompt.prompt_ids), group_id=group_id, index=i, prompt_text=prompt.prompt_text,
+                   label=prompt.label, metadata=dict(prompt.metadata), status=SampleStatus.ABORTED)
+            for i in range(n)]
+
+
+def resume_request(s: Sample, sampling: SamplingParams, seed: int | None, rid: str) -> GenerateRequest:
+    """The request that continues `s` from its tokens so far (a fresh sample: no tokens yet)."""
+    left = sampling.max_new_tokens - len(s.response_ids)
+    return GenerateRequest(s.prompt_ids + s.response_ids,
+                           replace(sampling, max_new_tokens=max(left, 1), seed=seed,
+                                   min_new_tokens=max(0, sampling.min_new_tokens - len(s.response_ids))), rid=rid)
+
+
+def merge_output(s: Sample, out: GenerateOutput, decode: Callable[[list[int]], str] | None) -> None:
+    s.response_ids += out.output_ids
+    s.rollout_logprobs += out.output_logprobs
+    s.loss_mask += [1] * len(out.output_ids)
+    s.weight_versions += out.output_versions or [out.weight_version] * len(out.output_ids)
+    s.status = out.finish_reason or SampleStatus.ABORTED
+    if decode is not None:
+        s.response_text = decode(s.response_ids)
+
+
+def _unfinished(group: list[Sample]) -> list[Sample]:
+    return [s for s in group if s.status == SampleStatus.ABORTED]
+
+
+async def _agenerate(engine, requests: list[GenerateRequest], routing_key: str | None) -> list[GenerateOutput]:
+    if routing_key is not None and "routing_keys" in inspect.signature(engine.agenerate).parameters:
+        return await engine.agenerate(requests, routing_keys=[routing_key] * len(requests))
+    return await engine.agenerate(requests)
+
+
+async def _abort(engine, rid: str) -> None:
+    if hasattr(engine, "aabort"):
+        await engine.aabort(rid)
+    else:
+        engine.abort(rid)
+
+
+@dataclass
+class GroupRunner:
+    """Runs groups on one engine with reproducible seeds and rids."""
+
+    engine: Any
+    sampling: SamplingParams
+    base_seed: int = 0
+    step: int = 0
+    decode: Callable[[list[int]], str] | None = None
+    _inflight: dict[str, Sample] = field(default_factory=dict)
+
+    def _seed(self, s: Sample) -> int | None:
+        if self.sampling.temperature == 0:
+            return None
+        return request_seed(self.base_seed, self.step, s.group_id, s.index) + len(s.response_ids)
+
+    async def run(self, group: list[Sample]) -> list[Sample]:
+        """Generate every unfinished sample of `group` (in place); returns the group."""
+        todo = _unfinished(group)
+        if not todo:
+            return group
+        rids = [f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}" for s in todo]
+        reqs = [resume_request(s, self.sampling, self._seed(s), rid) for s, rid in zip(todo, rids)]
+        self._inflight.update(zip(rids, todo))
+        try:
+            outs = await _agenerate(self.engine, reqs, f"group-{self.step}-{todo[0].group_id}")
+        finally:
+            for rid in rids:
+                self._inflight.pop(rid, None)
+        for s, out in zip(todo, outs):
+            merge_output(s, out, self.decode)
+        return group
+
+    async def abort_all(self) -> None:
+        for rid in list(self._inflight):
+            await _abort(self.engine, rid)
+
+
+class PartialBuffer:
+    """Groups interrupted mid-generation, waiting to resume (oldest first)."""
+
+    def __init__(self):
+        self._groups: list[list[Sample]] = []
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def put(self, group: list[Sample]) -> None:
+        self._groups.append(group)
+
+    def take(self) -> list[Sample] | None:
+        return self._groups.pop(0) if self._groups else None
+
+
+def has_signal(group: list[Sample]) -> bool:
+    """DAPO's dynamic-sampling filter: keep groups whose rewards are not all equal."""
+    rewards = [s.scalar_reward for s in group]
+    return max(rewards) > min(rewards)
+
+
+@dataclass
+class CollectStats:
+    launched: int = 0
+    kept: int = 0
+    filtered: int = 0
+    aborted: int = 0
+    resumed: int = 0
+
+
+async def collect_groups(
+    runner: GroupRunner,
+    prompts: Iterator[Any],
+    n: int,
+    target: int,
+    score: Callable[[list[Sample]], Awaitable[None] | None],
+    keep: Callable[[list[Sample]], bool] | None = has_signal,
+    over_sampling: float = 1.0,
+    max_groups: int | None = None,
+    buffer: PartialBuffer | None = None,
+) -> tuple[list[list[Sample]], CollectStats]:
+    """Collect `target` scored groups that pass `keep` (None keeps all).
+
+    Starts ceil(target * over_sampling) groups (resumed groups from `buffer`
+    first), then one more each time a group is filtered out, up to
+    `max_groups` launched in all. When `target` groups are kept, running
+    groups are aborted: with a `buffer` they go into it to resume later,
+    otherwise they are dropped. Groups ids must be unique across calls
+    (`prompts` yields (group_id, prompt)).
+    """
+    stats = CollectStats()
+    kept: list[list[Sample]] = []
+    tasks: dict[asyncio.Task, list[Sample]] = {}
+    limit = max_groups if max_groups is not None else 10 * target
+
+    def launch() -> bool:
+        group = buffer.take() if buffer is not None and len(buffer) else None
+        if group is not None:
+            stats.resumed += 1
+        else:
+            nxt = next(prompts, None)
+            if nxt is None or stats.launched >= limit:
+                return False
+            group = new_group(nxt[1], nxt[0], n)
+        stats.launched += 1
+        tasks[asyncio.ensure_future(runner.run(group))] = group
+        return True
+
+    for _ in range(max(target, -(-int(target * over_sampling * 1000) // 1000))):
+        if not launch():
+            break
+    while tasks and len(kept) < target:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            group = tasks.pop(task)
+            task.result()
+            if len(kept) >= target:  # finished after the batch filled up: keep for later
+                (buffer.put(group) if buffer is not None else None)
+                continue
+            maybe = score(group)
+            if inspect.isawaitable(maybe):
+                await maybe
+            if keep is None or keep(group):
+                kept.append(group)
+            else:
+                stats.filtered += 1
+                launch()
+    if tasks:  # the batch is full: interrupt the rest
+        await runner.abort_all()
+        for task, group in tasks.items():
+            await task
+            stats.aborted += 1
+            if buffer is not None:
+                buffer.put(group)
+    stats.kept = len(kept)
+    return kept, stats
