@@ -1,30 +1,25 @@
 """Built-in HTTP router: the fallback when sglang-router is missing or will not start.
 
-An aiohttp reverse proxy on its own event-loop thread, speaking the subset of
-sglang-router 0.3.2's API that slime_rl uses: it forwards `POST /generate`,
-`/v1/completions` and `/v1/chat/completions` to one worker (SSE streams are
+An aiohttp reverse proxy on its own event-loop thread with the subset of
+sglang-router 0.3.2's API that slime_rl uses and the same shapes: it forwards
+`POST /generate`, `/v1/completions`, `/v1/chat/completions` to one worker (SSE
 relayed chunk by chunk) and serves `GET /health`, `/readiness`, `/workers`,
-`/v1/models`, `POST /workers`, `DELETE /workers/{id}` and `POST /flush_cache`
-(fan-out) with the real router's shapes.
+`/v1/models`, `POST /workers`, `DELETE /workers/{id}`, `POST /flush_cache` (fan-out).
 
-Worker choice, in order:
-1. session affinity: header `X-SMG-Routing-Key` sticks to the first worker it
-   went to while that worker is healthy (the real router does this only under
-   its `manual` policy; here it applies under every policy);
-2. the policy: `cache_aware` follows the worker that saw the longest prefix of
-   the routing text (`text`, or `input_ids` as decimal numbers joined by spaces,
-   like the real router) when the match covers more than `cache_threshold` of
-   the text and the in-flight load is not too unbalanced, else the least-loaded
-   worker; `round_robin`, `random`; `power_of_two` (the less busy of two random
-   workers, by our in-flight count rather than the workers' /get_load);
-   `manual` (random when no routing key).
-Departure: the prefix index is a dict of chained hashes of BLOCK-char blocks,
-so matches count whole blocks only (the real router keeps a character radix tree).
+Worker choice: (1) header `X-SMG-Routing-Key` sticks to the worker it first went
+to while that one is healthy (under every policy; the real router only under
+`manual`); (2) `cache_aware`: the worker that saw the longest prefix of the
+routing text (`text`, or `input_ids` as decimal numbers joined by spaces, like
+the real router) if it covers > `cache_threshold` of the text and in-flight
+loads are not too unbalanced, else the least-loaded worker; `round_robin`;
+`random`; `manual` (random without a key); `power_of_two` (by our in-flight
+counts, not the workers' /get_load). Departure: the prefix index hashes whole
+BLOCK-char blocks (the real router keeps a character radix tree).
 
 Health: `GET /health` on every worker each interval; `health_failure_threshold`
-failures take a worker out of rotation, `health_success_threshold` successes put
-it back. A connection error while forwarding marks the worker unhealthy at once
-and the request is retried on another worker (5xx answers are retried too).
+failures take a worker out of rotation, `health_success_threshold` successes
+bring it back. A connection error while forwarding ejects the worker at once and
+the request is retried on another worker, as is a 5xx answer.
 """
 
 from __future__ import annotations
@@ -127,7 +122,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 class BuiltinRouter:
-    """The fallback router; same public methods as `rollout.router.SGLangRouter`."""
+    """The fallback router; the same public methods as `rollout.router.SGLangRouter`."""
 
     def __init__(self, worker_urls: list[str], *, policy: str = "cache_aware", host: str = "127.0.0.1",
                  port: int = 0, health_check_interval_s: float = 2.0, min_healthy_workers: int | None = None,
@@ -136,7 +131,7 @@ class BuiltinRouter:
                  max_attempts: int = 3, request_timeout_s: float = 1800.0):
         if policy not in BUILTIN_POLICIES:
             raise ValueError(f"policy must be one of {BUILTIN_POLICIES} for the built-in router, got {policy!r}")
-        self.policy, self.host, self.port = policy, host, port
+        self.policy, self.host, self.port, self.url = policy, host, port, ""
         self.initial_urls = [u.rstrip("/") for u in worker_urls]
         self.min_healthy_workers = len(self.initial_urls) if min_healthy_workers is None else min_healthy_workers
         self.health_check_interval_s = health_check_interval_s
@@ -144,19 +139,18 @@ class BuiltinRouter:
         self.cache_threshold = cache_threshold
         self.balance_abs, self.balance_rel = balance_abs_threshold, balance_rel_threshold
         self.max_attempts, self.request_timeout_s = max_attempts, request_timeout_s
-        self.url = ""
-        self._workers: dict[str, _Worker] = {}  # by url, registry order
+        self._workers: dict[str, _Worker] = {}  # by url, in registration order
         self._sticky: OrderedDict[str, str] = OrderedDict()  # routing key -> worker url, LRU-bounded
         self._index = PrefixIndex()
         self._rr = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._health_task: asyncio.Task | None = None
 
-    # ---- lifecycle (caller's thread) ----------------------------------------
+    # ---- caller's thread -----------------------------------------------------------------
 
     def start(self, timeout_s: float = 60.0) -> "BuiltinRouter":
+        """Bind, register the workers, wait until `min_healthy_workers` pass a health check."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="builtin-router", daemon=True)
         self._thread.start()
@@ -172,13 +166,12 @@ class BuiltinRouter:
         return self
 
     def stop(self) -> None:
-        if self._loop is None:
-            return
         loop, self._loop = self._loop, None
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout=10)
-        loop.close()
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=10)
+            loop.close()
 
     def __enter__(self) -> "BuiltinRouter":
         return self
@@ -188,8 +181,6 @@ class BuiltinRouter:
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    # ---- public control (caller's thread) -----------------------------------
 
     def workers(self) -> list[dict[str, Any]]:
         return self._call(self._list())
@@ -204,20 +195,18 @@ class BuiltinRouter:
             raise RuntimeError(f"worker {url} not healthy in router {self.url} after {timeout_s} s") from None
 
     def remove_worker(self, url: str, timeout_s: float = 30.0) -> None:
-        url = url.rstrip("/")
-        if not self._call(self._remove(url)):
+        if not self._call(self._remove(url.rstrip("/"))):
             raise ValueError(f"worker {url} is not registered with router {self.url}; "
                              f"registered: {[w['url'] for w in self.workers()]}")
 
     def flush_cache(self) -> dict[str, Any]:
         return self._call(self._flush())
 
-    # ---- event-loop side ------------------------------------------------------
+    # ---- event loop: lifecycle and worker registry ------------------------------------------
 
     async def _serve(self) -> None:
         self._changed = asyncio.Condition()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s,
-                                                                            sock_connect=5))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(self.request_timeout_s, sock_connect=5))
         app = web.Application(client_max_size=1 << 29)
         app.add_routes([web.post(path, self._proxy) for path in ROUTED_PATHS] + [
             web.get("/health", self._health), web.get("/readiness", self._readiness),
@@ -234,14 +223,14 @@ class BuiltinRouter:
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _shutdown(self) -> None:
-        for task in [self._health_task] if self._health_task else []:
-            task.cancel()
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         await self._session.close()
 
     async def _wait(self, predicate, timeout_s: float) -> None:
-        """Until predicate() holds (re-checked whenever worker state changes); TimeoutError after timeout_s."""
+        """Until predicate() holds, re-checked whenever worker state changes; TimeoutError after timeout_s."""
         async def wait() -> None:
             async with self._changed:
                 await self._changed.wait_for(predicate)
@@ -256,12 +245,12 @@ class BuiltinRouter:
         return sum(w.healthy for w in self._workers.values())
 
     async def _list(self) -> list[dict[str, Any]]:
-        return [w.as_dict() for w in self._workers.values()]
+        return [w.as_dict() for w in self._workers.values()]  # read on the loop: no torn state
 
     async def _add(self, url: str) -> _Worker:
         if url not in self._workers:
             self._workers[url] = _Worker(url, str(uuid.uuid4()))
-            asyncio.create_task(self._check(self._workers[url]))  # don't wait a whole interval
+            asyncio.create_task(self._check(self._workers[url]))  # first probe now, not after an interval
         return self._workers[url]
 
     async def _remove(self, url: str) -> bool:
@@ -276,16 +265,16 @@ class BuiltinRouter:
 
     async def _check(self, w: _Worker) -> None:
         try:
-            async with self._session.get(w.url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            async with self._session.get(w.url + "/health", timeout=aiohttp.ClientTimeout(5)) as resp:
                 ok = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
         w.failures, w.successes = (0, w.successes + 1) if ok else (w.failures + 1, 0)
         if ok and not w.healthy and w.successes >= self.success_threshold:
             w.healthy = True
-            w.model_id = await self._model_id(w) if w.model_id == "unknown" else w.model_id
+            w.model_id = await self._model_id(w)
             logger.info("worker %s is healthy", w.url)
-        elif not ok and w.healthy and w.failures >= self.failure_threshold:
+        elif not ok and w.failures >= self.failure_threshold:
             self._mark_unhealthy(w, f"{w.failures} failed health checks")
         await self._notify()
 
@@ -296,32 +285,33 @@ class BuiltinRouter:
 
     async def _model_id(self, w: _Worker) -> str:
         try:
-            async with self._session.get(w.url + "/get_server_info", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with self._session.get(w.url + "/get_server_info", timeout=aiohttp.ClientTimeout(5)) as r:
                 info = await r.json(content_type=None)
             return str(info.get("served_model_name") or info.get("model_path") or "unknown")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
             return "unknown"
 
+    # ---- event loop: routing ----------------------------------------------------------------
+
     def _select(self, text: str, key: str | None, exclude: set[str]) -> _Worker | None:
-        live = [w for w in self._workers.values() if w.healthy and w.url not in exclude]
+        live = {w.url: w for w in self._workers.values() if w.healthy and w.url not in exclude}
         if not live:
             return None
-        by_url = {w.url: w for w in live}
-        least = min(live, key=lambda w: (w.in_flight, w.served))
-        if key is not None and self._sticky.get(key) in by_url:
-            chosen = by_url[self._sticky[key]]
+        least = min(live.values(), key=lambda w: (w.in_flight, w.served))  # ties: the one that served least
+        if key is not None and self._sticky.get(key) in live:
+            chosen = live[self._sticky[key]]
         elif self.policy == "cache_aware":
-            loads = [w.in_flight for w in live]
-            balanced = not (max(loads) - min(loads) > self.balance_abs and max(loads) > min(loads) * self.balance_rel)
-            url, matched = self._index.match(text, set(by_url))
-            chosen = by_url[url] if balanced and text and matched / len(text) > self.cache_threshold else least
+            lo, hi = least.in_flight, max(w.in_flight for w in live.values())
+            balanced = not (hi - lo > self.balance_abs and hi > lo * self.balance_rel)
+            url, matched = self._index.match(text, set(live))
+            chosen = live[url] if balanced and text and matched / len(text) > self.cache_threshold else least
         elif self.policy == "round_robin":
             self._rr += 1
-            chosen = live[self._rr % len(live)]
+            chosen = list(live.values())[self._rr % len(live)]
         elif self.policy == "power_of_two":
-            chosen = min(random.sample(live, min(2, len(live))), key=lambda w: w.in_flight)
+            chosen = min(random.sample(list(live.values()), min(2, len(live))), key=lambda w: w.in_flight)
         else:  # random, manual
-            chosen = random.choice(live)
+            chosen = random.choice(list(live.values()))
         if key is not None:
             self._sticky[key] = chosen.url
             self._sticky.move_to_end(key)
@@ -341,7 +331,7 @@ class BuiltinRouter:
         headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
         tried: set[str] = set()
         errors: list[str] = []
-        last_5xx: web.Response | None = None
+        last_5xx: web.Response | None = None  # answered if no other worker does better
         while len(tried) < self.max_attempts:
             w = self._select(text, request.headers.get("X-SMG-Routing-Key"), tried)
             if w is None:
@@ -359,18 +349,16 @@ class BuiltinRouter:
                 if upstream.status < 500:
                     w.served += 1
                     return await self._relay(request, upstream)
-                last_5xx = web.Response(body=await upstream.read(), status=upstream.status,  # returned if no
-                                        headers={"Content-Type": upstream.content_type})  # other worker does better
+                last_5xx = web.Response(body=await upstream.read(), status=upstream.status,
+                                        headers={"Content-Type": upstream.content_type})
             except BaseException:
-                upstream.close()  # e.g. our client went away mid-stream: the worker sees it and aborts
+                upstream.close()  # e.g. our client left mid-stream: the worker sees it and aborts
                 raise
             finally:
-                upstream.release()  # back to the keep-alive pool when fully read
+                upstream.release()  # fully read: back to the keep-alive pool
                 w.in_flight -= 1
-        if last_5xx is not None:
-            return last_5xx
-        return _error(503, "no_available_workers",
-                      f"{request.path}: no healthy worker could serve the request; tried: {errors or 'none'}")
+        return last_5xx or _error(503, "no_available_workers",
+                                  f"{request.path}: no healthy worker could serve it; tried: {errors or 'none'}")
 
     @staticmethod
     async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -383,6 +371,11 @@ class BuiltinRouter:
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+    # ---- event loop: control endpoints ------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")  # the router itself is up
 
     async def _readiness(self, request: web.Request) -> web.Response:
         healthy, total = self._healthy_count(), len(self._workers)
@@ -421,8 +414,8 @@ class BuiltinRouter:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 return repr(e)
 
-        results = await asyncio.gather(*(one(w) for w in live))
-        failed = [{"worker": w.url, "error": err} for w, err in zip(live, results) if err is not None]
+        errors = await asyncio.gather(*(one(w) for w in live))
+        failed = [{"worker": w.url, "error": err} for w, err in zip(live, errors) if err is not None]
         return {"status": "partial_success" if failed else "success",
                 "message": f"Flushed cache on {len(live) - len(failed)} of {len(live)} HTTP workers",
                 "workers_flushed": len(live) - len(failed), "total_http_workers": len(live),
@@ -430,9 +423,6 @@ class BuiltinRouter:
 
     async def _h_flush(self, request: web.Request) -> web.Response:
         return web.json_response(await self._flush())
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="OK")
 
     async def _models(self, request: web.Request) -> web.Response:
         ids = sorted({w.model_id for w in self._workers.values()}) or ["unknown"]

@@ -295,6 +295,10 @@ class EngineClient:
         return EngineError(f"{base}{endpoint} (rid={rid}) timed out after {self.timeout_s} s",
                            url=base, endpoint=endpoint, rid=rid)
 
+    def _client_error(self, base: str, endpoint: str, rid: str | None, exc: Exception) -> EngineError:
+        return EngineError(f"{base}{endpoint} (rid={rid}) failed: {type(exc).__name__}: {exc}",
+                           url=base, endpoint=endpoint, rid=rid)
+
     async def _call(self, method: str, base: str, endpoint: str, payload: Any = None, *, rid: str | None = None,
                     routing_key: str | None = None) -> Any:
         """One JSON call with retries; returns the parsed body (JSON, or the text when not JSON)."""
@@ -310,6 +314,8 @@ class EngineClient:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             except TimeoutError as exc:
                 raise self._timeout_error(base, endpoint, rid) from exc
+            except aiohttp.ClientError as exc:  # e.g. a truncated body: not known to be safe to resend
+                raise self._client_error(base, endpoint, rid, exc) from exc
             if status >= 400:
                 raise self._http_error(base, endpoint, rid, status, body)
             return body
@@ -399,8 +405,7 @@ class EngineClient:
         except TimeoutError as exc:
             raise self._timeout_error(self.url, "/generate", rid) from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"{self.url}/generate (rid={rid}) stream broke: {exc!r}",
-                              url=self.url, endpoint="/generate", rid=rid) from exc
+            raise self._client_error(self.url, "/generate", rid, exc) from exc
         return line or b"data: [DONE]"
 
     async def _open_stream(self, session: aiohttp.ClientSession, payload: dict, rid: str,
@@ -420,6 +425,8 @@ class EngineClient:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             except TimeoutError as exc:
                 raise self._timeout_error(self.url, "/generate", rid) from exc
+            except aiohttp.ClientError as exc:
+                raise self._client_error(self.url, "/generate", rid, exc) from exc
             raise self._http_error(self.url, "/generate", rid, status, body)
 
         return await self._with_retries(self.url, "/generate", rid, attempt)

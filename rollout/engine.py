@@ -136,6 +136,7 @@ class EmbeddedEngine:
         if max_total_tokens is None:
             max_total_tokens = int(kv_cache_mb * 2**20) // bytes_per_token(self.config, dtype)
         num_pages = max(1, max_total_tokens // page_size)
+        self.page_size, self.enable_prefix_cache = page_size, enable_prefix_cache
         self.pool = PagedKVPool(self.config, num_pages, page_size, max_batch_size, self.device, dtype)
         tree = RadixCache(page_size, self.pool.free) if enable_prefix_cache else None
         decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None

@@ -76,7 +76,8 @@ class OpenAICall:
     def envelope(self, choices: list[dict], chunk: bool = False) -> dict[str, Any]:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
         kind = self.object + (".chunk" if chunk and self.chat else "")
-        return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
 
 
 def _build(state: ServerState, body: dict, chat: bool, prompts: list[list[int]], is_batch: bool,
@@ -115,7 +116,7 @@ def parse_completion(state: ServerState, body: dict) -> OpenAICall:
 
 
 def _ids(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    if not isinstance(value, list) or not value or not all(type(i) is int for i in value):
         raise BadRequest(f"{where} must be a string or a non-empty list of token ids")
     return value
 
@@ -166,13 +167,16 @@ def parse_chat(state: ServerState, body: dict) -> OpenAICall:
 # ---- response shaping -------------------------------------------------------------------
 
 
-def completion_logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int, offset: int) -> dict[str, Any]:
-    """Legacy completions logprobs for output tokens [start:] (text offsets from `offset`)."""
-    tokens = [token_text(tok, t) for t in out.output_ids[start:]]
+def completion_logprobs(call: OpenAICall, item: GenItem, out: GenerateOutput, tok: Any, start: int) -> dict[str, Any]:
+    """Legacy completions logprobs for output tokens [start:]; text offsets follow the visible
+    completion text (a skipped special token adds nothing)."""
+    ids = out.output_ids[start:]
+    tokens = [token_text(tok, t) for t in ids]
+    offset = len(tok.decode(out.output_ids[:start], skip_special_tokens=item.skip_special_tokens))
     offsets = []
-    for s in tokens:
+    for t in ids:
         offsets.append(offset)
-        offset += len(s)
+        offset += len(tok.decode([t], skip_special_tokens=item.skip_special_tokens))
     tops = (out.output_top_logprobs or [])[start:] if call.top_logprobs else [None] * len(tokens)
     return {
         "text_offset": offsets, "token_logprobs": list(out.output_logprobs[start:]), "tokens": tokens,
@@ -195,10 +199,12 @@ def chat_logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int) -
     return {"content": content}
 
 
-def _logprobs(call: OpenAICall, out: GenerateOutput, tok: Any, start: int = 0, offset: int = 0) -> dict | None:
+def _logprobs(call: OpenAICall, index: int, out: GenerateOutput, tok: Any, start: int = 0) -> dict | None:
     if call.top_logprobs is None:
         return None
-    return chat_logprobs(call, out, tok, start) if call.chat else completion_logprobs(call, out, tok, start, offset)
+    if call.chat:
+        return chat_logprobs(call, out, tok, start)
+    return completion_logprobs(call, call.items[index], out, tok, start)
 
 
 def final_choice(call: OpenAICall, index: int, out: GenerateOutput, tok: Any) -> dict[str, Any]:
@@ -208,7 +214,7 @@ def final_choice(call: OpenAICall, index: int, out: GenerateOutput, tok: Any) ->
         choice["message"] = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}
     else:
         choice["text"] = text
-    choice.update(logprobs=_logprobs(call, out, tok), finish_reason=FINISH_REASONS[out.finish_reason],
+    choice.update(logprobs=_logprobs(call, index, out, tok), finish_reason=FINISH_REASONS[out.finish_reason],
                   matched_stop=out.matched_stop)
     return choice
 
@@ -250,7 +256,7 @@ class DeltaState:
         delta_text = text[len(self.text):] if text.startswith(self.text) else ""
         if not final and not delta_text and self.started and len(out.output_ids) == self.tokens:
             return None
-        logprobs = _logprobs(call, out, tok, self.tokens, len(self.text))
+        logprobs = _logprobs(call, index, out, tok, self.tokens)
         choice: dict[str, Any] = {"index": index}
         if call.chat:
             choice["delta"] = {"content": delta_text} if self.started else {"role": "assistant", "content": delta_text}
@@ -265,6 +271,19 @@ class DeltaState:
 # ---- handlers ---------------------------------------------------------------------------
 
 
+async def _stream(resp: web.StreamResponse, call: OpenAICall, sub: Submission, tok: Any) -> None:
+    deltas = [DeltaState() for _ in call.items]
+    async for updates in sub.updates():
+        for index, out in updates:
+            choice = deltas[index].choice(call, index, out, tok)
+            if choice is not None:
+                await resp.write(sse(call.envelope([choice], chunk=True)))
+    if call.include_usage:
+        outs = [sub.final[i] for i in range(len(call.items))]
+        await resp.write(sse({**call.envelope([], chunk=True), "usage": usage(call, outs)}))
+    await resp.write(SSE_DONE)
+
+
 async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> web.StreamResponse:
     sub = Submission(state.engine, [item.request for item in call.items], stream=call.stream)
     try:
@@ -275,16 +294,10 @@ async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> we
     try:
         if call.stream:
             resp = await start_sse(request)
-            deltas = [DeltaState() for _ in call.items]
-            async for updates in sub.updates():
-                for index, out in updates:
-                    choice = deltas[index].choice(call, index, out, tok)
-                    if choice is not None:
-                        await resp.write(sse(call.envelope([choice], chunk=True)))
-            if call.include_usage:
-                outs = [sub.final[i] for i in range(len(call.items))]
-                await resp.write(sse({**call.envelope([], chunk=True), "usage": usage(call, outs)}))
-            await resp.write(SSE_DONE)
+            try:
+                await _stream(resp, call, sub, tok)
+            except ConnectionResetError:  # the client went away mid-stream; `finally` aborts
+                pass
             return resp
         outs = await sub.results()
     finally:
@@ -315,7 +328,8 @@ def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerSt
 
     async def get_model(request: web.Request) -> web.Response:
         state = get_state(request)
-        if request.match_info["model_id"] != state.served_model_name:
+        # A served name that is an absolute path loses its leading "/" inside the URL path.
+        if request.match_info["model_id"].lstrip("/") != state.served_model_name.lstrip("/"):
             return web.json_response({"error": {"message": f"model {request.match_info['model_id']!r} not found; "
                                                            f"this server serves {state.served_model_name!r}",
                                                 "type": "NotFoundError", "code": 404}}, status=404)

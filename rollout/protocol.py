@@ -21,6 +21,9 @@ Field names and shapes follow /work/shared/reference/sglang-http-api.md
   neutral value; anything else is a 400 that says it is unsupported.
 - `meta_info.output_weight_versions` (weight version per output token) is our
   extension; `input_top_logprobs` is never produced.
+- `text` prompts are tokenized with `add_special_tokens=True` (what SGLang's
+  HF tokenizer call does); the tokenizer's EOS id joins `stop_token_ids`
+  unless `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def parse_sampling(
     if n < 1:
         raise BadRequest(f"{where}.n must be >= 1, got {n}")
     stop_ids = _int_list(d, "stop_token_ids", where)
-    if eos_token_id is not None and not get_field(d, "ignore_eos", (bool,), False, where) and eos_token_id not in stop_ids:
+    ignore_eos = get_field(d, "ignore_eos", (bool,), False, where)
+    if eos_token_id is not None and not ignore_eos and eos_token_id not in stop_ids:
         stop_ids.append(eos_token_id)
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new, min_new_tokens=min_new,
@@ -282,7 +286,8 @@ def build_items(
     for i, (ids, (params, extras)) in enumerate(zip(prompts, parsed)):
         start, top = logprob_start_len[i], top_logprobs_num[i]
         if return_logprob[i] and not -1 <= start < len(ids):
-            raise BadRequest(f"logprob_start_len must be -1 or in [0, {len(ids)}) for a {len(ids)}-token prompt, got {start}")
+            raise BadRequest(f"logprob_start_len must be -1 or in [0, {len(ids)}) for a {len(ids)}-token prompt, "
+                             f"got {start}")
         if top < 0:
             raise BadRequest(f"top_logprobs_num must be >= 0, got {top}")
         for j in range(n):

@@ -16,8 +16,10 @@ It does NOT route control calls (abort, pause, weight updates, ...): send those
 to each worker directly (`[w["url"] for w in router.workers()]`).
 
 Its health-check defaults are slow (one probe per 60 s, 3 failures to eject);
-`FAST_HEALTH_FLAGS` below detect a dead worker within ~2 probe intervals. Any
-launch flag can be overridden or dropped through `extra_args`.
+`FAST_FAILURE_FLAGS` below eject a dead worker within ~2 probe intervals, and
+let a worker whose circuit breaker opened be tried again after 10 s instead of
+60 s. Any launch flag can be overridden (or dropped, with None) through
+`extra_args`, e.g. `{"health-failure-threshold": 1, "cache-threshold": 0.5}`.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ SGLANG_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "manu
 PREFER_CHOICES = ("sglang-router", "builtin")
 
 # Defaults passed to the real router on top of host/port/policy/workers; `extra_args` wins.
-FAST_HEALTH_FLAGS: dict[str, Any] = {
+FAST_FAILURE_FLAGS: dict[str, Any] = {
     "health-check-timeout-secs": 2,
     "health-failure-threshold": 2,
     "health-success-threshold": 1,
     "worker-startup-check-interval": 1,
+    "cb-timeout-duration-secs": 10,
     "shutdown-grace-period-secs": 2,
     "log-level": "warn",
 }
@@ -130,21 +133,25 @@ class SGLangRouter:
         self.worker_urls = [u.rstrip("/") for u in worker_urls]
         self.policy, self.host = policy, host
         self.port = port or free_port(host)
+        self.prometheus_port = free_port("127.0.0.1")  # the router always opens one; keep it off 0.0.0.0:29000
         self.url = f"http://{host}:{self.port}"
         self.extra_args = {k.lstrip("-"): v for k, v in (extra_args or {}).items()}
         self.health_check_interval_s = health_check_interval_s
         self.min_healthy_workers = len(self.worker_urls) if min_healthy_workers is None else min_healthy_workers
         self._own_log = log_path is None
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang_router_", suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="sglang_router_", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self._proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         flags: dict[str, Any] = {
             "host": self.host, "port": self.port, "policy": self.policy,
             "worker-urls": self.worker_urls or None,
-            "prometheus-host": "127.0.0.1", "prometheus-port": free_port("127.0.0.1"),
+            "prometheus-host": "127.0.0.1", "prometheus-port": self.prometheus_port,
             "health-check-interval-secs": max(1, round(self.health_check_interval_s)),  # the flag is whole seconds
-            **FAST_HEALTH_FLAGS,
+            **FAST_FAILURE_FLAGS,
         }
         flags.update(self.extra_args)
         return [sys.executable, "-m", SGLANG_ROUTER_MODULE, *_flag_args(flags)]
@@ -163,7 +170,7 @@ class SGLangRouter:
             if self._proc.poll() is not None:
                 self._fail(f"exited with code {self._proc.returncode} before becoming ready")
             try:
-                status, last = http_json("GET", self.url + "/readiness", timeout_s=2)
+                _, last = http_json("GET", self.url + "/readiness", timeout_s=2)
                 healthy = last.get("healthy_workers", 0) if isinstance(last, dict) else 0
                 if healthy >= self.min_healthy_workers:
                     return self
@@ -232,7 +239,7 @@ class SGLangRouter:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
-        if self._own_log and proc is not None:
+        if self._own_log:
             self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "SGLangRouter":

@@ -105,7 +105,7 @@ def get_state(request: web.Request) -> ServerState:
     return request.app[STATE]
 
 
-# ---- bodies and errors ------------------------------------------------------------------
+# ---- middleware ------------------------------------------------------------------------
 
 
 @web.middleware
@@ -147,13 +147,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     try:
         if parsed.stream:
             resp = await start_sse(request)
-            async for updates in sub.updates():
-                for index, out in updates:
-                    chunk = generate_response(parsed.items[index], out, state.tokenizer)
-                    if not parsed.single:
-                        chunk["index"] = index
-                    await resp.write(sse(chunk))
-            await resp.write(SSE_DONE)
+            try:
+                async for updates in sub.updates():
+                    for index, out in updates:
+                        chunk = generate_response(parsed.items[index], out, state.tokenizer)
+                        if not parsed.single:
+                            chunk["index"] = index
+                        await resp.write(sse(chunk))
+                await resp.write(SSE_DONE)
+            except ConnectionResetError:  # the client went away mid-stream
+                log.info("client of %s disconnected; aborting its requests", request.path)
             return resp
         outs = await sub.results()
     finally:
@@ -230,15 +233,11 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 def _settings(engine: Any) -> dict[str, Any]:
-    """Engine settings for server_info (public attributes where the engine has them)."""
-    pool = getattr(engine, "pool", None)
-    sched = getattr(engine, "_sched", None)
-    prefix = getattr(engine, "enable_prefix_cache", None)
-    if prefix is None and sched is not None:
-        prefix = getattr(sched, "tree", None) is not None
+    """Engine settings for server_info."""
+    prefix = engine.enable_prefix_cache
     return {
         "max_running_requests": engine.max_batch_size,
-        "page_size": getattr(engine, "page_size", getattr(pool, "page_size", 1)),
+        "page_size": engine.page_size,
         "enable_prefix_cache": bool(prefix), "disable_radix_cache": not prefix,
         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
     }

@@ -132,7 +132,9 @@ async def _apply(state: ServerState, body: dict, where: str, update: Callable, p
 
 
 def _update_fn(engine: Any, payload: Any) -> Callable:
-    return engine.update_weights_from_bucket if isinstance(payload, WeightBucket) else engine.update_weights_from_tensors
+    if isinstance(payload, WeightBucket):
+        return engine.update_weights_from_bucket
+    return engine.update_weights_from_tensors
 
 
 async def update_weights_from_disk(state: ServerState, body: dict) -> web.Response:

