@@ -100,7 +100,10 @@ def build_run(cfg: JobConfig) -> Run:
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
     hf_config, state_dict = _model(cfg, tokenizer)
     trainer = HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=cfg.algorithm.kl_coef > 0)
-    engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=cfg.rollout.max_batch_size, seed=cfg.rollout.seed)
+    ro = cfg.rollout
+    engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
+                            max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
+                            enable_prefix_cache=ro.enable_prefix_cache)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine,
