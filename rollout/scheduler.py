@@ -147,7 +147,7 @@ class Scheduler:
 
     def _defer(self, r: Request, matched: int, round_tree: RadixCache) -> bool:
         """True when a request admitted this round shares a long uncached prefix with r."""
-        common = len(round_tree.match_prefix(self._reusable(r))[0])
+        common = len(round_tree.match_prefix(self._reusable(r))[0]) // self.pool.page_size * self.pool.page_size
         extra = common - matched
         return extra > 0 and (extra >= DEFER_MIN_TOKENS or 2 * extra >= len(r.tokens) - matched)
 
@@ -163,7 +163,8 @@ class Scheduler:
             if round_tree is not None and self._defer(r, matched, round_tree):
                 continue
             need = self._pages_for(len(r.tokens)) - len(pages)
-            headroom = len(self.running) + len(batch) + 1  # one page per running row for the next decode
+            # one page per running row for the next decode; r needs one only when its last page is full
+            headroom = len(self.running) + len(batch) + int(len(r.tokens) % self.pool.page_size == 0)
             if node is not None:
                 self.tree.lock(node)
             own = self._alloc(need) if need + headroom <= self._available_pages() else None
