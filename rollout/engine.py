@@ -229,9 +229,13 @@ class EmbeddedEngine:
     def _on_finish(self, req: Request, out: GenerateOutput) -> None:
         with self._cv:
             self._inflight.discard(req.rid)
-        if req.on_update is not None:
-            req.on_update(out)
-        req.handle._set(out)  # type: ignore[attr-defined]
+        try:
+            if req.on_update is not None:
+                req.on_update(out)
+        except Exception:  # a caller's callback must not take the engine down
+            log.exception("on_update callback of request %s raised", req.rid)
+        finally:
+            req.handle._set(out)  # type: ignore[attr-defined]
 
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
         """Generate for all requests (blocking); outputs in request order."""

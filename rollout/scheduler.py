@@ -25,6 +25,7 @@ find the first one's prefix in the tree (see `_defer`).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +38,7 @@ from rollout.radix_cache import Node, RadixCache
 from rollout.sampling import SamplingTensors, sample
 from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
 
+log = logging.getLogger(__name__)
 DECODE_RESERVE_TOKENS = 16  # decode takes KV pages for this many tokens at a time (fewer table updates)
 DEFER_MIN_TOKENS = 32  # a shared, uncached prefix this long (or half the prompt) waits for the cache
 
@@ -390,4 +392,7 @@ class Scheduler:
             if status is not None:
                 self.finish(r, status)
             elif r.on_update is not None:
-                r.on_update(r.snapshot(None, self.version))
+                try:
+                    r.on_update(r.snapshot(None, self.version))
+                except Exception:  # a caller's callback must not take the engine down
+                    log.exception("on_update callback of request %s raised", r.rid)
