@@ -35,9 +35,6 @@ understood, not `--incremental-streaming-output`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import json
 import random
 import threading
 import uuid
@@ -47,8 +44,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable,
 import aiohttp
 import torch
 
+from rollout.wire import (encode_tensor_payload, error_message, generate_payload, parse_body,
+                          parse_generate_response, weight_version_int)
 from slime_rl.buckets import dtype_name
-from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
+from slime_rl.types import GenerateOutput, GenerateRequest, WeightBucket
 
 T = TypeVar("T")
 
@@ -56,7 +55,6 @@ RETRY_STATUSES = (502, 503, 504)
 _RETRY_EXCEPTIONS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
 PAUSE_MODES = ("abort", "in_place", "retract")
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"  # sglang-router's session-affinity header
-_FINISH_TYPES = {"length": SampleStatus.TRUNCATED, "stop": SampleStatus.COMPLETED, "abort": SampleStatus.ABORTED}
 
 
 class EngineError(RuntimeError):
@@ -82,126 +80,6 @@ class _LoopState:
 
     session: aiohttp.ClientSession
     semaphore: asyncio.Semaphore
-
-
-# ---- request / response mapping -------------------------------------------------------------
-
-
-def generate_payload(req: GenerateRequest, rid: str, stream: bool = False) -> dict[str, Any]:
-    """The `/generate` body for one request (SGLang native field names)."""
-    s = req.sampling
-    sampling: dict[str, Any] = {
-        "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-        "max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens,
-    }
-    if s.stop_token_ids:
-        sampling["stop_token_ids"] = list(s.stop_token_ids)
-    if s.stop:
-        sampling["stop"] = list(s.stop)
-    if s.seed is not None:
-        sampling["sampling_seed"] = s.seed  # SGLang has no "seed" key; unknown keys fail there
-    payload: dict[str, Any] = {
-        "input_ids": list(req.input_ids), "sampling_params": sampling, "rid": rid, "return_logprob": True,
-    }
-    if req.top_logprobs_num > 0:
-        payload["top_logprobs_num"] = req.top_logprobs_num
-    if req.logprob_start_len >= 0:
-        payload["logprob_start_len"] = req.logprob_start_len
-    if stream:
-        payload["stream"] = True
-    return payload
-
-
-def weight_version_int(value: Any) -> int:
-    """SGLang reports versions as strings ("default" until set); non-integers read as 0."""
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return 0
-
-
-def parse_generate_response(body: Any, req: GenerateRequest, rid: str, *, final: bool = True) -> GenerateOutput:
-    """Map one `/generate` result (or streamed snapshot when `final` is False) to a GenerateOutput.
-
-    Token ids come from `output_token_logprobs` when present, as they are
-    aligned 1:1 with the logprobs by construction (whether a server's
-    `output_ids` keeps the matched EOS differs between versions).
-    """
-    if isinstance(body, list) and len(body) == 1:
-        body = body[0]
-    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
-        raise ValueError(f"rid {rid}: expected a JSON object with meta_info, got {str(body)[:200]!r}")
-    meta = body["meta_info"]
-    triples = meta.get("output_token_logprobs")
-    if triples is not None:
-        output_ids = [int(t[1]) for t in triples]
-        output_logprobs = [float(t[0]) for t in triples]
-    else:
-        output_ids = [int(t) for t in body.get("output_ids") or []]
-        output_logprobs = []
-    status, matched = _finish_reason(meta.get("finish_reason"), rid, final)
-    version = weight_version_int(meta.get("weight_version", 0))
-    versions = meta.get("output_weight_versions")
-    top = meta.get("output_top_logprobs") if req.top_logprobs_num > 0 else None
-    inputs = meta.get("input_token_logprobs") if req.logprob_start_len >= 0 else None
-    return GenerateOutput(
-        rid=str(meta.get("id", rid)),
-        output_ids=output_ids,
-        output_logprobs=output_logprobs,
-        finish_reason=status,
-        weight_version=version,
-        prompt_tokens=int(meta.get("prompt_tokens", len(req.input_ids))),
-        cached_tokens=int(meta.get("cached_tokens", 0)),
-        output_versions=[int(v) for v in versions] if versions is not None else [version] * len(output_ids),
-        matched_stop=matched,
-        output_top_logprobs=None if top is None else [
-            [(int(t[1]), float(t[0])) for t in position or []] for position in top
-        ],
-        input_logprobs=None if inputs is None else [None if t[0] is None else float(t[0]) for t in inputs],
-        e2e_latency=float(meta.get("e2e_latency") or 0.0),
-    )
-
-
-def _finish_reason(reason: Any, rid: str, final: bool) -> tuple[SampleStatus | None, int | str | None]:
-    if reason is None:
-        if final:
-            raise ValueError(f"rid {rid}: a finished result has no meta_info.finish_reason")
-        return None, None
-    kind = reason.get("type") if isinstance(reason, dict) else reason
-    if kind not in _FINISH_TYPES:
-        raise ValueError(f"rid {rid}: unknown finish_reason {reason!r} (expected type length/stop/abort)")
-    matched = reason.get("matched") if isinstance(reason, dict) and kind == "stop" else None
-    return _FINISH_TYPES[kind], matched
-
-
-def error_message(body: Any) -> str:
-    """The human message of an error body: SGLang `{"error":{"message"}}`, FastAPI
-    `{"object":"error","message"}`, weight updates `{"success":false,"message"}`, or plain text."""
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        for key in ("message", "detail"):
-            if key in body:
-                return str(body[key])
-    text = body if isinstance(body, str) else json.dumps(body)
-    return text.strip()[:2000] or "(empty body)"
-
-
-def _parse_body(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def serialize_payload(obj: Any) -> str:
-    """base64 of `torch.save(obj)`: the per-rank blob of `/update_weights_from_tensor` (our server)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ---- the client -------------------------------------------------------------------------------
@@ -309,7 +187,7 @@ class EngineClient:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     async with session.request(method, base + endpoint, json=payload, headers=headers) as resp:
-                        status, body = resp.status, _parse_body(await resp.text())
+                        status, body = resp.status, parse_body(await resp.text())
             except _RETRY_EXCEPTIONS as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             except TimeoutError as exc:
@@ -386,7 +264,7 @@ class EngineClient:
                     data = data[len("data:"):].strip()
                     if data == "[DONE]" or finished:  # after the final chunk only [DONE] is left
                         break
-                    chunk = _parse_body(data)
+                    chunk = parse_body(data)
                     if isinstance(chunk, dict) and "error" in chunk:
                         raise EngineError(f"{self.url}/generate (rid={rid}) failed mid-stream: {error_message(chunk)}",
                                           url=self.url, endpoint="/generate", rid=rid)
@@ -419,7 +297,7 @@ class EngineClient:
                     resp = await session.post(self.url + "/generate", json=payload, headers=headers)
                     if resp.status < 400:
                         return resp
-                    status, body = resp.status, _parse_body(await resp.text())
+                    status, body = resp.status, parse_body(await resp.text())
                     resp.release()
             except _RETRY_EXCEPTIONS as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
@@ -482,20 +360,15 @@ class EngineClient:
     async def aupdate_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                                            weight_version: int, flush_cache: bool = True) -> None:
         """Send (name, tensor) pairs (copied to CPU) as one torch.save blob (one TP rank)."""
-        pairs = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
-        await self._send_tensors(serialize_payload(pairs), None, weight_version, flush_cache)
+        await self._send_tensors(list(named_tensors), weight_version, flush_cache)
 
     async def aupdate_weights_from_bucket(self, bucket: WeightBucket, weight_version: int,
                                           flush_cache: bool = True) -> None:
         """Send a flat bucket (`load_format="flattened_bucket"`): buffer + per-tensor metadata."""
-        obj = {
-            "flattened_tensor": bucket.buffer.detach().to("cpu"),
-            "metadata": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset}
-                         for e in bucket.entries],
-        }
-        await self._send_tensors(serialize_payload(obj), "flattened_bucket", weight_version, flush_cache)
+        await self._send_tensors(bucket, weight_version, flush_cache)
 
-    async def _send_tensors(self, blob: str, load_format: str | None, weight_version: int, flush_cache: bool) -> None:
+    async def _send_tensors(self, tensors, weight_version: int, flush_cache: bool) -> None:
+        blob, load_format = encode_tensor_payload(tensors)
         payload: dict[str, Any] = {
             "serialized_named_tensors": [blob], "weight_version": str(weight_version), "flush_cache": flush_cache,
         }

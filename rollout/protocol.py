@@ -39,7 +39,8 @@ from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
-from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus, SamplingParams
+from rollout.wire import finish_reason_json
+from slime_rl.types import GenerateOutput, GenerateRequest, SamplingParams
 
 
 class BadRequest(ValueError):
@@ -396,19 +397,6 @@ class Submission:
 
 
 # ---- response shaping ------------------------------------------------------------------
-
-ABORT_MESSAGE = "Request aborted (abort_request, pause_generation, weight update or client disconnect)."
-
-
-def finish_reason_json(out: GenerateOutput) -> dict[str, Any] | None:
-    if out.finish_reason is None:
-        return None
-    if out.finish_reason == SampleStatus.COMPLETED:
-        return {"type": "stop", "matched": out.matched_stop}
-    if out.finish_reason == SampleStatus.TRUNCATED:
-        return {"type": "length", "length": len(out.output_ids)}
-    return {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
-
 
 def token_text(tokenizer: Any, token_id: int) -> str | None:
     return None if tokenizer is None else tokenizer.decode([token_id], skip_special_tokens=False)

@@ -22,9 +22,7 @@ Payloads:
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import logging
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import torch
 from aiohttp import web
 
+from rollout import wire
 from rollout.protocol import BadRequest, get_field, read_json, require
 from slime_rl.buckets import ALIGN, dtype_from_name
 from slime_rl.dist_group import WeightGroup, init_weight_group
@@ -63,31 +62,11 @@ def parse_weight_version(value: Any, current: int, key: str = "weight_version") 
 
 
 def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:
-    """`serialized_named_tensors` -> (name, tensor) pairs, or a WeightBucket for "flattened_bucket"."""
-    if load_format not in (None, "flattened_bucket"):
-        raise BadRequest(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
-    if not isinstance(serialized, list) or len(serialized) != 1 or not isinstance(serialized[0], str):
-        raise BadRequest("serialized_named_tensors must be a list with one base64 string (this server has one TP rank)")
+    """`wire.decode_tensor_payload`, its errors as 400s."""
     try:
-        obj = torch.load(io.BytesIO(base64.b64decode(serialized[0], validate=True)), weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's payload
-        raise BadRequest(f"serialized_named_tensors[0] is not base64 of a torch.save payload: {exc}") from exc
-    if load_format == "flattened_bucket":
-        if not isinstance(obj, dict) or not isinstance(obj.get("flattened_tensor"), torch.Tensor):
-            raise BadRequest("a flattened_bucket payload must be a dict with 'flattened_tensor' and 'metadata'")
-        try:
-            entries = [BucketEntry(m["name"], str(m["dtype"]).removeprefix("torch."),
-                                   tuple(int(d) for d in m["shape"]), int(m["offset"]))
-                       for m in obj.get("metadata") or []]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
-        return WeightBucket(obj["flattened_tensor"], entries)
-    if not isinstance(obj, (list, tuple)) or not all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
-        for p in obj
-    ):
-        raise BadRequest("the payload must be a list of (name, tensor) pairs")
-    return [(name, t) for name, t in obj]
+        return wire.decode_tensor_payload(serialized, load_format)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def bucket_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[BucketEntry], int]:

@@ -21,7 +21,8 @@ import pytest
 import torch
 from aiohttp import web
 
-from rollout.client import EngineClient, EngineError, generate_payload, parse_generate_response
+from rollout.client import EngineClient, EngineError
+from rollout.wire import generate_payload, parse_generate_response
 from slime_rl.buckets import pack_bucket, unpack_bucket
 from slime_rl.protocols import RolloutEngine
 from slime_rl.types import BucketEntry, GenerateRequest, SampleStatus, SamplingParams, WeightBucket

@@ -1,0 +1,191 @@
+"""The SGLang wire format as our types, in one place for the client and the server.
+
+- `/generate`: `GenerateRequest` -> request body (`generate_payload`), result
+  body -> `GenerateOutput` (`parse_generate_response`), and the finish-reason
+  dicts both ways (`finish_reason_json` / `parse_finish_reason`);
+- weight versions: SGLang's strings <-> our integers;
+- `/update_weights_from_tensor`: the per-rank blob (base64 of `torch.save`,
+  our server's format; real SGLang expects CUDA-IPC pickles) for a list of
+  (name, tensor) pairs or, with `load_format="flattened_bucket"`, a bucket;
+- error bodies -> their human message.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import torch
+
+from slime_rl.types import BucketEntry, GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
+
+FINISH_TYPES = {"length": SampleStatus.TRUNCATED, "stop": SampleStatus.COMPLETED, "abort": SampleStatus.ABORTED}
+ABORT_MESSAGE = "Request aborted (abort_request, pause_generation, weight update or client disconnect)."
+
+
+def finish_reason_json(out: GenerateOutput) -> dict[str, Any] | None:
+    """`meta_info.finish_reason` of an output (None while it runs)."""
+    if out.finish_reason is None:
+        return None
+    if out.finish_reason == SampleStatus.COMPLETED:
+        return {"type": "stop", "matched": out.matched_stop}
+    if out.finish_reason == SampleStatus.TRUNCATED:
+        return {"type": "length", "length": len(out.output_ids)}
+    return {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
+
+
+def generate_payload(req: GenerateRequest, rid: str, stream: bool = False) -> dict[str, Any]:
+    """The `/generate` body for one request (SGLang native field names)."""
+    s = req.sampling
+    sampling: dict[str, Any] = {
+        "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+        "max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens,
+    }
+    if s.stop_token_ids:
+        sampling["stop_token_ids"] = list(s.stop_token_ids)
+    if s.stop:
+        sampling["stop"] = list(s.stop)
+    if s.seed is not None:
+        sampling["sampling_seed"] = s.seed  # SGLang has no "seed" key; unknown keys fail there
+    payload: dict[str, Any] = {
+        "input_ids": list(req.input_ids), "sampling_params": sampling, "rid": rid, "return_logprob": True,
+    }
+    if req.top_logprobs_num > 0:
+        payload["top_logprobs_num"] = req.top_logprobs_num
+    if req.logprob_start_len >= 0:
+        payload["logprob_start_len"] = req.logprob_start_len
+    if stream:
+        payload["stream"] = True
+    return payload
+
+
+def weight_version_int(value: Any) -> int:
+    """SGLang reports versions as strings ("default" until set); non-integers read as 0."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return 0
+
+
+def parse_generate_response(body: Any, req: GenerateRequest, rid: str, *, final: bool = True) -> GenerateOutput:
+    """Map one `/generate` result (or streamed snapshot when `final` is False) to a GenerateOutput.
+
+    Token ids come from `output_token_logprobs` when present, as they are
+    aligned 1:1 with the logprobs by construction (whether a server's
+    `output_ids` keeps the matched EOS differs between versions).
+    """
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
+        raise ValueError(f"rid {rid}: expected a JSON object with meta_info, got {str(body)[:200]!r}")
+    meta = body["meta_info"]
+    triples = meta.get("output_token_logprobs")
+    if triples is not None:
+        output_ids = [int(t[1]) for t in triples]
+        output_logprobs = [float(t[0]) for t in triples]
+    else:
+        output_ids = [int(t) for t in body.get("output_ids") or []]
+        output_logprobs = []
+    status, matched = parse_finish_reason(meta.get("finish_reason"), rid, final)
+    version = weight_version_int(meta.get("weight_version", 0))
+    versions = meta.get("output_weight_versions")
+    top = meta.get("output_top_logprobs") if req.top_logprobs_num > 0 else None
+    inputs = meta.get("input_token_logprobs") if req.logprob_start_len >= 0 else None
+    return GenerateOutput(
+        rid=str(meta.get("id", rid)),
+        output_ids=output_ids,
+        output_logprobs=output_logprobs,
+        finish_reason=status,
+        weight_version=version,
+        prompt_tokens=int(meta.get("prompt_tokens", len(req.input_ids))),
+        cached_tokens=int(meta.get("cached_tokens", 0)),
+        output_versions=[int(v) for v in versions] if versions is not None else [version] * len(output_ids),
+        matched_stop=matched,
+        output_top_logprobs=None if top is None else [
+            [(int(t[1]), float(t[0])) for t in position or []] for position in top
+        ],
+        input_logprobs=None if inputs is None else [None if t[0] is None else float(t[0]) for t in inputs],
+        e2e_latency=float(meta.get("e2e_latency") or 0.0),
+    )
+
+
+def parse_finish_reason(reason: Any, rid: str, final: bool) -> tuple[SampleStatus | None, int | str | None]:
+    if reason is None:
+        if final:
+            raise ValueError(f"rid {rid}: a finished result has no meta_info.finish_reason")
+        return None, None
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in FINISH_TYPES:
+        raise ValueError(f"rid {rid}: unknown finish_reason {reason!r} (expected type length/stop/abort)")
+    matched = reason.get("matched") if isinstance(reason, dict) and kind == "stop" else None
+    return FINISH_TYPES[kind], matched
+
+
+def error_message(body: Any) -> str:
+    """The human message of an error body: SGLang `{"error":{"message"}}`, FastAPI
+    `{"object":"error","message"}`, weight updates `{"success":false,"message"}`, or plain text."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        for key in ("message", "detail"):
+            if key in body:
+                return str(body[key])
+    text = body if isinstance(body, str) else json.dumps(body)
+    return text.strip()[:2000] or "(empty body)"
+
+
+def parse_body(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def encode_tensor_payload(tensors: list[tuple[str, torch.Tensor]] | WeightBucket) -> tuple[str, str | None]:
+    """(blob, load_format) for `/update_weights_from_tensor`; tensors are copied to the CPU."""
+    if isinstance(tensors, WeightBucket):
+        obj: Any = {
+            "flattened_tensor": tensors.buffer.detach().to("cpu"),
+            "metadata": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset}
+                         for e in tensors.entries],
+        }
+        load_format = "flattened_bucket"
+    else:
+        obj, load_format = [(name, t.detach().to("cpu").contiguous()) for name, t in tensors], None
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii"), load_format
+
+
+def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:
+    """`serialized_named_tensors` -> (name, tensor) pairs, or a WeightBucket for "flattened_bucket".
+    Raises ValueError naming what is wrong."""
+    if load_format not in (None, "flattened_bucket"):
+        raise ValueError(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
+    if not isinstance(serialized, list) or len(serialized) != 1 or not isinstance(serialized[0], str):
+        raise ValueError("serialized_named_tensors must be a list with one base64 string (this server has one TP rank)")
+    try:
+        obj = torch.load(io.BytesIO(base64.b64decode(serialized[0], validate=True)), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's payload
+        raise ValueError(f"serialized_named_tensors[0] is not base64 of a torch.save payload: {exc}") from exc
+    if load_format == "flattened_bucket":
+        if not isinstance(obj, dict) or not isinstance(obj.get("flattened_tensor"), torch.Tensor):
+            raise ValueError("a flattened_bucket payload must be a dict with 'flattened_tensor' and 'metadata'")
+        try:
+            entries = [BucketEntry(m["name"], str(m["dtype"]).removeprefix("torch."),
+                                   tuple(int(d) for d in m["shape"]), int(m["offset"]))
+                       for m in obj.get("metadata") or []]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
+        return WeightBucket(obj["flattened_tensor"], entries)
+    if not isinstance(obj, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
+        for p in obj
+    ):
+        raise ValueError("the payload must be a list of (name, tensor) pairs")
+    return [(name, t) for name, t in obj]
