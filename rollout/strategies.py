@@ -18,36 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
-from rollout.groups import request_seed
+from rollout.groups import merge_output, new_group, request_seed, resume_request
 from slime_rl.types import GenerateOutput, GenerateRequest, Sample, SampleStatus, SamplingParams
-
-
-def new_group(prompt: Any, group_id: int, n: int) -> list[Sample]:
-    """Empty samples for one prompt (`prompt` has prompt_ids, prompt_text, label, metadata)."""
-    return [Sample(prompt_ids=list(prompt.prompt_ids), group_id=group_id, index=i, prompt_text=prompt.prompt_text,
-                   label=prompt.label, metadata=dict(prompt.metadata), status=SampleStatus.ABORTED)
-            for i in range(n)]
-
-
-def resume_request(s: Sample, sampling: SamplingParams, seed: int | None, rid: str) -> GenerateRequest:
-    """The request that continues `s` from its tokens so far (a fresh sample: no tokens yet)."""
-    left = sampling.max_new_tokens - len(s.response_ids)
-    return GenerateRequest(s.prompt_ids + s.response_ids,
-                           replace(sampling, max_new_tokens=max(left, 1), seed=seed,
-                                   min_new_tokens=max(0, sampling.min_new_tokens - len(s.response_ids))), rid=rid)
-
-
-def merge_output(s: Sample, out: GenerateOutput, decode: Callable[[list[int]], str] | None) -> None:
-    s.response_ids += out.output_ids
-    s.rollout_logprobs += out.output_logprobs
-    s.loss_mask += [1] * len(out.output_ids)
-    s.weight_versions += out.output_versions or [out.weight_version] * len(out.output_ids)
-    s.status = out.finish_reason or SampleStatus.ABORTED
-    if decode is not None:
-        s.response_text = decode(s.response_ids)
 
 
 def _unfinished(group: list[Sample]) -> list[Sample]:
