@@ -380,14 +380,6 @@ class EmbeddedEngine:
             self._cv.notify_all()
         self._thread.join(timeout=30)
 
-    def __del__(self):  # best effort: let the daemon thread end with its engine
-        try:
-            with self._cv:
-                self._stop = True
-                self._cv.notify_all()
-        except Exception:
-            pass
-
     # ---- weights ----------------------------------------------------------
 
     def _check_tensors(
