@@ -70,6 +70,18 @@ def grpo_batch(n_prompts=8, k=4, max_new=12, seed=0, first_len=10) -> list[Gener
             for i, p in enumerate(ps) for j in range(k)]
 
 
+def pause_at(engine: EmbeddedEngine, n_tokens: int, mode: str):
+    """An on_update callback pausing `engine` (mode) once its request has n_tokens; and the Event it sets."""
+    paused = threading.Event()
+
+    def callback(out):
+        if len(out.output_ids) == n_tokens and not paused.is_set():
+            engine.pause_generation(mode)
+            paused.set()
+
+    return callback, paused
+
+
 def submit_together(engine: EmbeddedEngine, reqs, on_updates=None) -> list:
     """Submit while paused so the first step sees every request (one submit each races the engine thread)."""
     engine.pause_generation("in_place")
@@ -481,12 +493,7 @@ def test_request_filling_the_whole_pool_is_served(make_engine, ps):
         assert out.output_ids == big.generate([r])[0].output_ids[: 64 - n]
 
     long_r = req([5, 6, 7, 8], temperature=0.0, max_new_tokens=60)
-    paused = threading.Event()
-
-    def pause_late(out):
-        if len(out.output_ids) == 57 and not paused.is_set():
-            tiny.pause_generation("retract")
-            paused.set()
+    pause_late, paused = pause_at(tiny, 57, "retract")
 
     h = tiny.submit(long_r, on_update=pause_late)
     assert paused.wait(WAIT)
@@ -507,12 +514,7 @@ def test_pause_retract_then_continue_equals_uninterrupted(make_engine, ps):
             for i, p in enumerate(ps_)]
     refs = make_engine(page_size=ps).generate(reqs)
     engine = make_engine(page_size=ps)
-    paused = threading.Event()
-
-    def pause_at_6(out):
-        if len(out.output_ids) == 6 and not paused.is_set():
-            engine.pause_generation("retract")
-            paused.set()
+    pause_at_6, paused = pause_at(engine, 6, "retract")
 
     handles = submit_together(engine, reqs, [pause_at_6] + [None] * 3)
     assert paused.wait(WAIT)
@@ -533,12 +535,7 @@ def test_pause_in_place_bucket_update_switches_versions_mid_sequence(make_engine
     engine, old = make_engine(), make_engine(enable_prefix_cache=False)
     r = req(random_prompts([8], seed=8)[0], temperature=0.0, max_new_tokens=16)
     ref = old.generate([r])[0]
-    paused = threading.Event()
-
-    def pause_at_5(out):
-        if len(out.output_ids) == 5 and not paused.is_set():
-            engine.pause_generation("in_place")
-            paused.set()
+    pause_at_5, paused = pause_at(engine, 5, "in_place")
 
     h = engine.submit(r, on_update=pause_at_5)
     assert paused.wait(WAIT)
@@ -574,12 +571,7 @@ def test_flush_cache_refused_while_queued_then_drops_the_cache(make_engine):
 def test_weight_update_flush_while_prefixes_are_held_does_not_leak(make_engine, ps):
     engine = make_engine(page_size=ps)
     batch = grpo_batch(n_prompts=4, k=4, max_new=12, seed=10)
-    paused = threading.Event()
-
-    def pause_at_3(out):  # g0s1 was admitted on g0s0's cached prompt pages
-        if len(out.output_ids) == 3 and not paused.is_set():
-            engine.pause_generation("in_place")
-            paused.set()
+    pause_at_3, paused = pause_at(engine, 3, "in_place")  # g0s1 was admitted on g0s0's cached prompt pages
 
     handles = submit_together(engine, batch, [pause_at_3 if r.rid == "g0s1" else None for r in batch])
     assert paused.wait(WAIT)
