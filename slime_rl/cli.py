@@ -3,7 +3,7 @@
 Every config field is a flag `--section.field VALUE`; a YAML/JSON file comes in
 with `-c/--config FILE` and flags override it. Short topology flags familiar
 from ColossalChat's rl_example.py map onto fields: -t/--num-trainers,
--i/--num-inferencers, -b/--backend, --algo.
+-i/--num-inferencers, -b/--backend, --tp, --pp, --algo.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ SHORT_FLAGS = {
     "num_trainers": (("-t", "--num-trainers"), "train.num_trainers", "number of trainer processes"),
     "num_inferencers": (("-i", "--num-inferencers"), "rollout.num_inferencers", "number of rollout engines"),
     "backend": (("-b", "--backend"), "train.backend", "trainer backend"),
+    "tp": (("--tp",), "train.tp", "tensor-parallel size (megatron)"),
+    "pp": (("--pp",), "train.pp", "pipeline-parallel size (megatron)"),
     "algo": (("--algo",), "algorithm.name", "RL algorithm"),
 }
 

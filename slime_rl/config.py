@@ -114,10 +114,17 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    """Trainer backend, optimizer and schedule for the RL stage."""
+    """Trainer backend, parallel layout, optimizer and schedule for the RL stage."""
 
-    backend: Literal["hf", "megatron"] = "hf"
-    num_trainers: int = 1
+    backend: Literal["megatron", "hf"] = "megatron"  # hf = the single-process reference backend
+    num_trainers: int | None = None  # trainer ranks = tp x pp x dp; None = tp x pp (dp = 1)
+    tp: int = 1  # tensor parallel (megatron)
+    pp: int = 1  # pipeline parallel (megatron)
+    megatron_spec: Literal["auto", "local", "te"] = "auto"  # auto = Transformer Engine when installed + GPU
+    dtype: Literal["float32", "bfloat16"] = "float32"  # megatron params/compute (bf16 needs a GPU to be useful)
+    use_distributed_optimizer: bool = False  # shard optimizer state over DP ranks
+    max_tokens_per_micro_batch: int = 4096  # megatron: token budget of one packed micro-batch
+    vocab_pad_multiple: int = 128  # megatron pads the vocab to a multiple of this x tp
     num_steps: int = 300
     lr: float = 2e-4
     min_lr: float = 0.0
@@ -180,6 +187,11 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
 
+    @property
+    def trainer_ranks(self) -> int:
+        """Trainer processes: train.num_trainers, or tp x pp when it is None."""
+        return self.train.num_trainers or self.train.tp * self.train.pp
+
     def validate(self) -> None:
         """Cross-field checks that a single field's type cannot express."""
         checks = [
@@ -192,7 +204,14 @@ class JobConfig:
             ("train.lr", self.train.lr > 0, "> 0"),
             ("train.num_steps", self.train.num_steps >= 0, ">= 0"),
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
-            ("train.num_trainers", self.train.num_trainers >= 1, ">= 1"),
+            ("train.num_trainers", self.train.num_trainers is None or self.train.num_trainers >= 1, ">= 1 or None"),
+            ("train.tp", self.train.tp >= 1, ">= 1"),
+            ("train.pp", self.train.pp >= 1, ">= 1"),
+            ("train.num_trainers", self.trainer_ranks % max(1, self.train.tp * self.train.pp) == 0,
+             "a multiple of train.tp x train.pp"),
+            ("train.backend", self.train.backend == "megatron" or self.trainer_ranks == 1,
+             "megatron for more than one trainer rank (hf is single-process)"),
+            ("train.max_tokens_per_micro_batch", self.train.max_tokens_per_micro_batch >= 1, ">= 1"),
             ("rollout.num_inferencers", self.rollout.num_inferencers >= 1, ">= 1"),
             ("rollout.page_size", self.rollout.page_size >= 1, ">= 1"),
             ("rollout.kv_cache_mb", self.rollout.kv_cache_mb > 0, "> 0"),

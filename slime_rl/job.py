@@ -7,6 +7,8 @@ only answers; evaluate after SFT and after RL; write metrics JSONL + a plot.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -35,11 +37,9 @@ def _eval_label(cfg: JobConfig) -> str:
 
 def _check_supported(cfg: JobConfig) -> None:
     algorithms.check_implemented(cfg.algorithm.name)
-    if cfg.train.backend != "hf":
-        raise NotImplementedError(f"train.backend {cfg.train.backend!r} is not yet implemented; available: hf")
-    if cfg.train.num_trainers != 1 or cfg.rollout.num_inferencers != 1:
-        raise NotImplementedError("multiple trainers/engines (-t/-i > 1) are not yet implemented; "
-                                  "this version runs one trainer and one embedded engine in process")
+    if cfg.rollout.num_inferencers != 1:
+        raise NotImplementedError("multiple engines (-i > 1) are not yet implemented; "
+                                  "this version runs one embedded engine in process")
 
 
 def _data_paths(cfg: JobConfig, out_dir: Path) -> dict[str, str | None]:
@@ -81,10 +81,55 @@ def _load(path: str | None, cfg: JobConfig, tokenizer, with_response: bool) -> l
     return records
 
 
+def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict):
+    """The TrainerBackend of train.backend: Megatron ranks (spawned, or torchrun's) or the reference."""
+    from training.hf import HFTrainer, OptimSettings
+
+    with_reference = cfg.algorithm.kl_coef > 0
+    if cfg.train.backend == "hf":
+        return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference)
+    from training.megatron import MegatronBackend
+
+    t = cfg.train
+    ranks = cfg.trainer_ranks
+    print(f"[train] megatron: {ranks} rank(s) = tp {t.tp} x pp {t.pp} x dp {ranks // (t.tp * t.pp)}")
+    return MegatronBackend(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), num_ranks=ranks,
+                           with_reference=with_reference)
+
+
+def megatron_settings(cfg: JobConfig):
+    from training.megatron import MegatronSettings, ModelSettings
+
+    t = cfg.train
+    return MegatronSettings(
+        model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
+                            vocab_pad_multiple=t.vocab_pad_multiple),
+        use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        seed=cfg.seed)
+
+
+def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
+    """Under torchrun, ranks > 0 only serve rank 0's trainer commands; True once they are done."""
+    from slime_rl.launch.spmd import in_torchrun
+
+    if cfg.train.backend != "megatron" or not in_torchrun() or int(os.environ.get("RANK", "0")) == 0:
+        return False
+    from training.hf import OptimSettings
+    from training.megatron.backend import serve_torchrun_rank
+
+    hf_config, state_dict = _model(cfg, _tokenizer(cfg))
+    serve_torchrun_rank(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), cfg.trainer_ranks,
+                        with_reference=cfg.algorithm.kl_coef > 0)
+    return True
+
+
+def _tokenizer(cfg: JobConfig):
+    return load_tokenizer(cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "char"))
+
+
 def build_run(cfg: JobConfig) -> Run:
     """Everything a job needs, built once from the config."""
     from rollout import EmbeddedEngine
-    from training.hf import HFTrainer, OptimSettings
     from weight_sync import InProcessTransport
 
     _check_supported(cfg)
@@ -92,19 +137,18 @@ def build_run(cfg: JobConfig) -> Run:
     out_dir = Path(cfg.log.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    tok_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "char")
-    tokenizer = load_tokenizer(tok_spec)
+    tokenizer = _tokenizer(cfg)
     paths = _data_paths(cfg, out_dir)
     train_records = _load(paths["train"], cfg, tokenizer, with_response=False)
     val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
     hf_config, state_dict = _model(cfg, tokenizer)
-    trainer = HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=cfg.algorithm.kl_coef > 0)
+    trainer = build_trainer(cfg, hf_config, state_dict)
     ro = cfg.rollout
     engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
                             max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
                             enable_prefix_cache=ro.enable_prefix_cache)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
+    n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine,
                transport=InProcessTransport([engine]), reward_fn=get_reward_fn(cfg.reward.name),
@@ -172,8 +216,32 @@ def _bar(total: int, desc: str, enabled: bool):
     return update
 
 
-def run_train(cfg: JobConfig) -> int:
+@contextlib.contextmanager
+def job_run(cfg: JobConfig):
+    """build_run, and on the way out stop what it started (trainer ranks, the engine's scheduler thread).
+
+    Yields None on torchrun ranks > 0, which have served the trainer commands by then.
+    """
+    if serve_if_torchrun_rank(cfg):
+        yield None
+        return
     run = build_run(cfg)
+    try:
+        yield run
+    finally:
+        for part in (run.trainer, run.engine):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+
+def run_train(cfg: JobConfig) -> int:
+    with job_run(cfg) as run:
+        return 0 if run is None else _train(run)
+
+
+def _train(run: Run) -> int:
+    cfg = run.cfg
     t0 = time.perf_counter()
     sft_acc = None
     if cfg.sft.enabled:
@@ -218,7 +286,11 @@ def _finish(run: Run, sft: tuple[float, float], rl: tuple[float, float], seconds
 
 
 def run_sft(cfg: JobConfig) -> int:
-    run = build_run(cfg)
+    with job_run(cfg) as run:
+        return 0 if run is None else _sft_only(run)
+
+
+def _sft_only(run: Run) -> int:
     acc = sft_stage(run)["val/accuracy"]
     run.trainer.save(str(run.out_dir / "checkpoint"))
     run.tokenizer.save(str(run.out_dir / "checkpoint"))
@@ -227,7 +299,11 @@ def run_sft(cfg: JobConfig) -> int:
 
 
 def run_eval(cfg: JobConfig) -> int:
-    run = build_run(cfg)
+    with job_run(cfg) as run:
+        return 0 if run is None else _eval_only(run)
+
+
+def _eval_only(run: Run) -> int:
     sync_weights(run)
     metrics = maybe_evaluate(run, 0, force=True)
     run.logger.log({"step": 0, **metrics})

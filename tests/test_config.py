@@ -25,9 +25,20 @@ def test_flags_override_and_coerce():
 
 
 def test_short_topology_flags():
-    cfg = parse(["train", "-t", "2", "-i", "3", "-b", "hf", "--algo", "DAPO"])
-    assert (cfg.train.num_trainers, cfg.rollout.num_inferencers) == (2, 3)
-    assert cfg.train.backend == "hf" and cfg.algorithm.name == "DAPO"
+    cfg = parse(["train", "-t", "4", "-i", "3", "-b", "megatron", "--tp", "2", "--algo", "DAPO"])
+    assert (cfg.train.num_trainers, cfg.rollout.num_inferencers, cfg.train.tp) == (4, 3, 2)
+    assert cfg.train.backend == "megatron" and cfg.algorithm.name == "DAPO"
+    assert parse(["train", "--tp", "2", "--pp", "2"]).trainer_ranks == 4  # num_trainers None = tp x pp
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["-t", "3", "--tp", "2"], "train.num_trainers"),  # not a multiple of tp x pp
+    (["-b", "hf", "--tp", "2"], "train.backend"),  # the reference backend is one process
+    (["--tp", "0"], "train.tp"),
+])
+def test_bad_layouts_name_the_field(flags, field):
+    with pytest.raises(ConfigError, match=field):
+        parse(["train", *flags])
 
 
 def test_yaml_file_then_flags(tmp_path):

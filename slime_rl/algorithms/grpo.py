@@ -14,6 +14,8 @@ folded into per-token loss weights computed once per batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from slime_rl import ops
@@ -70,22 +72,37 @@ def policy_loss(
     return (loss_BT * weights_BT).sum(), stats
 
 
-def make_policy_loss(eps_low: float, eps_high: float, kl_coef: float = 0.0, kl_type: str = "k3",
-                     entropy_coef: float = 0.0):
-    """A LossFn for TrainerBackend.train_step: policy loss + KL + entropy bonus."""
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A LossFn for TrainerBackend.train_step: policy loss + KL + entropy bonus.
 
-    def loss_fn(logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch):
+    A plain dataclass (not a closure) so it pickles: trainer ranks in other
+    processes receive it with every train_step.
+    """
+
+    eps_low: float
+    eps_high: float
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+
+    def __call__(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch):
         w_BT = batch.loss_weights_BT
-        loss, stats = policy_loss(logprobs_BT, batch.old_logprobs_BT, batch.advantages_BT, w_BT, eps_low, eps_high)
+        loss, stats = policy_loss(logprobs_BT, batch.old_logprobs_BT, batch.advantages_BT, w_BT, self.eps_low,
+                                  self.eps_high)
         stats["pg_loss"] = loss.detach()
-        if kl_coef > 0:
-            kl = (kl_penalty(logprobs_BT, batch.ref_logprobs_BT, kl_type) * w_BT).sum()
-            loss = loss + kl_coef * kl
+        if self.kl_coef > 0:
+            kl = (kl_penalty(logprobs_BT, batch.ref_logprobs_BT, self.kl_type) * w_BT).sum()
+            loss = loss + self.kl_coef * kl
             stats["kl_ref"] = kl.detach()
         entropy = (entropy_BT * w_BT).sum()
-        if entropy_coef:
-            loss = loss - entropy_coef * entropy
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * entropy
         stats["entropy"] = entropy.detach()
         return loss, stats
 
-    return loss_fn
+
+def make_policy_loss(eps_low: float, eps_high: float, kl_coef: float = 0.0, kl_type: str = "k3",
+                     entropy_coef: float = 0.0) -> PolicyLoss:
+    """The GRPO LossFn with these clip ranges and coefficients."""
+    return PolicyLoss(eps_low, eps_high, kl_coef, kl_type, entropy_coef)

@@ -13,6 +13,7 @@ csrc/README.md for building and adding kernels.
 from slime_rl.ops._backend import IMPLS, ImplUnavailableError, available_impls, describe, force_impl
 from slime_rl.ops.advantages import group_normalize
 from slime_rl.ops.logprob import logprobs_from_logits
+from slime_rl.ops.vocab_parallel import vocab_parallel_logprobs
 
 __all__ = [
     "IMPLS",
@@ -22,4 +23,5 @@ __all__ = [
     "force_impl",
     "group_normalize",
     "logprobs_from_logits",
+    "vocab_parallel_logprobs",
 ]

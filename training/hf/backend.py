@@ -109,8 +109,9 @@ class HFTrainer:
         logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
         lp_BT1, ent_BT1 = logprobs_from_logits(logits_BTV[:, :-1], mb.input_ids_BT[:, 1:], mb.temperature, with_entropy)
         pad = lp_BT1.new_zeros(lp_BT1.shape[0], 1)
-        lp_BT = torch.cat([pad, lp_BT1], dim=1)  # position t = log p(x_t | x_<t); t = 0 has none
-        ent_BT = torch.cat([pad, ent_BT1], dim=1) if ent_BT1 is not None else None
+        real_BT = mb.attention_mask_BT.to(lp_BT1.dtype)  # padding positions hold 0, as documented
+        lp_BT = torch.cat([pad, lp_BT1], dim=1) * real_BT  # position t = log p(x_t | x_<t); t = 0 has none
+        ent_BT = torch.cat([pad, ent_BT1], dim=1) * real_BT if ent_BT1 is not None else None
         return lp_BT, ent_BT
 
     @torch.no_grad()

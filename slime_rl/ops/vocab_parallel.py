@@ -1,0 +1,152 @@
+"""Per-token logprob and entropy when the vocabulary is split across tensor-parallel ranks (torch reference).
+
+Under tensor parallelism the Megatron output layer leaves each TP rank the
+logits of one contiguous slice of the padded vocabulary: rank r holds global
+columns [vocab_start, vocab_start + V_local). Columns at or past the real
+vocab size are padding and take no part in the distribution, so the result
+equals `logprobs_from_logits` on the unpadded, gathered logits. Nothing of
+size V is ever communicated: forward does two all-reduces of size N (a MAX,
+then one SUM over a stacked [3, N] tensor), backward is local.
+
+Forward, with z = logits / temperature and m the global row max:
+
+    s   = sum_j exp(z_j - m)                 (all-reduce SUM)
+    u   = sum_j exp(z_j - m) * (z_j - m)     (same all-reduce)
+    z_t = z_target - m, from the owning rank, 0 elsewhere (same all-reduce)
+    log p(target) = z_t - log s
+    H = lse - E_p[z] = log s - u / s
+
+The brief's H = lse - E_p[z] is computed on shifted logits: log s >= 0 and
+-u/s >= 0, so nothing cancels, and u needs no second reduction round.
+
+Backward (local): d logp/dz_j = onehot_j - p_j, dH/dz_j = -p_j (log p_j + H),
+then divided by temperature; padding columns get 0.
+
+The fused kernel (a later issue) is meant to replace the local math behind
+`vocab_parallel_logprobs`; this file is its reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 for fp32/bf16/fp16; float64 stays float64 (gradcheck).
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _VocabParallelLogprob(torch.autograd.Function):
+    """autograd Function behind `vocab_parallel_logprobs`; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, targets_N, vocab_start, vocab_size, group, temperature, with_entropy):
+        ctx.set_materialize_grads(False)
+        n_rows, v_local = logits_NV.shape
+        n_valid = max(0, min(v_local, vocab_size - vocab_start))  # columns of this rank that are real vocab
+        z_NV = logits_NV[:, :n_valid].to(_compute_dtype(logits_NV.dtype))
+        if temperature not in (0.0, 1.0):
+            z_NV = z_NV / temperature
+
+        max_N = z_NV.amax(dim=1) if n_valid > 0 else z_NV.new_full((n_rows,), float("-inf"))
+        max_N = _all_reduce(max_N, dist.ReduceOp.MAX, group)
+        zs_NV = z_NV - max_N.unsqueeze(1)  # <= 0 on the rank holding the max
+        exp_NV = zs_NV.exp()
+
+        local_N = targets_N.long() - vocab_start
+        owned_N = (local_N >= 0) & (local_N < n_valid)
+        index_N1 = torch.where(owned_N, local_N, 0).unsqueeze(1)
+        if n_valid > 0:
+            target_N = torch.where(owned_N, zs_NV.gather(1, index_N1).squeeze(1), 0.0)
+        else:
+            target_N = zs_NV.new_zeros(n_rows)
+
+        rows = [exp_NV.sum(1), target_N] + ([(exp_NV * zs_NV).sum(1)] if with_entropy else [])
+        sums_RN = _all_reduce(torch.stack(rows), dist.ReduceOp.SUM, group)
+        log_sum_N = sums_RN[0].log()
+        logprobs_N = sums_RN[1] - log_sum_N
+        entropy_N = log_sum_N - sums_RN[2] / sums_RN[0] if with_entropy else None
+
+        ctx.save_for_backward(zs_NV, log_sum_N, owned_N, index_N1, entropy_N)
+        ctx.v_local, ctx.in_dtype, ctx.temperature = v_local, logits_NV.dtype, temperature
+        return logprobs_N, entropy_N
+
+    @staticmethod
+    def backward(ctx, grad_logprobs_N, grad_entropy_N):
+        zs_NV, log_sum_N, owned_N, index_N1, entropy_N = ctx.saved_tensors
+        n_rows, n_valid = zs_NV.shape
+        grad_z_NV = zs_NV.new_zeros(n_rows, n_valid)
+        if n_valid > 0 and (grad_logprobs_N is not None or grad_entropy_N is not None):
+            logp_NV = zs_NV - log_sum_N.unsqueeze(1)
+            p_NV = logp_NV.exp()
+            if grad_logprobs_N is not None:
+                g_N = grad_logprobs_N.to(zs_NV.dtype)
+                grad_z_NV -= p_NV * g_N.unsqueeze(1)
+                onehot_N1 = torch.where(owned_N, g_N, 0.0).unsqueeze(1)
+                grad_z_NV.scatter_add_(1, index_N1, onehot_N1)
+            if grad_entropy_N is not None:
+                g_N = grad_entropy_N.to(zs_NV.dtype)
+                grad_z_NV -= p_NV * (logp_NV + entropy_N.unsqueeze(1)) * g_N.unsqueeze(1)
+        if ctx.temperature not in (0.0, 1.0):
+            grad_z_NV = grad_z_NV / ctx.temperature
+        grad_logits_NV = grad_z_NV.new_zeros(n_rows, ctx.v_local)
+        grad_logits_NV[:, :n_valid] = grad_z_NV
+        return grad_logits_NV.to(ctx.in_dtype), None, None, None, None, None, None
+
+
+def _check_args(logits_NV, targets_N, vocab_start, vocab_size, temperature) -> None:
+    if logits_NV.dim() != 2:
+        raise ValueError(f"vocab_parallel_logprobs: logits_NV must be 2-D [N, V_local], got {tuple(logits_NV.shape)}")
+    if not logits_NV.is_floating_point():
+        raise TypeError(f"vocab_parallel_logprobs: logits_NV must be floating, got {logits_NV.dtype}")
+    if targets_N.shape != logits_NV.shape[:1]:
+        raise ValueError(f"vocab_parallel_logprobs: targets_N must have shape [{logits_NV.shape[0]}] "
+                         f"(one per logits row), got {tuple(targets_N.shape)}")
+    if targets_N.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"vocab_parallel_logprobs: targets_N must be int64 or int32, got {targets_N.dtype}")
+    if vocab_size <= 0 or vocab_start < 0:
+        raise ValueError(f"vocab_parallel_logprobs: need vocab_size > 0 and vocab_start >= 0, "
+                         f"got vocab_size={vocab_size}, vocab_start={vocab_start}")
+    if temperature < 0:
+        raise ValueError(f"vocab_parallel_logprobs: temperature must be >= 0, got {temperature}")
+    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= vocab_size):
+        raise ValueError(f"vocab_parallel_logprobs: targets must lie in [0, vocab_size={vocab_size}), got "
+                         f"min {int(targets_N.min())}, max {int(targets_N.max())}")
+
+
+def vocab_parallel_logprobs(
+    logits_NV: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group=None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) and the entropy per row, from this TP rank's slice of the vocabulary.
+
+    logits_NV: [N, V_local] logits of global vocab columns [vocab_start, vocab_start + V_local),
+        any float dtype; columns at or past vocab_size (padding) are excluded. Callers flatten [B, T] to N.
+    targets_N: [N] global token ids (the same on every rank), each in [0, vocab_size); a target
+        outside this rank's slice is normal. The range check is local (every rank holds all targets)
+        but costs one host sync on CUDA.
+    group: the torch.distributed process group of the TP ranks. None (NOT the default group) or a
+        group of size 1 means the slice is the whole vocabulary and nothing is communicated.
+    temperature: logits are divided by it unless it is 0 or 1, as in `logprobs_from_logits`.
+
+    Returns (logprobs_N, entropy_N or None), fp32 (float64 for float64 input), identical on every
+    rank; gradients flow to logits_NV from either or both outputs, computed locally.
+    Every rank must call it with the same N, temperature and with_entropy.
+    """
+    _check_args(logits_NV, targets_N, vocab_start, vocab_size, temperature)
+    return _VocabParallelLogprob.apply(
+        logits_NV, targets_N, int(vocab_start), int(vocab_size), group, float(temperature), bool(with_entropy)
+    )

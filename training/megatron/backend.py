@@ -1,0 +1,168 @@
+"""The Megatron backend as the loop sees it: a TrainerBackend that drives SPMD trainer ranks.
+
+The driver (the process running the RL loop) holds no weights. It sends each
+command to every rank (`slime_rl.launch.spmd`): ranks it spawned itself (the
+default: `slime-rl train --backend megatron --tp 2`) or, under `torchrun`, the
+other processes of the job with rank 0 doubling as driver. Ranks return their
+pieces (per-DP-rank logprobs, per-micro-batch loss statistics); this class
+assembles them into what the reference backend returns, so the loop cannot
+tell the two apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from slime_rl.protocols import LossFn
+from slime_rl.types import TrainBatch
+from training.hf.backend import OptimSettings
+from training.megatron.worker import MegatronSettings
+
+WORKER = "training.megatron.worker:MegatronWorker"
+
+
+def worker_kwargs(hf_config: dict, state_dict, opt: OptimSettings, settings: MegatronSettings,
+                  with_reference: bool) -> dict:
+    return dict(hf_config=dict(hf_config), hf_state=state_dict, settings=settings, opt=opt,
+                with_reference=with_reference)
+
+
+def _check_torchrun_world(num_ranks: int) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    if world != num_ranks:
+        raise ValueError(f"torchrun started {world} processes but the config asks for {num_ranks} trainer ranks "
+                         f"(train.num_trainers / tp x pp); pass --nproc-per-node {num_ranks}")
+
+
+def serve_torchrun_rank(hf_config: dict, state_dict, opt: OptimSettings, settings: MegatronSettings,
+                        num_ranks: int, with_reference: bool = False) -> None:
+    """Ranks > 0 under torchrun: build this rank's worker and run rank 0's commands until it closes the group."""
+    from slime_rl.launch.spmd import torchrun_group
+
+    _check_torchrun_world(num_ranks)
+    group = torchrun_group(WORKER, worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
+                           backend="nccl" if torch.cuda.is_available() else "gloo")
+    if group is not None:
+        raise RuntimeError("serve_torchrun_rank is for ranks > 0; rank 0 builds a MegatronBackend")
+
+
+class MegatronBackend:
+    """TrainerBackend over `num_ranks` = tp x pp x dp Megatron ranks."""
+
+    def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor] | str, opt: OptimSettings,
+                 settings: MegatronSettings, num_ranks: int | None = None, with_reference: bool = False,
+                 start_timeout: float = 600.0):
+        from slime_rl.launch.spmd import in_torchrun, spawn_ranks, torchrun_group
+
+        m = settings.model
+        self.hf_config, self.settings, self.opt = dict(hf_config), settings, opt
+        self.num_ranks = num_ranks or m.tp * m.pp
+        if self.num_ranks % (m.tp * m.pp):
+            raise ValueError(f"{self.num_ranks} trainer ranks cannot be laid out as tp={m.tp} x pp={m.pp} x dp")
+        self._tmp = None
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if in_torchrun():  # this process is rank 0 of the job; the other ranks run serve_torchrun_rank
+            _check_torchrun_world(self.num_ranks)
+            self.group = torchrun_group(WORKER, worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
+                                        backend=backend)
+        else:
+            if isinstance(state_dict, dict):  # ranks read weights from disk: one file, not a pickle per rank
+                from slime_rl.hf_io import save_hf_checkpoint
+
+                self._tmp = tempfile.mkdtemp(prefix="slime_rl_init_")
+                save_hf_checkpoint(Path(self._tmp), self.hf_config, state_dict)
+                state_dict = self._tmp
+            threads = max(1, (os.cpu_count() or 1) // self.num_ranks)
+            self.group = spawn_ranks(self.num_ranks, WORKER,
+                                     worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
+                                     env={"OMP_NUM_THREADS": str(threads)}, backend=backend,
+                                     start_timeout=start_timeout)
+        self.layouts = self.group.call("layout")
+        self.step = 0
+
+    # ------------------------------------------------------------------ logprobs
+    def _assemble(self, batch: TrainBatch, pieces_per_rank: list) -> torch.Tensor:
+        out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+        seen = torch.zeros(batch.num_sequences, dtype=torch.bool)
+        for pieces in pieces_per_rank:
+            for rows, lp_bT in pieces or []:
+                out_BT[rows, : lp_bT.shape[1]] = lp_bT
+                seen[rows] = True
+        if not bool(seen.all()):
+            raise RuntimeError(f"Megatron ranks returned no logprobs for rows {(~seen).nonzero().flatten().tolist()}")
+        return out_BT
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Policy logprobs [B, T] (0 at position 0 and on padding), as the reference backend gives them."""
+        return self._assemble(batch, self.group.call("logprobs", batch))
+
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self._assemble(batch, self.group.call("ref_logprobs", batch))
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step; metrics summed over micro-batches and DP ranks (max/min for *_max/*_min)."""
+        results = [r for r in self.group.call("train_step", batch, loss_fn) if r is not None]
+        totals: dict[str, float] = {}
+        extremes: dict[str, float] = {}
+        for r in results:
+            for stats in r["micro_stats"]:
+                for k, v in stats.items():
+                    if k.endswith("_max"):
+                        extremes[k] = max(extremes.get(k, -math.inf), v)
+                    elif k.endswith("_min"):
+                        extremes[k] = min(extremes.get(k, math.inf), v)
+                    else:
+                        totals[k] = totals.get(k, 0.0) + v
+        self.step += 1
+        return {**totals, **extremes, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+
+    def reset_optimizer(self, opt: OptimSettings) -> None:
+        self.opt = opt
+        self.step = 0
+        self.group.call("reset_optimizer", opt)
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full policy in HF naming (gathered across TP and PP on rank 0)."""
+        return self.group.call("export_hf")[0]
+
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.hf_state_dict().items()
+
+    def save(self, path: str) -> None:
+        """HF export at `path` (loadable by transformers) + Megatron distributed checkpoint under path/megatron."""
+        from slime_rl.hf_io import save_hf_checkpoint
+
+        self.group.call("save_checkpoint", str(Path(path) / "megatron"))
+        save_hf_checkpoint(Path(path), self.hf_config, self.hf_state_dict())
+
+    def load(self, path: str) -> None:
+        """Resume from `save` (weights, optimizer, schedule); an HF directory alone restores weights only."""
+        mdir = Path(path) / "megatron"
+        if mdir.exists():
+            self.group.call("load_checkpoint", str(mdir))
+        else:
+            self.group.call("load_hf", str(path))
+        self.step = self.group.call("get_step")[0]
+
+    def close(self) -> None:
+        if getattr(self, "group", None) is not None:
+            self.group.close()
+            self.group = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

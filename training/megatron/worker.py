@@ -1,0 +1,281 @@
+"""One Megatron trainer rank: a pipeline stage of a TP shard of the policy, its optimizer and its data share.
+
+Every method is SPMD: all ranks call it together (the driver in `backend.py`
+sends each command to every rank), because each one runs collectives over the
+tensor-, pipeline- and data-parallel groups. Results that only some ranks hold
+(logprobs and loss statistics live on the last pipeline stage) come back as
+None from the others.
+
+The step: this DP rank's sequences are packed into micro-batches
+(`packing.py`), run through megatron's forward-backward schedule (1F1B when
+PP > 1), logprobs and entropy are computed vocab-parallel from the TP-sharded
+logits (`slime_rl.ops.vocab_parallel_logprobs`), and the loss from
+`slime_rl.algorithms` sees them in the same [B, T] layout the reference
+backend gives it. The loss is already normalized over the whole batch, so
+micro-batches and DP ranks *sum* their gradients (megatron's per-token-loss
+mode, with the final division by a token count switched off).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from slime_rl.ops import vocab_parallel_logprobs
+from slime_rl.protocols import LossFn
+from slime_rl.types import TrainBatch
+from training.hf.backend import OptimSettings, lr_lambda
+from training.megatron import compat, conversion, packing
+from training.megatron.model import ModelSettings, build_gpt_model, unwrap
+
+
+@dataclass
+class MegatronSettings:
+    """Parallel layout and step shape of the Megatron backend."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    use_distributed_optimizer: bool = False
+    max_tokens_per_micro_batch: int = 4096  # token budget of one packed micro-batch
+    seed: int = 0
+
+
+class MegatronWorker:
+    """The state of one rank; constructed inside an initialized torch.distributed process."""
+
+    def __init__(self, hf_config: dict, hf_state: dict[str, torch.Tensor] | str, settings: MegatronSettings,
+                 opt: OptimSettings, with_reference: bool = False):
+        from megatron.core import parallel_state as ps
+
+        compat.apply()
+        m = settings.model
+        world = dist.get_world_size()
+        if world % (m.tp * m.pp):
+            raise ValueError(f"world size {world} is not a multiple of tp ({m.tp}) x pp ({m.pp})")
+        conversion.check_hf_config(hf_config, m.tp, m.pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=m.tp, pipeline_model_parallel_size=m.pp)
+        compat.seed_model_parallel(settings.seed)
+        self.ps = ps
+        self.hf_config, self.settings, self.opt = dict(hf_config), settings, opt
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.vocab_size = hf_config["vocab_size"]
+        self.padded_vocab = conversion.pad_vocab_size(self.vocab_size, m.tp, m.vocab_pad_multiple)
+        self.spec = "local" if m.spec == "auto" and not torch.cuda.is_available() else m.spec
+        module = build_gpt_model(hf_config, m, pre_process=self.first_stage, post_process=self.last_stage)
+        self.load_hf(hf_state, module)
+        self.model = self._wrap_ddp(module)
+        self.ref_params = [p.detach().to("cpu", copy=True) for p in self._params()] if with_reference else None
+        self.step = 0
+        self._build_optimizer()
+
+    # ------------------------------------------------------------------ setup
+    def _wrap_ddp(self, module):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        config = unwrap(module).config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=self.settings.use_distributed_optimizer)
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+        # The loss is normalized over the whole batch already: sum grads over micro-batches and DP ranks,
+        # never divide by a token count (megatron would with calculate_per_token_loss).
+        config.finalize_model_grads_func = lambda chunks, num_tokens=None, **kw: finalize_model_grads(chunks, None, **kw)
+        config.no_sync_func = model.no_sync
+        return model
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.opt
+        config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                 adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=1e-8,
+                                 clip_grad=o.grad_clip if o.grad_clip > 0 else 0.0,
+                                 bf16=self.settings.model.dtype == "bfloat16",
+                                 use_distributed_optimizer=self.settings.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(config, [self.model])
+        self.lr_at = lr_lambda(o)
+
+    def reset_optimizer(self, opt: OptimSettings) -> None:
+        """Fresh optimizer state and schedule (e.g. between the SFT and RL stages)."""
+        self.opt, self.step = opt, 0
+        self._build_optimizer()
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(unwrap(self.model).parameters())
+
+    # ------------------------------------------------------------------ weights in / out
+    def load_hf(self, hf_state: dict[str, torch.Tensor] | str, module=None) -> None:
+        """Load this rank's shard of HF weights (a state dict or an HF checkpoint directory)."""
+        if isinstance(hf_state, str):
+            from slime_rl.hf_io import load_hf_checkpoint
+
+            _, hf_state = load_hf_checkpoint(hf_state)
+        m = self.settings.model
+        shard = conversion.hf_to_megatron(hf_state, self.hf_config, tp_size=m.tp, tp_rank=self.tp_rank,
+                                          pp_size=m.pp, pp_rank=self.pp_rank, padded_vocab_size=self.padded_vocab,
+                                          spec=self.spec)
+        target = unwrap(module if module is not None else self.model)
+        missing, unexpected = target.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"rank {dist.get_rank()}: converted weights do not fit the Megatron model: "
+                             f"missing {missing}, unexpected {unexpected}")
+
+    def export_hf(self) -> dict[str, torch.Tensor] | None:
+        """The full HF state dict on global rank 0 (None elsewhere): TP all-gather, then PP gather."""
+        m = self.settings.model
+        tp_group = self.ps.get_tensor_model_parallel_group()
+        local: dict[str, torch.Tensor] = {}
+        for name, param in unwrap(self.model).named_parameters():
+            rule = conversion.rule_for(name, self.hf_config, tp_size=m.tp, pp_size=m.pp, pp_rank=self.pp_rank,
+                                       spec=self.spec)
+            if rule is None or rule.tied_copy:  # the tied output-layer copy: stage 0 exports the embedding
+                continue
+            shards = [param.detach()]
+            if rule.partition_dim is not None and m.tp > 1:
+                shards = [torch.empty_like(param) for _ in range(m.tp)]
+                dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
+            if self.tp_rank == 0 and self.dp_rank == 0:
+                for hf_name, t in rule.merge([s.float().cpu() for s in shards]).items():
+                    local[hf_name] = t
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local if (self.tp_rank == 0 and self.dp_rank == 0) else None, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            out.update(part or {})
+        return out
+
+    # ------------------------------------------------------------------ forward / backward
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[packing.PackedMicroBatch], bool]:
+        """This DP rank's packed micro-batches; a rank without rows runs one weightless micro-batch."""
+        mbs = packing.micro_batches(batch, self.dp_rank, self.dp_size, self.settings.max_tokens_per_micro_batch,
+                                    max(1, self.opt.micro_batch_size))
+        if mbs:
+            return mbs, False
+        return packing.pack(batch, [[0]]), True
+
+    def _forward_backward(self, batch: TrainBatch, loss_fn: LossFn | None) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs, dummy = self._micro_batches(batch)
+        forward_only = loss_fn is None
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            unwrap(model).rotary_pos_emb.set_positions(mb.position_ids_1S.to(self.device))
+            out = model(mb.input_ids_1S.to(self.device), mb.position_ids_1S.to(self.device),
+                        mb.attention_mask_11SS.to(self.device))
+            return out, partial(self._loss, mb, loss_fn, dummy)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(mbs), model=[self.model], num_microbatches=len(mbs),
+            seq_length=mbs[0].input_ids_1S.shape[1], micro_batch_size=1, forward_only=forward_only)
+
+    def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, logits_1SV: torch.Tensor):
+        targets_S = torch.roll(mb.input_ids_1S[0], -1).to(self.device)
+        v_local = logits_1SV.shape[-1]
+        lp_S, ent_S = vocab_parallel_logprobs(
+            logits_1SV[0], targets_S, vocab_start=self.tp_rank * v_local, vocab_size=self.vocab_size,
+            group=self.ps.get_tensor_model_parallel_group(), temperature=mb.batch.temperature,
+            with_entropy=loss_fn is not None)
+        lp_bT = mb.unpack(lp_S)
+        one = torch.ones((), dtype=torch.int, device=self.device)
+        if loss_fn is None:
+            return lp_S.new_zeros(()), one, {"rows": mb.rows, "logprobs": lp_bT.detach().cpu(), "dummy": dummy}
+        loss, stats = loss_fn(lp_bT, mb.unpack(ent_S), _on(mb.batch, self.device))
+        if dummy:
+            return loss * 0.0, one, {"stats": {}}
+        return loss, one, {"stats": {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}}
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> dict | None:
+        """{rows, logprobs_bT} pieces of this DP rank (last stage, TP rank 0), None elsewhere."""
+        self.model.eval()
+        out = self._forward_backward(batch, None)
+        if not (self.last_stage and self.tp_rank == 0):
+            return None
+        return [(o["rows"], o["logprobs"]) for o in out if not o["dummy"]]
+
+    @torch.no_grad()
+    def ref_logprobs(self, batch: TrainBatch) -> dict | None:
+        """Logprobs under the reference weights, swapped in from their CPU copies and back."""
+        if self.ref_params is None:
+            raise RuntimeError("no reference model: build the backend with with_reference=True")
+        params = self._params()
+        saved = [p.detach().to("cpu", copy=True) for p in params]
+        for p, r in zip(params, self.ref_params):
+            p.data.copy_(r)
+        try:
+            return self.logprobs(batch)
+        finally:
+            for p, s in zip(params, saved):
+                p.data.copy_(s)
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict | None:
+        """One optimizer step over the whole batch; loss statistics from the last stage (TP rank 0)."""
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = self._forward_backward(batch, loss_fn)
+        lr = self.opt.lr * self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        _, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        self.model.eval()
+        if not (self.last_stage and self.tp_rank == 0):
+            return None
+        return {"micro_stats": [o["stats"] for o in out], "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
+                "lr": lr}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _sharded_state(self, is_loading: bool) -> dict:
+        model_sd = self.model.sharded_state_dict()
+        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+    def save_checkpoint(self, path: str) -> None:
+        """Megatron distributed checkpoint (model + optimizer shards) + the step, for `load_checkpoint`."""
+        from megatron.core import dist_checkpointing
+
+        if dist.get_rank() == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        state = self._sharded_state(is_loading=False)
+        state["step"] = self.step
+        dist_checkpointing.save(state, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore weights, optimizer state and the schedule position from `save_checkpoint`."""
+        from megatron.core import dist_checkpointing
+
+        template = self._sharded_state(is_loading=True)
+        template["step"] = 0
+        state = dist_checkpointing.load(template, path)
+        unwrap(self.model).load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def get_step(self) -> int:
+        return self.step
+
+    # ------------------------------------------------------------------ misc
+    def layout(self) -> dict:
+        return {"rank": dist.get_rank(), "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+
+    def close(self) -> None:
+        self.ps.destroy_model_parallel()
+
+
+def _on(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    if device.type == "cpu":
+        return batch
+    return TrainBatch(**{k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.__dict__.items()})
