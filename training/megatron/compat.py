@@ -24,6 +24,9 @@ available. Everything it changes is listed here, call site by call site:
    `optimizer/clip_grads.py` (grad clipping) and the distributed optimizer's
    parameter-group builder. Fix: `Tensor.type()` reports CUDA type names only
    while those two functions run (a scoped patch, not a process-wide one).
+4. `weight.data.cuda()` before the all-reduce that copies tied embeddings to
+   the last pipeline stage (`LanguageModule.setup_embeddings_and_output_layer`).
+   Fix: `Tensor.cuda()` returns the tensor itself while that method runs.
 """
 
 from __future__ import annotations
@@ -175,10 +178,22 @@ def _cuda_type_names():
         torch.Tensor.type = original
 
 
-def _with_cuda_type_names(fn):
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _scoped(patch, fn):
+    """fn, running under the context manager `patch` (and only while it runs)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cuda_type_names():
+        with patch():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -219,11 +234,16 @@ def apply() -> None:
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = _scoped(_cuda_type_names, clip_grads.clip_grad_by_total_norm_fp32)
     for module_name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer"):
         module = importlib.import_module(module_name)
         if hasattr(module, "clip_grad_by_total_norm_fp32"):
             module.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
     build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]  # a classmethod
-    DistributedOptimizer._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build.__func__))
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(_scoped(_cuda_type_names, build.__func__))
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _scoped(
+        _tensor_cuda_is_identity, LanguageModule.setup_embeddings_and_output_layer)
     _APPLIED = True
