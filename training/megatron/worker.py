@@ -161,7 +161,8 @@ class MegatronWorker:
                                     max(1, self.opt.micro_batch_size))
         if mbs:
             return mbs, False
-        return packing.pack(batch, [[0]]), True
+        row_len = -(-packing.sequence_lengths(batch)[0] // 8) * 8
+        return packing.pack(batch, [[[0]]], row_len), True
 
     def _forward_backward(self, batch: TrainBatch, loss_fn: LossFn | None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -171,27 +172,28 @@ class MegatronWorker:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            unwrap(model).rotary_pos_emb.set_positions(mb.position_ids_1S.to(self.device))
-            out = model(mb.input_ids_1S.to(self.device), mb.position_ids_1S.to(self.device),
-                        mb.attention_mask_11SS.to(self.device))
+            positions_bS = mb.position_ids_bS.to(self.device)
+            unwrap(model).rotary_pos_emb.set_positions(positions_bS)
+            out = model(mb.input_ids_bS.to(self.device), positions_bS, mb.attention_mask_b1SS.to(self.device))
             return out, partial(self._loss, mb, loss_fn, dummy)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mbs), model=[self.model], num_microbatches=len(mbs),
-            seq_length=mbs[0].input_ids_1S.shape[1], micro_batch_size=1, forward_only=forward_only)
+            seq_length=mbs[0].input_ids_bS.shape[1], micro_batch_size=mbs[0].input_ids_bS.shape[0],
+            forward_only=forward_only)
 
-    def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, logits_1SV: torch.Tensor):
-        targets_S = torch.roll(mb.input_ids_1S[0], -1).to(self.device)
-        v_local = logits_1SV.shape[-1]
-        lp_S, ent_S = vocab_parallel_logprobs(
-            logits_1SV[0], targets_S, vocab_start=self.tp_rank * v_local, vocab_size=self.vocab_size,
-            group=self.ps.get_tensor_model_parallel_group(), temperature=mb.batch.temperature,
-            with_entropy=loss_fn is not None)
-        lp_bT = mb.unpack(lp_S)
+    def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, logits_bSV: torch.Tensor):
+        b, S, v_local = logits_bSV.shape
+        targets_bS = torch.roll(mb.input_ids_bS, -1, dims=1).to(self.device)  # position s predicts token s+1
+        lp_N, ent_N = vocab_parallel_logprobs(
+            logits_bSV.reshape(b * S, v_local), targets_bS.reshape(-1), vocab_start=self.tp_rank * v_local,
+            vocab_size=self.vocab_size, group=self.ps.get_tensor_model_parallel_group(),
+            temperature=mb.batch.temperature, with_entropy=loss_fn is not None)
+        lp_bT = mb.unpack(lp_N.view(b, S))
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
-            return lp_S.new_zeros(()), one, {"rows": mb.rows, "logprobs": lp_bT.detach().cpu(), "dummy": dummy}
-        loss, stats = loss_fn(lp_bT, mb.unpack(ent_S), _on(mb.batch, self.device))
+            return lp_N.new_zeros(()), one, {"rows": mb.rows, "logprobs": lp_bT.detach().cpu(), "dummy": dummy}
+        loss, stats = loss_fn(lp_bT, mb.unpack(ent_N.view(b, S)), _on(mb.batch, self.device))
         if dummy:
             return loss * 0.0, one, {"stats": {}}
         return loss, one, {"stats": {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}}
