@@ -35,6 +35,7 @@ import contextlib
 import functools
 import importlib
 import types
+import warnings
 
 import torch
 
@@ -218,6 +219,10 @@ def seed_model_parallel(seed: int) -> None:
 def apply() -> None:
     """Install the CPU redirections (idempotent; a no-op when CUDA is available)."""
     global _APPLIED
+    # megatron warns at import about optional GPU packages, and about a CUDA env var, in every rank
+    for message in (".*(Apex|Transformer Engine).*not installed.*", ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+                    ".*cuda_graph_scope.*"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     if _APPLIED or torch.cuda.is_available():
         return
     stand_in = _CpuTorch()

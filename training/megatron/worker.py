@@ -31,7 +31,7 @@ from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 from training.hf.backend import OptimSettings, lr_lambda
 from training.megatron import compat, conversion, packing
-from training.megatron.model import ModelSettings, build_gpt_model, unwrap
+from training.megatron.model import ModelSettings, build_gpt_model, resolve_spec, unwrap
 
 
 @dataclass
@@ -49,9 +49,9 @@ class MegatronWorker:
 
     def __init__(self, hf_config: dict, hf_state: dict[str, torch.Tensor] | str, settings: MegatronSettings,
                  opt: OptimSettings, with_reference: bool = False):
+        compat.apply()  # first: it also quiets megatron's import-time warnings
         from megatron.core import parallel_state as ps
 
-        compat.apply()
         m = settings.model
         world = dist.get_world_size()
         if world % (m.tp * m.pp):
@@ -67,7 +67,7 @@ class MegatronWorker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.vocab_size = hf_config["vocab_size"]
         self.padded_vocab = conversion.pad_vocab_size(self.vocab_size, m.tp, m.vocab_pad_multiple)
-        self.spec = "local" if m.spec == "auto" and not torch.cuda.is_available() else m.spec
+        self.spec = resolve_spec(m)
         module = build_gpt_model(hf_config, m, pre_process=self.first_stage, post_process=self.last_stage)
         self.load_hf(hf_state, module)
         self.model = self._wrap_ddp(module)
