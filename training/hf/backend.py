@@ -55,6 +55,20 @@ def lr_lambda(opt: OptimSettings):
     return fn
 
 
+def merge_step_stats(micro_stats: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its micro-batches': sums, except max for *_max and min for *_min keys."""
+    out: dict[str, float] = {}
+    for stats in micro_stats:
+        for k, v in stats.items():
+            if k.endswith("_max"):
+                out[k] = max(out.get(k, -math.inf), v)
+            elif k.endswith("_min"):
+                out[k] = min(out.get(k, math.inf), v)
+            else:
+                out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def build_hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     """A transformers CausalLM from a config.json dict (+ weights), fp32, eval mode."""
     from transformers import AutoModelForCausalLM
@@ -140,20 +154,12 @@ class HFTrainer:
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        maxes: dict[str, float] = {}
+        micro_stats = []
         for _, mb in self._micro_batches(batch):
             lp_BT, ent_BT = self._forward(self.model, mb, with_entropy=True)
             loss, stats = loss_fn(lp_BT, ent_BT, mb)
             loss.backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                if k.endswith("_max"):
-                    maxes[k] = max(maxes.get(k, -math.inf), float(v))
-                elif k.endswith("_min"):
-                    maxes[k] = min(maxes.get(k, math.inf), float(v))
-                else:
-                    totals[k] = totals.get(k, 0.0) + float(v)
+            micro_stats.append({"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}})
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.opt.grad_clip if self.opt.grad_clip > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]
@@ -161,7 +167,7 @@ class HFTrainer:
         self.scheduler.step()
         self.step += 1
         self.model.eval()
-        return {**totals, **maxes, "grad_norm": float(grad_norm), "lr": lr}
+        return {**merge_step_stats(micro_stats), "grad_norm": float(grad_norm), "lr": lr}
 
     # ------------------------------------------------------------------ weights
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

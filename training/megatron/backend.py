@@ -11,7 +11,6 @@ tell the two apart.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ import torch
 
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
-from training.hf.backend import OptimSettings
+from training.hf.backend import OptimSettings, merge_step_stats
 from training.megatron.worker import MegatronSettings
 
 WORKER = "training.megatron.worker:MegatronWorker"
@@ -110,19 +109,9 @@ class MegatronBackend:
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step; metrics summed over micro-batches and DP ranks (max/min for *_max/*_min)."""
         results = [r for r in self.group.call("train_step", batch, loss_fn) if r is not None]
-        totals: dict[str, float] = {}
-        extremes: dict[str, float] = {}
-        for r in results:
-            for stats in r["micro_stats"]:
-                for k, v in stats.items():
-                    if k.endswith("_max"):
-                        extremes[k] = max(extremes.get(k, -math.inf), v)
-                    elif k.endswith("_min"):
-                        extremes[k] = min(extremes.get(k, math.inf), v)
-                    else:
-                        totals[k] = totals.get(k, 0.0) + v
         self.step += 1
-        return {**totals, **extremes, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+        stats = merge_step_stats([s for r in results for s in r["micro_stats"]])
+        return {**stats, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
 
     def reset_optimizer(self, opt: OptimSettings) -> None:
         self.opt = opt
