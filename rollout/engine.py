@@ -17,15 +17,24 @@ meanwhile makes later tokens come from the new weights, over KV computed by
 the old ones, as in SGLang); "retract" sends running requests back to the
 queue and releases their KV, so after `continue_generation` they are
 re-prefilled from their tokens under the weights current then.
+
+Staged (transactional) weight updates: a weight sync streams buckets into
+`stage_weights` under a transfer id and applies them all in one
+`commit_weights`. Staging validates and holds tensors under its own small
+lock, never the step lock, so generation keeps running on the old weights;
+only the commit takes the step lock. A transfer that fails midway (or is
+replaced by a new transfer id, or aborted) leaves the old weights and version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 from glob import glob
 from typing import Callable, Iterable
@@ -129,6 +138,9 @@ class EmbeddedEngine:
         self.model = DecoderLM(self.config, self.device, dtype).eval()
         self._params = dict(self.model.named_parameters())
         self._lock = threading.RLock()  # one scheduler step or one control operation at a time
+        self._stage_lock = threading.Lock()  # guards the staged transfer only (see module docstring)
+        self._staged_id: str | None = None
+        self._staged: dict[str, torch.Tensor] = {}  # parameter key -> tensor to copy in at commit
         if state_dict is None:
             self.model.init_random(seed)
         else:
@@ -382,35 +394,40 @@ class EmbeddedEngine:
 
     # ---- weights ----------------------------------------------------------
 
+    def _param_key(self, name: str, src: torch.Tensor) -> str:
+        """The parameter key an HF-named tensor updates, after checking name, shape and dtype."""
+        key = name
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            key = "model.embed_tokens.weight"  # tied: the same tensor
+        if key not in self._params:
+            raise ValueError(f"weight update: unknown tensor {name!r} for {self.config.model_type} model")
+        dst = self._params[key]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"weight update: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        if not src.is_floating_point():
+            raise ValueError(f"weight update: tensor {name!r} has non-float dtype {src.dtype}")
+        return key
+
+    def _check_complete(self, keys: Iterable[str], where: str) -> None:
+        missing = sorted(self._params.keys() - set(keys))
+        if missing:
+            raise ValueError(f"{where}: missing {len(missing)} tensors, e.g. {missing[:5]}")
+
     def _check_tensors(
         self, named: Iterable[tuple[str, torch.Tensor]], full: bool
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Validate names and shapes of every tensor; (destination, source) pairs."""
-        pairs, seen = [], set()
-        for name, src in named:
-            key = name
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                key = "model.embed_tokens.weight"  # tied: the same tensor
-            if key not in self._params:
-                raise ValueError(f"weight update: unknown tensor {name!r} for {self.config.model_type} model")
-            dst = self._params[key]
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(
-                    f"weight update: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-                )
-            if not src.is_floating_point():
-                raise ValueError(f"weight update: tensor {name!r} has non-float dtype {src.dtype}")
-            pairs.append((dst, src))
-            seen.add(key)
-        missing = sorted(self._params.keys() - seen)
-        if full and missing:
-            raise ValueError(f"weight update: missing {len(missing)} tensors, e.g. {missing[:5]}")
-        return pairs
+        keyed = [(self._param_key(name, src), src) for name, src in named]
+        if full:
+            self._check_complete((key for key, _ in keyed), "weight update")
+        return [(self._params[key], src) for key, src in keyed]
 
     def _apply(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         with self._lock, torch.no_grad():
             for dst, src in pairs:
                 dst.copy_(src)
+            if self.device.type == "cuda":  # sources (IPC, staged views) may be released once this returns
+                torch.cuda.synchronize(self.device)
 
     def _update(self, pairs, weight_version: int, flush_cache: bool) -> None:
         with self._lock:
@@ -437,6 +454,77 @@ class EmbeddedEngine:
         pairs = self._check_tensors(load_safetensors_dir(model_path).items(), full=True)
         self._update(pairs, weight_version, flush_cache)
 
+    # ---- staged weight updates (see module docstring) ---------------------------
+
+    def stage_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], transfer_id: str,
+                      copy: bool = True) -> int:
+        """Validate HF-named tensors (as a partial update) and hold them for `commit_weights`.
+
+        A validation error raises ValueError before anything is stored. A `transfer_id`
+        other than the staged one drops that staging first; a name staged twice keeps the
+        last tensor. `copy=False` keeps the caller's tensors (views included), which must
+        stay valid and unchanged until the commit or abort. Returns the number staged.
+        """
+        if not isinstance(transfer_id, str) or not transfer_id:
+            raise ValueError(f"transfer_id must be a non-empty string, got {transfer_id!r}")
+        keyed = [(self._param_key(name, src), src.detach()) for name, src in named_tensors]
+        if copy:
+            keyed = [(key, src.clone()) for key, src in keyed]
+        with self._stage_lock:
+            if self._staged_id != transfer_id:
+                if self._staged_id is not None:
+                    log.warning("weight transfer %r replaces staged transfer %r (%d tensors dropped)",
+                                transfer_id, self._staged_id, len(self._staged))
+                self._staged_id, self._staged = transfer_id, {}
+            self._staged.update(keyed)
+            return len(self._staged)
+
+    def commit_weights(self, transfer_id: str, weight_version: int, flush_cache: bool = True,
+                       expected_tensors: int | None = None) -> dict:
+        """Apply the staged transfer `transfer_id` as one full update, stamped `weight_version`.
+
+        It must cover every parameter (and hold `expected_tensors` tensors when given).
+        The staging is dropped whatever happens; on a ValueError the weights and the
+        version are unchanged. Returns {"num_tensors", "bytes" (copied into params), "seconds"}.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            with self._stage_lock:
+                staged_id, staged = self._staged_id, self._staged
+                self._staged_id, self._staged = None, {}
+            if staged_id != transfer_id:
+                raise ValueError(f"no staged transfer {transfer_id}; staged: {staged_id or 'none'}")
+            self._check_complete(staged, f"weight commit {transfer_id}")
+            if expected_tensors is not None and expected_tensors != len(staged):
+                raise ValueError(f"weight commit {transfer_id}: expected {expected_tensors} tensors, "
+                                 f"{len(staged)} are staged")
+            self._update([(self._params[key], src) for key, src in staged.items()], weight_version, flush_cache)
+        nbytes = sum(self._params[key].numel() * self._params[key].element_size() for key in staged)
+        return {"num_tensors": len(staged), "bytes": nbytes, "seconds": time.perf_counter() - start}
+
+    def abort_weight_update(self, transfer_id: str | None = None) -> bool:
+        """Drop the staged transfer (only if it is `transfer_id`, when given); True if one was dropped."""
+        with self._stage_lock:
+            if self._staged_id is None or transfer_id not in (None, self._staged_id):
+                return False
+            self._staged_id, self._staged = None, {}
+            return True
+
+    def staged_transfer(self) -> tuple[str | None, int]:
+        """(staged transfer id or None, number of tensors staged)."""
+        with self._stage_lock:
+            return self._staged_id, len(self._staged)
+
+    def weights_checksum(self, names: list[str] | None = None) -> dict[str, str]:
+        """sha256 hex digest of each parameter's bytes (HF naming, engine dtype), all when `names` is None.
+        A tied lm_head.weight is not a parameter of its own. Taken under the step lock (never mid-commit)."""
+        keys = list(self._params) if names is None else list(names)
+        unknown = [name for name in keys if name not in self._params]
+        if unknown:
+            raise ValueError(f"weights_checksum: unknown parameters {unknown[:5]} for {self.config.model_type} model"
+                             f" (a tied lm_head.weight is model.embed_tokens.weight)")
+        with self._lock:
+            return {name: _sha256(self._params[name]) for name in keys}
 
     # ---- scoring ----------------------------------------------------------
 
@@ -469,6 +557,11 @@ class EmbeddedEngine:
             for b, s in enumerate(seqs):
                 out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
         return out
+
+
+def _sha256(t: torch.Tensor) -> str:
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
 
 
 def _resolve(fut: asyncio.Future, out: GenerateOutput) -> None:

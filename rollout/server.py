@@ -17,10 +17,11 @@ torch.load, collective receives, group rendezvous) runs in a thread pool, so
 the event loop keeps serving. Weight operations are serialized by one lock.
 
 API key (when configured): the state-changing endpoints (`PROTECTED_PATHS`:
-weight updates, group init/destroy, pause/continue, flush, abort, weight
-version, memory release/resume) need `Authorization: Bearer <key>`;
-generation, info and health stay open so a router can probe and route
-without the key.
+weight updates and their commit/abort, shared-memory release, group
+init/destroy, pause/continue, flush, abort, weight version, memory
+release/resume) and `/weights_checksum` (it hashes every weight under the
+step lock) need `Authorization: Bearer <key>`; generation, info and health
+stay open so a router can probe and route without the key.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ log = logging.getLogger(__name__)
 
 PROTECTED_PATHS = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
+    "/update_weights_from_shared_memory", "/release_shared_memory", "/commit_weight_update",
+    "/abort_weight_update", "/weights_checksum",
     "/init_weights_update_group", "/destroy_weights_update_group", "/update_weight_version",
     "/pause_generation", "/continue_generation", "/flush_cache", "/abort_request",
     "/release_memory_occupation", "/resume_memory_occupation",
 })
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+WEIGHT_UPDATE_TRANSPORTS = ["tensor", "distributed", "shared_memory", "disk"]
 FLUSHED_TEXT = ("Cache flushed.\nPlease check backend logs for more details. "
                 "(When there are running or waiting requests, the operation will not be performed.)\n")
 
@@ -268,6 +272,7 @@ async def server_info(request: web.Request) -> web.Response:
         "max_total_tokens": load["max_total_num_tokens"], "max_total_num_tokens": load["max_total_num_tokens"],
         "context_length": engine.context_len, "max_req_input_len": engine.context_len - 1,
         "status": "ready", "version": slime_rl.__version__,
+        "weight_update_staging": True, "weight_update_transports": WEIGHT_UPDATE_TRANSPORTS,
         "internal_states": [{**load, **engine.stats()}],
     })
 

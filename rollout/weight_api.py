@@ -11,19 +11,37 @@ server uses integer versions); absent, the version stays as it is.
 
 Payloads:
 - `/update_weights_from_tensor`: `serialized_named_tensors` = one base64 blob
-  (one TP rank) of `torch.save(obj)` bytes, loaded with `weights_only=True`;
+  (one TP rank) of `torch.save(obj)` bytes, loaded with `weights_only=True`,
+  or of a CUDA-IPC pickle as real SGLang takes it (see `rollout.wire`);
   obj is a list of (name, tensor) pairs, or with `load_format="flattened_bucket"`
   a dict `{"flattened_tensor": uint8 tensor, "metadata": [{name, dtype, shape, offset}]}`.
 - `/update_weights_from_distributed`: rank 0 broadcasts one tensor per name
   in order, or with `load_format="flattened_bucket"` ONE uint8 buffer laid out
   exactly as `slime_rl.buckets.pack_bucket` lays out the listed tensors
   (in order, offsets aligned to `buckets.ALIGN` bytes).
+- `/update_weights_from_shared_memory` (ours): `{"path", "metadata"}`, a file the
+  trainer created (normally under /dev/shm, basename `slime_rl_wsync_*`) holding
+  a bucket in the same layout. The server maps it once per path (MAP_SHARED,
+  re-mapped when the file's inode or size changes) and reads the tensors as
+  views of the mapping; `/release_shared_memory` drops mappings.
+
+Staged updates (ours; the engine's `stage_weights` / `commit_weights`): with
+a `transfer_id`, the tensor, distributed and shared-memory endpoints stage
+what they received instead of applying it, and then IGNORE `weight_version`,
+`flush_cache` and `abort_all_requests`; `/commit_weight_update` applies the
+whole transfer at once, `/abort_weight_update` drops it. Staging keeps the
+received tensors without a copy (broadcast receives and decoded payloads are
+the server's own; IPC tensors and shared-memory views stay valid because the
+trainer does not rewrite them before the commit). The weight lock serializes
+weight endpoints among themselves only: generation never waits for it, so it
+runs on the old weights while a transfer is staged.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -32,7 +50,7 @@ from aiohttp import web
 
 from rollout import wire
 from rollout.protocol import BadRequest, get_field, read_json, require
-from slime_rl.buckets import ALIGN, dtype_from_name
+from slime_rl.buckets import ALIGN, dtype_from_name, unpack_bucket
 from slime_rl.dist_group import WeightGroup, init_weight_group
 from slime_rl.types import BucketEntry, WeightBucket
 
@@ -41,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _INT_RE = re.compile(r"^[+-]?\d+$")
+SHM_PREFIX = "slime_rl_wsync_"  # only files with this basename may be mapped
 
 
 def weight_result(success: bool, message: str, **extra: Any) -> web.Response:
@@ -92,6 +111,49 @@ def receive_tensors(group: WeightGroup, names: list[str], dtypes: list[str], sha
             for name, dtype, shape in zip(names, dtypes, shapes)]
 
 
+def shared_memory_path(path: str) -> str:
+    """`path` if it names an existing trainer-created weight-sync file (basename `SHM_PREFIX*`,
+    symlinks resolved to the same rule), else BadRequest saying why."""
+    if not os.path.isabs(path):
+        raise BadRequest(f"shared-memory path must be absolute, got {path!r}")
+    for name in (os.path.basename(path), os.path.basename(os.path.realpath(path))):
+        if not name.startswith(SHM_PREFIX):
+            raise BadRequest(f"refusing to map {path!r}: only weight-sync files whose name starts with "
+                             f"{SHM_PREFIX!r} may be mapped")
+    if not os.path.isfile(path):
+        raise BadRequest(f"shared-memory file {path!r} does not exist")
+    return path
+
+
+class SharedMemoryMappings:
+    """uint8 tensors over shared-memory files, one per path, so repeated syncs do not re-fault pages.
+
+    Only the weight endpoints use it, under the server's weight lock. A dropped mapping is
+    unmapped once no staged view of it is left.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[tuple[int, int, int], torch.Tensor]] = {}
+
+    def get(self, path: str) -> torch.Tensor:
+        """The mapping of the whole file (re-mapped when its device, inode or size changed)."""
+        st = os.stat(path)
+        ident = (st.st_dev, st.st_ino, st.st_size)
+        cached = self._maps.get(path)
+        if cached is None or cached[0] != ident:
+            if st.st_size == 0:
+                raise BadRequest(f"shared-memory file {path!r} is empty")
+            self._maps[path] = (ident, torch.from_file(path, shared=True, size=st.st_size, dtype=torch.uint8))
+        return self._maps[path][1]
+
+    def release(self, path: str | None = None) -> int:
+        """Drop the mapping of `path` (all when None); how many were dropped."""
+        paths = list(self._maps) if path is None else [path] if path in self._maps else []
+        for p in paths:
+            del self._maps[p]
+        return len(paths)
+
+
 # ---- handlers ---------------------------------------------------------------------------
 
 Handler = Callable[["ServerState", dict], Awaitable[web.Response]]
@@ -116,16 +178,36 @@ def _update_fn(engine: Any, payload: Any) -> Callable:
     return engine.update_weights_from_tensors
 
 
+def _transfer_id(body: dict, where: str) -> str | None:
+    transfer_id = get_field(body, "transfer_id", (str,), None, where)
+    if transfer_id == "":
+        raise BadRequest(f"{where}.transfer_id must be a non-empty string or null")
+    return transfer_id
+
+
+async def _stage_or_apply(state: ServerState, body: dict, where: str, transfer_id: str | None,
+                          payload: list[tuple[str, torch.Tensor]] | WeightBucket) -> web.Response:
+    """Stage the received tensors without a copy under `transfer_id`, or (None) apply them now."""
+    if transfer_id is None:
+        return await _apply(state, body, where, _update_fn(state.engine, payload), payload)
+    named = unpack_bucket(payload) if isinstance(payload, WeightBucket) else payload
+    staged = await state.blocking(state.engine.stage_weights, named, transfer_id, copy=False)
+    return weight_result(True, f"Staged {len(named)} tensors for transfer {transfer_id!r} ({staged} staged).",
+                         num_staged=staged)
+
+
 async def update_weights_from_disk(state: ServerState, body: dict) -> web.Response:
     path = require(body, "model_path", (str,), "update_weights_from_disk")
     return await _apply(state, body, "update_weights_from_disk", state.engine.update_weights_from_disk, path)
 
 
 async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Response:
-    parse_weight_version(body.get("weight_version"), 0)  # a bad version fails before the work
+    transfer_id = _transfer_id(body, "update_weights_from_tensor")
+    if transfer_id is None:
+        parse_weight_version(body.get("weight_version"), 0)  # a bad version fails before the work
     payload = await state.blocking(decode_tensor_payload, body.get("serialized_named_tensors"),
                                    body.get("load_format"))
-    return await _apply(state, body, "update_weights_from_tensor", _update_fn(state.engine, payload), payload)
+    return await _stage_or_apply(state, body, "update_weights_from_tensor", transfer_id, payload)
 
 
 async def init_weights_update_group(state: ServerState, body: dict) -> web.Response:
@@ -163,10 +245,63 @@ async def update_weights_from_distributed(state: ServerState, body: dict) -> web
     name = get_field(body, "group_name", (str,), "weight_update_group", where)
     if name not in state.groups:
         raise BadRequest(f"no weight group {name!r}; call /init_weights_update_group first")
-    parse_weight_version(body.get("weight_version"), 0)
+    transfer_id = _transfer_id(body, where)
+    if transfer_id is None:
+        parse_weight_version(body.get("weight_version"), 0)
     payload = await state.blocking(receive_tensors, state.groups[name], names, dtypes, shapes,
                                    load_format == "flattened_bucket")
-    return await _apply(state, body, where, _update_fn(state.engine, payload), payload)
+    return await _stage_or_apply(state, body, where, transfer_id, payload)
+
+
+async def update_weights_from_shared_memory(mappings: SharedMemoryMappings, state: ServerState,
+                                            body: dict) -> web.Response:
+    where = "update_weights_from_shared_memory"
+    path = shared_memory_path(require(body, "path", (str,), where))
+    entries = wire.bucket_entries(require(body, "metadata", (list,), where))
+    transfer_id = _transfer_id(body, where)
+    if transfer_id is None:
+        parse_weight_version(body.get("weight_version"), 0)
+    buffer = await state.blocking(mappings.get, path)
+    return await _stage_or_apply(state, body, where, transfer_id, WeightBucket(buffer, entries))
+
+
+async def release_shared_memory(mappings: SharedMemoryMappings, state: ServerState, body: dict) -> web.Response:
+    path = get_field(body, "path", (str,), None, "release_shared_memory")
+    released = mappings.release(path)
+    return weight_result(True, f"Released {released} shared-memory mappings.", released=released)
+
+
+async def commit_weight_update(state: ServerState, body: dict) -> web.Response:
+    """Apply the staged transfer (engine.commit_weights); any failure drops the staging."""
+    where = "commit_weight_update"
+    transfer_id = require(body, "transfer_id", (str,), where)
+    version = parse_weight_version(require(body, "weight_version", (int, str), where), 0)
+    flush = get_field(body, "flush_cache", (bool,), True, where)
+    expected = get_field(body, "expected_tensors", (int,), None, where)
+    if get_field(body, "abort_all_requests", (bool,), False, where):
+        await state.blocking(state.engine.abort, None)
+    result = await state.blocking(state.engine.commit_weights, transfer_id, version, flush_cache=flush,
+                                  expected_tensors=expected)
+    return weight_result(True, f"Succeeded to commit weight update {transfer_id!r} ({result['num_tensors']} "
+                               f"tensors). Weight version updated to {version}.",
+                         **result, weight_version=str(version))
+
+
+async def abort_weight_update(state: ServerState, body: dict) -> web.Response:
+    transfer_id = get_field(body, "transfer_id", (str,), None, "abort_weight_update")
+    dropped = await state.blocking(state.engine.abort_weight_update, transfer_id)
+    message = "Dropped the staged weight update." if dropped else "No matching staged weight update."
+    return weight_result(True, message, dropped=dropped)
+
+
+async def weights_checksum(state: ServerState, body: dict) -> web.Response:
+    names = get_field(body, "names", (list,), None, "weights_checksum")
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise BadRequest("weights_checksum.names must be a list of strings or null")
+    checksums = await state.blocking(state.engine.weights_checksum, names)
+    return web.json_response({"success": True, "message": f"{len(checksums)} checksums.",
+                              "weight_version": str(state.engine.get_weight_version()), "algorithm": "sha256",
+                              "checksums": checksums})
 
 
 async def destroy_weights_update_group(state: ServerState, body: dict) -> web.Response:
@@ -195,11 +330,22 @@ HANDLERS: dict[str, Handler] = {
     "/update_weights_from_distributed": update_weights_from_distributed,
     "/destroy_weights_update_group": destroy_weights_update_group,
     "/update_weight_version": update_weight_version,
+    "/commit_weight_update": commit_weight_update,
+    "/abort_weight_update": abort_weight_update,
+    "/weights_checksum": weights_checksum,
 }
+GET_TOO = ("/weights_checksum",)  # also answered on GET (no body: every parameter)
 
 
 def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerState]) -> None:
-    """POST routes for every weight endpoint; failures become `{"success": false, ...}` (400)."""
+    """POST routes for every weight endpoint (GET too for `GET_TOO`); failures become
+    `{"success": false, ...}` (400). The app owns one set of shared-memory mappings."""
+    mappings = SharedMemoryMappings()
+    handlers: dict[str, Handler] = {
+        **HANDLERS,
+        "/update_weights_from_shared_memory": functools.partial(update_weights_from_shared_memory, mappings),
+        "/release_shared_memory": functools.partial(release_shared_memory, mappings),
+    }
 
     def wrap(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         @functools.wraps(handler)
@@ -215,5 +361,12 @@ def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerSt
 
         return endpoint
 
-    for path, handler in HANDLERS.items():
+    for path, handler in handlers.items():
         app.router.add_post(path, wrap(handler))
+        if path in GET_TOO:
+            app.router.add_get(path, wrap(handler))
+
+    async def release_all(app: web.Application) -> None:
+        mappings.release(None)
+
+    app.on_cleanup.append(release_all)

@@ -4,9 +4,13 @@
   body -> `GenerateOutput` (`parse_generate_response`), and the finish-reason
   dicts both ways (`finish_reason_json` / `parse_finish_reason`);
 - weight versions: SGLang's strings <-> our integers;
-- `/update_weights_from_tensor`: the per-rank blob (base64 of `torch.save`,
-  our server's format; real SGLang expects CUDA-IPC pickles) for a list of
-  (name, tensor) pairs or, with `load_format="flattened_bucket"`, a bucket;
+- `/update_weights_from_tensor`: the per-rank blob for a list of (name, tensor)
+  pairs or, with `load_format="flattened_bucket"`, a bucket: base64 of either
+  `torch.save` bytes (CPU tensors, `encode_tensor_payload`) or, as real SGLang
+  sends it, a `ForkingPickler` pickle whose CUDA tensors travel as IPC handles
+  (`encode_cuda_ipc_payload`). The decoder tells them apart by torch.save's zip
+  magic and opens the pickle with an allowlist of globals (`_IPC_GLOBALS`), so
+  a payload cannot name anything else to call;
 - error bodies -> their human message.
 """
 
@@ -15,9 +19,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import pickle
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+import torch.multiprocessing  # noqa: F401 - registers the CUDA-IPC tensor reductions with ForkingPickler
 
 from slime_rl.types import BucketEntry, GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
 
@@ -146,20 +153,89 @@ def parse_body(text: str) -> Any:
         return text
 
 
+def _bucket_dict(bucket: WeightBucket, buffer: torch.Tensor) -> dict[str, Any]:
+    return {"flattened_tensor": buffer, "metadata": [
+        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset} for e in bucket.entries]}
+
+
 def encode_tensor_payload(tensors: list[tuple[str, torch.Tensor]] | WeightBucket) -> tuple[str, str | None]:
     """(blob, load_format) for `/update_weights_from_tensor`; tensors are copied to the CPU."""
     if isinstance(tensors, WeightBucket):
-        obj: Any = {
-            "flattened_tensor": tensors.buffer.detach().to("cpu"),
-            "metadata": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset}
-                         for e in tensors.entries],
-        }
+        obj: Any = _bucket_dict(tensors, tensors.buffer.detach().to("cpu"))
         load_format = "flattened_bucket"
     else:
         obj, load_format = [(name, t.detach().to("cpu").contiguous()) for name, t in tensors], None
     buf = io.BytesIO()
     torch.save(obj, buf)
     return base64.b64encode(buf.getvalue()).decode("ascii"), load_format
+
+
+def encode_cuda_ipc_payload(tensors: list[tuple[str, torch.Tensor]] | WeightBucket) -> str:
+    """The blob real SGLang reads: base64 of a `ForkingPickler` pickle of (name, tensor) pairs,
+    or of the flattened-bucket dict for a WeightBucket (send it with load_format="flattened_bucket").
+
+    CUDA tensors only: they pickle as IPC handles (no copy), so the receiver maps the sender's
+    memory, which the sender must keep alive and unchanged until the receiver is done with it
+    (for a staged update: until the commit). CPU tensors would pickle as shared-memory file
+    descriptors, which `decode_tensor_payload` refuses; send those with `encode_tensor_payload`.
+    """
+    if isinstance(tensors, WeightBucket):
+        named = [("flattened_tensor", tensors.buffer)]
+        obj: Any = _bucket_dict(tensors, tensors.buffer.detach())
+    else:
+        named = list(tensors)
+        obj = [(name, t.detach()) for name, t in named]
+    cpu = [name for name, t in named if not t.is_cuda]
+    if cpu:
+        raise ValueError(f"CUDA IPC payloads carry CUDA tensors only; {cpu[:3]} are on another device "
+                         f"(use encode_tensor_payload)")
+    return base64.b64encode(bytes(ForkingPickler.dumps(obj))).decode("ascii")
+
+
+# Every global a ForkingPickler pickle of CUDA tensors (in a list of pairs or a bucket dict of plain
+# containers) names, per torch.multiprocessing.reductions.reduce_tensor: the rebuild function, the
+# tensor class (Parameter when the sender passed parameters), torch.Size, the storage class, and the
+# dtype (a `torch` attribute, allowed in `find_class`). Anything else is refused.
+_IPC_GLOBALS = frozenset({
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+    ("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"),
+    ("torch.storage", "TypedStorage"),
+})
+
+
+class _CudaIpcUnpickler(pickle.Unpickler):
+    """Unpickles CUDA-IPC tensor payloads and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _IPC_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise ValueError(f"forbidden global {module}.{name} in a CUDA IPC payload (only CUDA tensors may be sent)")
+
+
+def _load_payload(raw: bytes) -> Any:
+    """A torch.save zip (magic "PK", loaded weights_only) or a CUDA-IPC pickle (allowlisted globals)."""
+    if raw[:2] == b"PK":
+        try:
+            return torch.load(io.BytesIO(raw), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's payload
+            raise ValueError(f"serialized_named_tensors[0] is not a valid torch.save payload: {exc}") from exc
+    try:
+        return _CudaIpcUnpickler(io.BytesIO(raw)).load()
+    except Exception as exc:  # noqa: BLE001 - as above; the message names a forbidden global
+        raise ValueError(f"serialized_named_tensors[0] is neither torch.save bytes nor a CUDA IPC pickle "
+                         f"this server can open: {exc}") from exc
+
+
+def bucket_entries(metadata: Any) -> list[BucketEntry]:
+    """Flattened-bucket metadata (`[{name, dtype, shape, offset}]`) as BucketEntry objects."""
+    if not isinstance(metadata, list):
+        raise ValueError(f"flattened_bucket metadata must be a list, got {type(metadata).__name__}")
+    try:
+        return [BucketEntry(str(m["name"]), str(m["dtype"]).removeprefix("torch."),
+                            tuple(int(d) for d in m["shape"]), int(m["offset"])) for m in metadata]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
 
 
 def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:
@@ -170,19 +246,14 @@ def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, 
     if not isinstance(serialized, list) or len(serialized) != 1 or not isinstance(serialized[0], str):
         raise ValueError("serialized_named_tensors must be a list with one base64 string (this server has one TP rank)")
     try:
-        obj = torch.load(io.BytesIO(base64.b64decode(serialized[0], validate=True)), weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's payload
-        raise ValueError(f"serialized_named_tensors[0] is not base64 of a torch.save payload: {exc}") from exc
+        raw = base64.b64decode(serialized[0], validate=True)
+    except ValueError as exc:
+        raise ValueError(f"serialized_named_tensors[0] is not base64: {exc}") from exc
+    obj = _load_payload(raw)
     if load_format == "flattened_bucket":
         if not isinstance(obj, dict) or not isinstance(obj.get("flattened_tensor"), torch.Tensor):
             raise ValueError("a flattened_bucket payload must be a dict with 'flattened_tensor' and 'metadata'")
-        try:
-            entries = [BucketEntry(m["name"], str(m["dtype"]).removeprefix("torch."),
-                                   tuple(int(d) for d in m["shape"]), int(m["offset"]))
-                       for m in obj.get("metadata") or []]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
-        return WeightBucket(obj["flattened_tensor"], entries)
+        return WeightBucket(obj["flattened_tensor"], bucket_entries(obj.get("metadata") or []))
     if not isinstance(obj, (list, tuple)) or not all(
         isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)
         for p in obj

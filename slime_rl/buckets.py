@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from slime_rl import ops
+from slime_rl.ops.buckets import BucketEntryError
 from slime_rl.types import BucketEntry, WeightBucket
 
 ALIGN = 64
@@ -40,23 +42,17 @@ def pack_bucket(named_tensors: Iterable[tuple[str, torch.Tensor]], weight_versio
         offset = _aligned(offset + t.numel() * t.element_size())
     device = items[0][1].device if items else "cpu"
     buffer = torch.empty(offset, dtype=torch.uint8, device=device)
-    for (_, t), e in zip(items, entries):
-        nbytes = t.numel() * t.element_size()
-        buffer[e.offset : e.offset + nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    tensors = [t for _, t in items]
+    ops.pack_bucket(tensors, [e.offset for e in entries], [t.dtype for t in tensors], buffer)
     return WeightBucket(buffer, entries, weight_version)
 
 
 def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
     """Views into the bucket's buffer (no copy), one per entry, in order."""
-    out = []
-    size = bucket.buffer.numel()
-    for e in bucket.entries:
-        dtype = dtype_from_name(e.dtype)
-        numel = 1
-        for d in e.shape:
-            numel *= int(d)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if e.offset < 0 or e.offset + nbytes > size:
-            raise ValueError(f"bucket entry {e.name!r} [{e.offset}, {e.offset + nbytes}) lies outside the {size}-byte buffer")
-        out.append((e.name, bucket.buffer[e.offset : e.offset + nbytes].view(dtype).view(tuple(e.shape))))
-    return out
+    entries = bucket.entries
+    dtypes = [dtype_from_name(e.dtype) for e in entries]
+    try:
+        views = ops.bucket_views(bucket.buffer, [e.offset for e in entries], dtypes, [e.shape for e in entries])
+    except BucketEntryError as exc:  # name the tensor, not just its index
+        raise ValueError(f"bucket entry {entries[exc.index].name!r}: {exc}") from exc
+    return [(e.name, v) for e, v in zip(entries, views)]

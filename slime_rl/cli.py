@@ -36,6 +36,11 @@ SHORT_FLAGS = {
     "pp": (("--pp",), "train.pp", "pipeline-parallel size (megatron)"),
     "algo": (("--algo",), "algorithm.name", "RL algorithm"),
 }
+SWITCHES = {
+    # dest: (flag, config field set to True, help)
+    "check_weight_sync": ("--check-weight-sync", "sync.check",
+                          "after every weight sync, compare each engine tensor with the trainer's HF export"),
+}
 
 _SECTIONS = [f.name for f in dataclasses.fields(JobConfig) if is_dataclass_type(field_types(JobConfig)[f.name])]
 
@@ -59,6 +64,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar = "{" + ",".join(choices) + "}" if choices else "N"
         topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar=metavar,
                           choices=choices, help=f"{help_text} (= --{target})")
+    for dest, (flag, target, help_text) in SWITCHES.items():
+        topo.add_argument(flag, dest=f"switch.{dest}", action="store_true", default=argparse.SUPPRESS,
+                          help=f"{help_text} (= --{target} true)")
     defaults = JobConfig()
     for section in _SECTIONS:
         cls = field_types(JobConfig)[section]
@@ -86,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     for dest, value in sorted(vars(args).items()):
         if dest.startswith("short."):
             set_field(cfg, SHORT_FLAGS[dest[len("short."):]][1], value)
+        elif dest.startswith("switch."):
+            set_field(cfg, SWITCHES[dest[len("switch."):]][1], True)
         elif "." in dest or dest in {f.name for f in dataclasses.fields(JobConfig)}:
             if dest in _SECTIONS:
                 continue

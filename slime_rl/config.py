@@ -140,6 +140,19 @@ class TrainConfig:
 
 
 @dataclass
+class SyncConfig:
+    """Weight sync from the trainer to the engines (weight_sync/)."""
+
+    transport: Literal["auto", "shm", "broadcast", "disk", "cuda_ipc", "local"] = "auto"  # auto: local/shm/broadcast
+    bucket_mb: float = 512.0  # largest flat bucket (a single bigger tensor travels alone)
+    pause_mode: Literal["abort", "in_place", "retract"] = "abort"  # what in-flight requests do at the commit
+    check: bool = False  # compare every engine tensor with the trainer's HF export after each sync
+    directory: str | None = None  # disk transport: where versions are written (None: a temp dir)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # broadcast transport: auto = nccl on GPU, else gloo
+    master_address: str = "127.0.0.1"  # broadcast transport: the address engines reach the sending ranks at
+
+
+@dataclass
 class SFTConfig:
     """Supervised warm-up: loss on response tokens only."""
 
@@ -182,6 +195,7 @@ class JobConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -222,6 +236,9 @@ class JobConfig:
             ("reward.timeout_s", self.reward.timeout_s > 0, "> 0"),
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
             ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),
+            ("sync.bucket_mb", self.sync.bucket_mb > 0, "> 0"),
+            ("sync.transport", self.sync.transport != "local" or self.train.backend == "hf",
+             "not 'local' unless train.backend is hf (Megatron ranks are other processes)"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -130,7 +130,7 @@ def _tokenizer(cfg: JobConfig):
 def build_run(cfg: JobConfig) -> Run:
     """Everything a job needs, built once from the config."""
     from rollout import EmbeddedEngine
-    from weight_sync import InProcessTransport
+    from weight_sync import WeightSync
 
     _check_supported(cfg)
     torch.manual_seed(cfg.seed)
@@ -151,7 +151,7 @@ def build_run(cfg: JobConfig) -> Run:
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine,
-               transport=InProcessTransport([engine]), reward_fn=get_reward_fn(cfg.reward.name),
+               sync=WeightSync(trainer, [engine], cfg.sync), reward_fn=get_reward_fn(cfg.reward.name),
                train_records=train_records, val_records=val_records, sft_records=sft_records,
                logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
@@ -229,7 +229,7 @@ def job_run(cfg: JobConfig):
     try:
         yield run
     finally:
-        for part in (run.trainer, run.engine):
+        for part in (run.sync, run.trainer, run.engine):
             close = getattr(part, "close", None)
             if close is not None:
                 close()

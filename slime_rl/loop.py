@@ -19,7 +19,6 @@ from slime_rl.evaluate import evaluate, reward_metrics
 from slime_rl.metrics import MetricsLogger, format_line
 from slime_rl.rewards.runner import score_samples
 from slime_rl.types import Sample, SamplingParams, TrainBatch
-from weight_sync import push_weights
 
 PRINT_KEYS = ["rollout/reward_mean", "rollout/answer_accuracy", "rollout/response_length",
               "train/clip_frac", "train/entropy", "train/train_rollout_logprob_abs_diff", "val/accuracy"]
@@ -33,7 +32,7 @@ class Run:
     tokenizer: Any
     trainer: Any  # TrainerBackend
     engine: Any  # RolloutEngine
-    transport: Any  # WeightTransport
+    sync: Any  # weight_sync.WeightSync: trainer -> engine(s)
     reward_fn: Any
     train_records: list
     val_records: list
@@ -61,9 +60,9 @@ class PromptSampler:
 
 
 def sync_weights(run: Run) -> dict[str, float]:
-    """version += 1 and push the trainer's weights to the engine(s)."""
+    """version += 1 and push the trainer's weights to the engine(s) (bucketed; staged, then committed)."""
     run.weight_version += 1
-    return push_weights(run.trainer, run.transport, run.weight_version)
+    return run.sync.push(run.weight_version)
 
 
 def collect(run: Run, prompts: list, step: int) -> list[list[Sample]]:

@@ -9,7 +9,7 @@ from slime_rl import algorithms
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
 from slime_rl.types import SamplingParams
 from training.hf import HFTrainer, OptimSettings
-from weight_sync import InProcessTransport, push_weights
+from weight_sync import WeightSync
 
 
 class P:
@@ -60,7 +60,9 @@ def test_weight_push_makes_engine_follow_trainer():
     seqs = [s.prompt_ids + s.response_ids for s in samples]
     starts = [len(s.prompt_ids) for s in samples]
     before = engine.compute_logprobs(seqs, start_positions=starts)
-    stats = push_weights(trainer, InProcessTransport([engine]), weight_version=1)
+    sync = WeightSync(trainer, [engine])
+    stats = sync.push(1)
+    sync.close()
     assert engine.get_weight_version() == 1 and stats["sync/bytes"] > 0
     after = engine.compute_logprobs(seqs, start_positions=starts)
     new_lp = trainer.logprobs(batch)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,69 +34,13 @@ import pytest
 import rollout.router as router_mod
 from rollout.builtin_router import BuiltinRouter, PrefixIndex, routing_text
 from rollout.router import SGLangRouter, free_port, http_json, start_router
+from server_procs import START_TIMEOUT_S, ServerProc, launch_server, wait_healthy
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 
 KINDS = ("sglang-router", "builtin")
-SERVE_CMD = [sys.executable, "-m", "slime_rl", "serve"]
 SERVER_NAMES = ("a", "b", "victim-sglang-router", "victim-builtin")
 VOCAB = CharTokenizer().vocab_size
-START_TIMEOUT_S = 60
-
-
-# ---- embedded servers as subprocesses -------------------------------------------------------
-
-
-@dataclass
-class ServerProc:
-    name: str
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-    version: int = 0  # the weight version stamped on it: identifies the server in meta_info
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:]
-
-    def kill(self) -> None:
-        """SIGKILL the server's whole process group (no goodbye to the router)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def launch_server(name: str, model_dir: Path, log_dir: Path) -> ServerProc:
-    port = free_port()
-    log_path = log_dir / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*SERVE_CMD, "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    return ServerProc(name, f"http://127.0.0.1:{port}", proc, log_path)
-
-
-def wait_healthy(server: ServerProc, deadline: float) -> None:
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server {server.name} ({server.url}) exited with {server.proc.returncode}:\n"
-                               f"{server.log_tail()}")
-        try:
-            if http_json("GET", server.url + "/health", timeout_s=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server {server.name} ({server.url}) not healthy in time:\n{server.log_tail()}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
-"""Trainer -> engine weight transfer.
+"""Trainer -> engine weight sync: param plan, resharded buckets, transports, versioned commit.
 
-This first version moves HF-named tensors in process (the trainer and the
-embedded engine share one address space). Buckets, resharding from Megatron
-layouts and the IPC / broadcast / shared-memory / disk transports come with
-the weight-sync issue behind the same `WeightTransport` protocol.
+- `plan.py`: which rank sends which HF tensor in which bucket (computed once, checked on every rank);
+- `sender.py`: the rank side, filling buckets from local TP/PP shards;
+- `transports.py`: shared memory, broadcast (gloo/NCCL), disk, CUDA IPC, in process;
+- `endpoints.py`: in-process engines and SGLang-protocol servers behind one interface;
+- `sync.py`: `WeightSync`, the stage -> pause -> commit -> verify -> continue protocol and check mode.
 """
 
-from weight_sync.in_process import InProcessTransport, push_weights
+from weight_sync.endpoints import SyncError
+from weight_sync.sync import WeightSync
 
-__all__ = ["InProcessTransport", "push_weights"]
+__all__ = ["SyncError", "WeightSync"]

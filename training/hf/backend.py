@@ -178,6 +178,14 @@ class HFTrainer:
                 continue
             yield name, tensor.detach()
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy weights in HF naming (views of the live parameters: copy before changing them)."""
+        return dict(self.named_hf_weights())
+
+    def weight_layout(self) -> dict:
+        """For weight-sync plans: one stage, each HF tensor its own source (see weight_sync.plan)."""
+        return {"tp_size": 1, "stages": [[(name, [(name, tuple(t.shape))]) for name, t in self.named_hf_weights()]]}
+
     def save(self, path: str) -> None:
         """HF checkpoint (config.json + model.safetensors) + optimizer/scheduler state."""
         from slime_rl.hf_io import save_hf_checkpoint

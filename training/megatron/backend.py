@@ -15,13 +15,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 from training.hf.backend import OptimSettings, merge_step_stats
+from training.megatron import conversion
+from training.megatron.model import resolve_spec
 from training.megatron.worker import MegatronSettings
 
 WORKER = "training.megatron.worker:MegatronWorker"
@@ -125,6 +127,16 @@ class MegatronBackend:
 
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.hf_state_dict().items()
+
+    def weight_layout(self) -> dict:
+        """For weight-sync plans: per PP stage, each Megatron parameter and the HF tensors it becomes."""
+        m = self.settings.model
+        return {"tp_size": m.tp, "stages": conversion.weight_layout(self.hf_config, tp_size=m.tp, pp_size=m.pp,
+                                                                    spec=resolve_spec(m))}
+
+    def send_weights(self, fn: Callable, spec: Any) -> list[Any]:
+        """Run `fn(weight_source, spec)` on every rank (weight_sync's rank half); one result per rank."""
+        return self.group.call("send_weights", fn, spec)
 
     def save(self, path: str) -> None:
         """HF export at `path` (loadable by transformers) + Megatron distributed checkpoint under path/megatron."""

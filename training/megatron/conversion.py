@@ -211,6 +211,58 @@ class ParamRule:
             return [torch.cat([h[n] for h in halves], dim=0) for n in range(2)]
         return [torch.cat(list(tp_shards), dim=0)[: self.dims.vocab]]
 
+    def placements(self, shard: torch.Tensor, tp_rank: int) -> list[tuple[int, tuple[slice, ...], torch.Tensor]]:
+        """Where TP rank `tp_rank`'s shard lands in the full HF tensors, without gathering or copying.
+
+        Returns (i, index, src): `src` is a view of `shard` that `merge` would put at
+        `full[index]`, where `full` has shape `hf_shapes[i]`. Over all TP ranks the placements cover
+        every element of every HF tensor exactly once. Replicated: rank 0 places it, others return
+        []. Vocab: padding rows are dropped (a rank holding only padding returns []). qkv: one
+        placement per (query group, q/k/v) because a group's q rows are not evenly strided across
+        groups in the interleaved layout, so a multi-group q view would need a copy.
+        """
+        if not 0 <= tp_rank < self.tp_size:
+            raise ConversionError(f"{self.megatron_name}: tp_rank={tp_rank} out of range for TP={self.tp_size}")
+        out: list[tuple[int, tuple[slice, ...], torch.Tensor]] = []
+        if self.kind == "replicated":
+            out = [(0, _rows(self.hf_shapes[0], 0, self.hf_shapes[0][0]), shard)] if tp_rank == 0 else []
+        elif self.kind in ("tp_row", "tp_col"):
+            dim, full = self.partition_dim, self.hf_shapes[0]
+            start = tp_rank * -(-full[dim] // self.tp_size)  # torch.chunk: ceil-sized chunks
+            index = tuple(slice(start, start + shard.shape[dim]) if n == dim else slice(0, size)
+                          for n, size in enumerate(full))
+            out = [(0, index, shard)]
+        elif self.kind == "qkv":
+            rep, d = self.dims.num_heads // self.dims.num_groups, self.dims.head_dim
+            if shard.dim() == 0 or shard.shape[0] % ((rep + 2) * d):
+                raise ConversionError(f"{self.megatron_name}: qkv shard rows {tuple(shard.shape)[:1]} are not a "
+                                      f"multiple of (heads per group + 2) * head_dim = {(rep + 2) * d}")
+            x_GRD = shard.reshape(-1, rep + 2, d, *shard.shape[1:])  # a view of a contiguous shard
+            first = tp_rank * x_GRD.shape[0]
+            for n, (heads, lo, hi) in enumerate([(rep, 0, rep), (1, rep, rep + 1), (1, rep + 1, rep + 2)]):
+                for j in range(x_GRD.shape[0]):
+                    index = _rows(self.hf_shapes[n], (first + j) * heads * d, heads * d)
+                    out.append((n, index, x_GRD[j, lo:hi].flatten(0, 1)))
+        elif self.kind == "gate_up":
+            half = shard.shape[0] // 2
+            start = tp_rank * -(-self.hf_shapes[0][0] // self.tp_size)
+            out = [(n, _rows(self.hf_shapes[n], start, half), shard[n * half:(n + 1) * half]) for n in range(2)]
+        else:
+            start = tp_rank * shard.shape[0]
+            real = max(0, min(shard.shape[0], self.dims.vocab - start))
+            out = [(0, _rows(self.hf_shapes[0], start, real), shard[:real])] if real else []
+        for n, index, src in out:
+            region = tuple(len(range(*s.indices(size))) for s, size in zip(index, self.hf_shapes[n]))
+            if region != tuple(src.shape):
+                raise ConversionError(f"{self.megatron_name}: TP rank {tp_rank}'s shard of shape "
+                                      f"{tuple(shard.shape)} does not fit {self.hf_names[n]} {self.hf_shapes[n]}")
+        return out
+
+
+def _rows(shape: tuple[int, ...], start: int, count: int) -> tuple[slice, ...]:
+    """Index of rows [start, start + count) of a tensor of `shape`, every other dim whole."""
+    return (slice(start, start + count), *(slice(0, size) for size in shape[1:]))
+
 
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: ModelDims) -> torch.Tensor:
     """[g*rep*d, *], [g*d, *], [g*d, *] -> [g*(rep+2)*d, *], per group: rep q heads, k head, v head."""
@@ -367,3 +419,50 @@ def _check_stage_names(shards: dict[tuple[int, int], dict[str, torch.Tensor]], n
         for name in sorted(present.symmetric_difference(names)):
             kind = "unexpected" if name in present else "missing"
             raise ConversionError(f"(tp_rank, pp_rank)=({tp_rank}, {pp_rank}): {kind} parameter {name}")
+
+
+def weight_layout(hf_config: dict[str, Any], *, tp_size: int, pp_size: int,
+                  spec: str = "local") -> list[list[tuple[str, list[tuple[str, tuple[int, ...]]]]]]:
+    """Per PP stage, the Megatron parameters it sends in a weight sync and the HF tensors each becomes
+    (`weight_sync.plan.plan_from_layout`'s "stages"). Stage 0 sends the embedding; the last stage's
+    tied `output_layer` copy is not sent."""
+    check_hf_config(hf_config, tp_size, pp_size)
+    stages = []
+    for stage in range(pp_size):
+        params = []
+        for name in megatron_names(hf_config, pp_size=pp_size, pp_rank=stage, spec=spec):
+            rule = rule_for(name, hf_config, tp_size=tp_size, pp_size=pp_size, pp_rank=stage, spec=spec)
+            if not rule.tied_copy:
+                params.append((name, list(zip(rule.hf_names, rule.hf_shapes, strict=True))))
+        stages.append(params)
+    return stages
+
+
+def check_local_shards(sources: set[str], local: dict[str, tuple[int, ...]], hf_config: dict[str, Any], *,
+                       tp_size: int, pp_size: int, stage: int, spec: str = "local") -> None:
+    """ConversionError unless a rank's local params (name -> TP shard shape) are exactly the weight-sync
+    sources of its stage (plus the tied output_layer copy, which is not sent), each shaped as a TP shard."""
+    names = {n for n in local if not n.endswith("_extra_state")}
+    rules = {name: rule_for(name, hf_config, tp_size=tp_size, pp_size=pp_size, pp_rank=stage, spec=spec)
+             for name in megatron_names(hf_config, pp_size=pp_size, pp_rank=stage, spec=spec)}
+    expected = set(sources) | {n for n, r in rules.items() if r.tied_copy}
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise ConversionError(f"stage {stage}: local params do not match the weight plan: missing {missing[:5]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+    for name in sorted(names):
+        rule = rules.get(name)
+        if rule is None:
+            raise ConversionError(f"stage {stage}: {name} is in the plan but not a parameter of this model/spec")
+        if not _shard_shape_ok(rule, tuple(local[name])):
+            raise ConversionError(f"stage {stage}: {name} has local shape {tuple(local[name])}, not a TP={tp_size} "
+                                  f"shard of {dict(zip(rule.hf_names, rule.hf_shapes))}")
+
+
+def _shard_shape_ok(rule: ParamRule, shape: tuple[int, ...]) -> bool:
+    """Whether `shape` is the local shape of some TP rank of this rule (shapes only, on the meta device)."""
+    full = [torch.empty(s, device="meta") for s in rule.hf_shapes]
+    if rule.kind == "vocab":
+        return len(shape) == 2 and shape[1] == rule.hf_shapes[0][1] and shape[0] * rule.tp_size >= rule.dims.vocab
+    shapes = {tuple(rule.shard(full, r, padded_vocab_size=0).shape) for r in range(rule.tp_size)}
+    return shape in shapes

@@ -19,6 +19,7 @@ mode, with the final division by a token count switched off).
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,6 +75,8 @@ class MegatronWorker:
         self.ref_params = [p.detach().to("cpu", copy=True) for p in self._params()] if with_reference else None
         self.step = 0
         self._build_optimizer()
+        self.weight_source = MegatronWeightSource(self)
+        self._plan_digest = None
 
     # ------------------------------------------------------------------ setup
     def _wrap_ddp(self, module):
@@ -153,6 +156,26 @@ class MegatronWorker:
         for part in gathered:
             out.update(part or {})
         return out
+
+    def send_weights(self, fn: Callable, spec: Any) -> Any:
+        """weight_sync's rank half: `fn(weight_source, spec)`; the plan is checked against this rank once."""
+        plan = getattr(spec, "plan", None)
+        if plan is not None and plan.digest() != self._plan_digest:
+            self._check_plan(plan)
+        return fn(self.weight_source, spec)
+
+    def _check_plan(self, plan) -> None:
+        """Every rank must hold the same plan, and its sources must be this stage's parameters (as TP shards)."""
+        m = self.settings.model
+        local = {name: tuple(p.shape) for name, p in unwrap(self.model).named_parameters()}
+        sources = {t.source for b in plan.stage_buckets(self.pp_rank) for t in b.tensors}
+        conversion.check_local_shards(sources, local, self.hf_config, tp_size=m.tp, pp_size=m.pp, stage=self.pp_rank,
+                                      spec=self.spec)
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, plan.digest())
+        if len(set(digests)) != 1:
+            raise ValueError(f"weight plans differ between ranks: {digests}")
+        self._plan_digest = plan.digest()
 
     # ------------------------------------------------------------------ forward / backward
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[packing.PackedMicroBatch], bool]:
@@ -275,6 +298,29 @@ class MegatronWorker:
 
     def close(self) -> None:
         self.ps.destroy_model_parallel()
+
+
+class MegatronWeightSource:
+    """This rank's place in the layout for weight sync (weight_sync.sender.WeightSource)."""
+
+    def __init__(self, worker: MegatronWorker):
+        m = worker.settings.model
+        self.stage, self.tp_rank, self.tp_size = worker.pp_rank, worker.tp_rank, m.tp
+        self.tp_group = worker.ps.get_tensor_model_parallel_group() if m.tp > 1 else None
+        self.active, self.device = worker.dp_rank == 0, worker.device
+        self._params = dict(unwrap(worker.model).named_parameters())
+        self._rules = {name: conversion.rule_for(name, worker.hf_config, tp_size=m.tp, pp_size=m.pp,
+                                                 pp_rank=worker.pp_rank, spec=worker.spec)
+                       for name in self._params}
+
+    def local(self, source: str) -> torch.Tensor:
+        return self._params[source].detach()
+
+    def placements(self, source: str, shard: torch.Tensor, tp_rank: int) -> list:
+        return self._rules[source].placements(shard, tp_rank)
+
+    def replicated(self, source: str) -> bool:
+        return self._rules[source].partition_dim is None
 
 
 def _on(batch: TrainBatch, device: torch.device) -> TrainBatch:
