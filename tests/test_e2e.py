@@ -41,6 +41,7 @@ def test_rl_improves_a_custom_reward(tmp_path, capsys, backend):
     # step-0 invariants of the synchronous loop, measured in the run itself
     assert steps[0]["train/train_rollout_logprob_abs_diff"] < 1e-5
     assert steps[0]["train/ratio_max"] == 1.0 and steps[0]["train/ratio_min"] == 1.0
+    assert all(r["sync/bytes"] > 0 and r["sync/total_s"] >= r["sync/paused_s"] >= 0 for r in steps)
     versions = [r["weight_version"] for r in steps]
     assert versions == list(range(versions[0], versions[0] + 16))  # one push per step
     assert (out / "curves.png").stat().st_size > 10_000
@@ -72,10 +73,14 @@ def test_torchrun_launch(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "slime_rl.cli", "train", *TINY, "--tp", "2", "--sft.epochs", "1", "--train.num_steps", "2",
-           "--log.output_dir", str(out)]
+           "--check-weight-sync", "--sync.bucket_mb", "0.05", "--log.output_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [r for r in _records(out / "metrics.jsonl") if "rollout/reward_mean" in r]
     assert len(steps) == 2 and steps[0]["train/train_rollout_logprob_abs_diff"] < 1e-5
     assert "rank(s) = tp 2 x pp 1 x dp 1" in proc.stdout
+    # weights reach the in-process engine over shared memory, in many buckets, and --check-weight-sync agrees
+    assert "[sync] shm to 1 engine(s) in float32" in proc.stdout
+    assert all(r["sync/check_mismatches"] == 0 and r["sync/buckets"] > 3 for r in steps)
+    assert proc.stdout.count("equal the trainer's") >= 3 and "differs from the trainer" not in proc.stdout
     assert (out / "checkpoint" / "megatron").is_dir() and (out / "checkpoint" / "model.safetensors").exists()

@@ -128,14 +128,14 @@ class WeightSync:
             self._verify(version, results)
         except BaseException as exc:
             self._abort(transfer_id)
+            self.transport.cleanup(success=False)
             if isinstance(exc, SyncError):
                 raise
             raise SyncError(f"weight sync to version {version} failed: {exc}", phase="transfer") from exc
         finally:
-            if paused_at is not None:
-                _each(self.endpoints, lambda ep: ep.resume(), "continue")
+            self._resume(paused_at)
         paused_s = time.perf_counter() - paused_at
-        self.transport.after_commit()
+        self.transport.cleanup(success=True)
         total = time.perf_counter() - t0
         metrics = {f"sync/{k}_s": v for k, v in seconds.items() if k != "send"}
         metrics.update({"sync/total_s": total, "sync/paused_s": paused_s, "sync/bytes": float(self.plan.nbytes),
@@ -147,8 +147,22 @@ class WeightSync:
 
     def _pause(self) -> float:
         mode = self.settings.pause_mode
-        _each(self.endpoints, lambda ep: ep.pause(mode), "pause")
+        try:
+            _each(self.endpoints, lambda ep: ep.pause(mode), "pause")
+        except SyncError:
+            self._resume(0.0)  # the engines that did pause must not stay paused
+            raise
         return time.perf_counter()
+
+    def _resume(self, paused_at: float | None) -> None:
+        """Continue generation on every engine (all of them are tried; the first failure is logged)."""
+        if paused_at is None:
+            return
+        for ep in self.endpoints:
+            try:
+                ep.resume()
+            except Exception as exc:  # noqa: BLE001 - a dead engine is the caller's problem, not the others'
+                self.log(f"[sync] could not continue generation on {ep.url}: {exc}")
 
     def _verify(self, version: int, results: list[dict]) -> None:
         expected = len(self.plan.tensors)

@@ -202,8 +202,8 @@ class Transport:
         n = len(self.plan.tensors)
         return _each(self.endpoints, lambda ep: ep.commit(transfer_id, version, n), "commit")
 
-    def after_commit(self) -> None:
-        pass
+    def cleanup(self, success: bool) -> None:
+        """After a push (committed or not): free what only that push needed."""
 
     def close(self) -> None:
         pass
@@ -377,10 +377,14 @@ class DiskTransport(Transport):
         _each(self.endpoints, lambda ep: ep.update_from_disk(self.directory, version), "load")
         return [{"num_tensors": len(self.plan.tensors)} for _ in self.endpoints]
 
-    def after_commit(self) -> None:
+    def cleanup(self, success: bool) -> None:
+        """Keep only the directory the engines serve: after success the new one, after a failure the old."""
         import shutil
 
-        for old in Path(self.root).glob("v*"):  # keep only the directory the engines now serve
+        if not success:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for old in Path(self.root).glob("v*"):
             if str(old) != self.directory:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -402,8 +406,11 @@ class CudaIpcTransport(Transport):
         _each(self.endpoints, stage_all, "stage")
         return {**_max_phases(results), "transfer": time.perf_counter() - t0}
 
-    def after_commit(self) -> None:  # engines copied out of the trainer's buffers: free them
-        self.trainer.send_weights(run_on_rank, self.rank_spec("release"))
+    def cleanup(self, success: bool) -> None:  # committed (copied) or dropped: the buffers are free either way
+        try:
+            self.trainer.send_weights(run_on_rank, self.rank_spec("release"))
+        except Exception:  # noqa: BLE001 - dead ranks hold nothing
+            pass
 
 
 class LocalTransport(Transport):
