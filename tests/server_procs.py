@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from rollout.router import free_port, http_json
+from slime_rl.dist_group import init_weight_group
 
 SERVE_CMD = [sys.executable, "-m", "slime_rl", "serve"]
 START_TIMEOUT_S = 60
+
+
+def http(method: str, url: str, body: Any = None, headers: dict | None = None, raw: bytes | None = None,
+         timeout: float = 60) -> tuple[int, Any]:
+    """(status, parsed JSON body or text)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload
+
+
+def post(url: str, body: Any = None, **kw) -> tuple[int, Any]:
+    return http("POST", url, body, **kw)
 
 
 @dataclass
@@ -67,3 +95,30 @@ def wait_healthy(server: ServerProc, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"server {server.name} ({server.url}) not healthy in time:\n{server.log_tail()}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def weight_group_with(url: str, post: Callable[[str, Any], tuple[int, Any]], group_name: str = "g"):
+    """This process as rank 0 of a gloo weight group with the server at `url` (rank 1).
+
+    Yields (group, call, results): `call(path, body)` posts from a background thread (a distributed
+    update blocks until this process broadcasts) and its (status, body) lands in results[path].
+    """
+    port, results = free_port(), {}
+
+    def call(path: str, body: dict) -> threading.Thread:
+        thread = threading.Thread(target=lambda: results.__setitem__(path, post(url + path, body)))
+        thread.start()
+        return thread
+
+    thread = call("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": port,
+                                                  "rank_offset": 1, "world_size": 2, "group_name": group_name,
+                                                  "backend": "gloo"})
+    group = init_weight_group("127.0.0.1", port, 0, 2, group_name=group_name, timeout_s=60)
+    try:
+        thread.join(60)
+        assert results["/init_weights_update_group"][0] == 200, results
+        yield group, call, results
+    finally:
+        post(url + "/destroy_weights_update_group", {"group_name": group_name})
+        group.destroy()

@@ -17,12 +17,9 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +30,8 @@ import torch
 
 from rollout.engine import EmbeddedEngine
 from rollout.server import BackgroundServer
+from server_procs import http, post, weight_group_with
 from slime_rl.buckets import pack_bucket
-from slime_rl.dist_group import init_weight_group
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import GenerateRequest, SampleStatus, SamplingParams
@@ -142,27 +139,6 @@ def served(tiny):
 # ---- HTTP helpers ------------------------------------------------------------------------------
 
 
-def http(method: str, url: str, body: Any = None, headers: dict | None = None, raw: bytes | None = None,
-         timeout: float = 60) -> tuple[int, Any]:
-    """(status, parsed JSON body or text)."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, payload = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, payload = exc.code, exc.read().decode()
-    try:
-        return status, json.loads(payload)
-    except ValueError:
-        return status, payload
-
-
-def post(url: str, body: Any = None, **kw) -> tuple[int, Any]:
-    return http("POST", url, body, **kw)
-
-
 def events(raw: str) -> list[dict]:
     """SSE `data:` payloads of a complete stream (which must end with [DONE])."""
     assert raw.endswith("data: [DONE]\n\n"), raw[-200:]
@@ -194,12 +170,6 @@ def payload_b64(obj: Any) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def apost(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
@@ -471,20 +441,7 @@ def test_update_weights_from_disk(served, tiny, tmp_path):
 def test_update_weights_from_distributed(served, tiny):
     """The test process is rank 0 of a gloo group with the server (rank 1)."""
     _, url = served
-    port, results = free_port(), {}
-
-    def call(path: str, body: dict) -> threading.Thread:
-        thread = threading.Thread(target=lambda: results.__setitem__(path, post(url + path, body)))
-        thread.start()
-        return thread
-
-    thread = call("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": port,
-                                                  "rank_offset": 1, "world_size": 2, "group_name": "g",
-                                                  "backend": "gloo"})
-    group = init_weight_group("127.0.0.1", port, 0, 2, group_name="g", timeout_s=60)
-    try:
-        thread.join(60)
-        assert results["/init_weights_update_group"][0] == 200, results
+    with weight_group_with(url, post) as (group, call, results):
         names = sorted(tiny.new_weights)
         meta = {"names": names, "dtypes": ["float32"] * len(names), "group_name": "g",
                 "shapes": [list(tiny.new_weights[n].shape) for n in names]}
@@ -507,8 +464,6 @@ def test_update_weights_from_distributed(served, tiny):
         assert status == 400 and "nope" in res["message"]
         assert post(url + "/destroy_weights_update_group", {"group_name": "g"})[1]["success"] is True
         assert post(url + "/destroy_weights_update_group", {"group_name": "g"})[0] == 400
-    finally:
-        group.destroy()
 
 
 def test_flush_cache_refused_while_a_request_waits(served):

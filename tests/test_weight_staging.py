@@ -10,16 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -32,8 +28,8 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor
 from rollout import wire
 from rollout.engine import EmbeddedEngine
 from rollout.server import BackgroundServer
+from server_procs import http, post, weight_group_with
 from slime_rl.buckets import pack_bucket
-from slime_rl.dist_group import init_weight_group
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
 from slime_rl.types import GenerateRequest, SamplingParams
 
@@ -87,25 +83,6 @@ def sha256s(weights: dict[str, torch.Tensor]) -> dict[str, str]:
 def halves(weights: dict[str, torch.Tensor]) -> tuple[list, list]:
     items = sorted(weights.items())
     return items[: len(items) // 2], items[len(items) // 2:]
-
-
-def http(method: str, url: str, body: Any = None, headers: dict | None = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            status, text = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read().decode()
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-def post(url: str, body: Any = None, **kw) -> tuple[int, Any]:
-    return http("POST", url, body, **kw)
 
 
 @pytest.fixture
@@ -318,29 +295,10 @@ def test_shared_memory_endpoint_stages_commits_and_remaps(served, shm_dir, w_old
                 os.unlink(p)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_endpoint_stages_then_commits(served, w_old, w_new):
     """The test process is rank 0 of a gloo group with the server (rank 1)."""
     engine, url = served
-    port, results = free_port(), {}
-
-    def call(path: str, body: dict) -> threading.Thread:
-        thread = threading.Thread(target=lambda: results.__setitem__(path, post(url + path, body)))
-        thread.start()
-        return thread
-
-    thread = call("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": port,
-                                                  "rank_offset": 1, "world_size": 2, "group_name": "g",
-                                                  "backend": "gloo"})
-    group = init_weight_group("127.0.0.1", port, 0, 2, group_name="g", timeout_s=60)
-    try:
-        thread.join(60)
-        assert results["/init_weights_update_group"][0] == 200, results
+    with weight_group_with(url, post) as (group, call, results):
         bucket = pack_bucket(sorted(w_new.items()))
         meta = {"names": [e.name for e in bucket.entries], "dtypes": [e.dtype for e in bucket.entries],
                 "shapes": [list(e.shape) for e in bucket.entries], "group_name": "g",
@@ -355,9 +313,6 @@ def test_distributed_endpoint_stages_then_commits(served, w_old, w_new):
                                                            "expected_tensors": len(w_new)})
         assert status == 200 and res["success"] is True, res
         assert engine.get_weight_version() == 2 and engine.weights_checksum() == sha256s(w_new)
-    finally:
-        post(url + "/destroy_weights_update_group", {"group_name": "g"})
-        group.destroy()
 
 
 def test_weights_checksum_endpoint_and_server_info(served):
