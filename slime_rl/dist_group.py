@@ -22,6 +22,7 @@ whose store-key layout differs by torch version; this module pairs with itself
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,13 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("gloo", "nccl")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now on this host (another process could take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _is_loopback(address: str) -> bool:

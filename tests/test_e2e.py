@@ -66,12 +66,12 @@ def test_bad_reward_path_is_a_clear_error(tmp_path):
 
 def test_torchrun_launch(tmp_path):
     """`torchrun --nproc-per-node 2 -m slime_rl.cli train --tp 2`: rank 0 drives, rank 1 serves its commands."""
-    from slime_rl.launch.spmd import _free_port
+    from slime_rl.dist_group import free_port
 
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "slime_rl.cli", "train", *TINY, "--tp", "2", "--sft.epochs", "1", "--train.num_steps", "2",
            "--check-weight-sync", "--sync.bucket_mb", "0.05", "--log.output_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from slime_rl.dist_group import WeightGroup, init_weight_group
+from slime_rl.dist_group import WeightGroup, free_port, init_weight_group
 from weight_sync.endpoints import SyncError, map_shared_file
 from weight_sync.sender import TensorSource, bucket_views, gather_stage_buckets, write_stage_buckets
 
@@ -276,13 +276,11 @@ class BroadcastTransport(Transport):
 
     def _join(self) -> None:
         """One group per PP stage: the stage's sender is rank 0, engine i is rank 1 + i."""
-        from slime_rl.launch.spmd import _free_port
-
         backend = self.options.get("backend", "gloo")
         address = self.options.get("master_address", "127.0.0.1")
         tag = uuid.uuid4().hex[:8]
         world = 1 + len(self.endpoints)
-        self.groups = {s: {"master_address": address, "master_port": _free_port(), "world_size": world,
+        self.groups = {s: {"master_address": address, "master_port": free_port(), "world_size": world,
                            "backend": backend, "group_name": f"slime_rl_wsync_{tag}_pp{s}", "timeout_s": 600}
                        for s in range(self.plan.pp_size)}
         with ThreadPoolExecutor(len(self.endpoints) * len(self.groups)) as pool:

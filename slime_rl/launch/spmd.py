@@ -37,7 +37,6 @@ import multiprocessing.util
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -343,13 +342,6 @@ def _serve_pipe(obj: Any, conn: Any, rank: int) -> int:
             return 0
 
 
-def _free_port() -> int:
-    """A port free right now (another process could take it before rank 0 binds it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: bytes) -> tuple[Any, Any]:
     ctx = multiprocessing.get_context("spawn")  # never fork: torch holds threads and locks
     parent_conn, child_conn = ctx.Pipe()
@@ -385,7 +377,9 @@ def spawn_ranks(
         factory_blob = pickle.dumps((factory, factory_kwargs), protocol=_PICKLE)
     except Exception as error:
         raise ValueError(f"factory {factory!r} and factory_kwargs must pickle (use a 'pkg.mod:Name' path)") from error
-    shared_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    from slime_rl.dist_group import free_port  # imports torch: only in the driver, which has it loaded anyway
+
+    shared_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     shared_env |= {key: str(value) for key, value in (env or {}).items()}
     processes, conns = [], []
     try:
