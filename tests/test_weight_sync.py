@@ -31,7 +31,7 @@ from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import GenerateRequest, Sample, SampleStatus, SamplingParams, TrainBatch
 from training.hf import HFTrainer, OptimSettings
 from weight_sync import SyncError, WeightSync
-from weight_sync.sync import tensor_sha256
+from weight_sync.transports import tensor_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = CharTokenizer().vocab_size
@@ -138,6 +138,8 @@ def test_megatron_tp2pp2_into_two_servers_over_every_transport(weights, clients)
                 assert metrics["sync/bytes"] == sum(t.numel() * 4 for t in weights.values())
                 assert metrics["sync/buckets"] == len(sync.plan.buckets) and metrics["sync/paused_s"] >= 0
                 assert_engines_follow(sync, clients, trainer, batch, version)
+                exported = {n: tensor_sha256(t) for n, t in trainer.hf_state_dict().items()}  # gathered on rank 0
+                assert all(c.weights_checksum()[c.url] == exported for c in clients)
             finally:
                 sync.close()
 

@@ -54,6 +54,10 @@ class WeightSource(Protocol):
     def replicated(self, source: str) -> bool:
         """True when every TP rank holds the whole tensor (rank 0 alone places it)."""
 
+    def export(self, source: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full HF tensors of `source` from every TP rank's shard in rank order (one when replicated),
+        by the trainer's own export path (independent of `placements`; used by check mode)."""
+
 
 class Timer:
     """Seconds per phase, summed."""
@@ -122,7 +126,7 @@ def write_stage_buckets(source: WeightSource, plan, buffers: dict[int, torch.Ten
     return dict(timer.seconds)
 
 
-def _gather_shards(source: WeightSource, name: str, timer: Timer) -> list[tuple[str, int, torch.Tensor]]:
+def gather_shards(source: WeightSource, name: str, timer: Timer) -> list[tuple[str, int, torch.Tensor]]:
     """TP rank 0 gets every rank's shard of `name` ([] elsewhere); replicated tensors are not gathered."""
     shard = source.local(name)
     if source.tp_size == 1 or source.replicated(name):
@@ -150,7 +154,7 @@ def gather_stage_buckets(source: WeightSource, plan, send: Callable[[Any, torch.
     if buffer_for is None and source.tp_rank == 0 and buckets:
         shared = torch.empty(max(b.nbytes for b in buckets), dtype=torch.uint8, device=source.device)
     for bucket in buckets:
-        pieces = [p for name in _by_source(bucket) for p in _gather_shards(source, name, timer)]
+        pieces = [p for name in _by_source(bucket) for p in gather_shards(source, name, timer)]
         if source.tp_rank != 0:
             continue
         with timer.phase("pack"):
@@ -180,3 +184,6 @@ class TensorSource:
 
     def replicated(self, source: str) -> bool:
         return True
+
+    def export(self, source: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {source: shards[0]}

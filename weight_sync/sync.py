@@ -26,7 +26,6 @@ produced it (the engines stamp them), so no token comes from a mix.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 import torch
@@ -35,7 +34,7 @@ from slime_rl.config import SyncConfig
 from weight_sync.endpoints import LocalEndpoint, SyncError, as_endpoint
 from weight_sync.plan import plan_from_layout
 from weight_sync.sender import TensorSource
-from weight_sync.transports import KINDS, TRANSPORTS, _each
+from weight_sync.transports import KINDS, TRANSPORTS, RankSpec, _each, run_on_rank
 
 PAUSE_MODES = ("abort", "in_place", "retract")
 
@@ -73,10 +72,6 @@ class InProcessRanks:
 
     def __getattr__(self, name):
         return getattr(self.trainer, name)
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 class WeightSync:
@@ -184,16 +179,19 @@ class WeightSync:
                 self.log(f"[sync] could not drop the staged transfer on {ep.url}: {exc}")
 
     def check(self) -> dict[str, list[str]]:
-        """Compare the sha256 of every engine tensor with the trainer's HF export cast to the engine dtype.
+        """Compare the sha256 of every engine tensor with the trainer's weights as the plan sends them (cast
+        to the engine dtype; hashed on the sending ranks, bucket by bucket, never gathered in one place).
         Returns {url: [mismatching or missing names]} for engines that differ (empty when all agree)."""
-        dtype = getattr(torch, self.dtype)
-        expected = {name: tensor_sha256(t.to(dtype)) for name, t in self.trainer.hf_state_dict().items()}
+        results = self.trainer.send_weights(run_on_rank, RankSpec("checksum", "send", self.plan))
+        expected = {name: h for r in results for name, h in (r or {}).get("checksums", {}).items()}
+        if set(expected) != set(self.plan.names):
+            raise SyncError(f"the trainer hashed {len(expected)} tensors, the plan has {len(self.plan.names)}",
+                            phase="check")
         bad = {}
         for ep in self.endpoints:
             got = ep.checksums()
-            diff = sorted(n for n in expected if got.get(n) != expected[n] and n in got)
-            diff += sorted(f"{n} (missing on engine)" for n in expected.keys() - got.keys()
-                           if not n == "lm_head.weight")  # a tied lm_head is the embedding on the engine
+            diff = sorted(n for n in expected if n in got and got[n] != expected[n])
+            diff += sorted(f"{n} (missing on engine)" for n in expected.keys() - got.keys())
             if diff:
                 bad[ep.url] = diff
                 self.log(f"[sync] check: {ep.url} differs from the trainer in {len(diff)} tensors, e.g. {diff[:3]}")

@@ -35,6 +35,7 @@ Transports:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -48,7 +49,9 @@ import torch
 
 from slime_rl.dist_group import WeightGroup, free_port, init_weight_group
 from weight_sync.endpoints import SyncError, map_shared_file
-from weight_sync.sender import TensorSource, bucket_views, gather_stage_buckets, write_stage_buckets
+from slime_rl.buckets import dtype_from_name
+from weight_sync.sender import (TensorSource, Timer, bucket_views, gather_shards, gather_stage_buckets,
+                                write_stage_buckets)
 
 TRANSPORTS = ("shm", "broadcast", "disk", "cuda_ipc", "local")
 SHM_PREFIX = "slime_rl_wsync_"
@@ -95,6 +98,8 @@ def run_on_rank(source, spec: RankSpec) -> dict:
     if spec.action == "release":
         _HELD.clear()
         return {}
+    if spec.kind == "checksum":
+        return {"checksums": stage_checksums(source, spec.plan)}
     if spec.kind == "shm":
         buffers = {}
         for bucket in spec.plan.stage_buckets(source.stage):
@@ -120,6 +125,26 @@ def run_on_rank(source, spec: RankSpec) -> dict:
                                        buffer_for=fresh)
         return {**seconds, "payloads": payloads}
     raise ValueError(f"unknown weight transport {spec.kind!r}; allowed: {', '.join(TRANSPORTS)}")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def stage_checksums(source, plan) -> dict[str, str]:
+    """sha256 of every HF tensor of this rank's stage, in the engine dtype, for check mode (on the stage's
+    TP rank 0). Built by the export path (`source.export`: the conversion table's merge), not by the
+    placements a sync uses, so a bug in either shows up as a mismatch. One parameter at a time."""
+    sums: dict[str, str] = {}
+    if not source.active:
+        return sums
+    for bucket in plan.stage_buckets(source.stage):
+        for name in dict.fromkeys(t.source or t.name for t in bucket.tensors):
+            pieces = gather_shards(source, name, Timer())
+            if source.tp_rank == 0:
+                full = source.export(name, [shard for _, _, shard in pieces])
+                sums.update({hf: tensor_sha256(t.to(dtype_from_name(plan.dtype))) for hf, t in full.items()})
+    return sums
 
 
 def bucket_file(directory: str, bucket) -> str:

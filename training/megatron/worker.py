@@ -322,6 +322,9 @@ class MegatronWeightSource:
     def replicated(self, source: str) -> bool:
         return self._rules[source].partition_dim is None
 
+    def export(self, source: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._rules[source].merge([s.cpu() for s in shards])
+
 
 def _on(batch: TrainBatch, device: torch.device) -> TrainBatch:
     if device.type == "cpu":
