@@ -413,11 +413,12 @@ class EngineClient:
         await self._update("/release_shared_memory", self._same_for_all({"path": path}))
 
     async def acommit_weight_update(self, transfer_id: str, weight_version: int, flush_cache: bool = True,
-                                    expected_tensors: int | None = None) -> dict[str, Any]:
-        """Apply the staged transfer on every server. Returns the first control URL's response
-        (`num_tensors`, `bytes`, `seconds`, `weight_version`); every server must succeed."""
+                                    expected_tensors: int | None = None, adopt: bool = False) -> dict[str, Any]:
+        """Apply the staged transfer on every server (`adopt`: staged buffers become the parameters where
+        they can, no copy). Returns the first control URL's response (`num_tensors`, `bytes`,
+        `adopted_bytes`, `seconds`, `weight_version`); every server must succeed."""
         body: dict[str, Any] = {"transfer_id": transfer_id, "weight_version": str(weight_version),
-                                "flush_cache": flush_cache}
+                                "flush_cache": flush_cache, "adopt": adopt}
         if expected_tensors is not None:
             body["expected_tensors"] = expected_tensors
         return (await self._update("/commit_weight_update", self._same_for_all(body)))[0]
@@ -599,8 +600,9 @@ class EngineClient:
         self._run(self.adestroy_weights_update_group(group_name))
 
     def commit_weight_update(self, transfer_id: str, weight_version: int, flush_cache: bool = True,
-                             expected_tensors: int | None = None) -> dict[str, Any]:
-        return self._run(self.acommit_weight_update(transfer_id, weight_version, flush_cache, expected_tensors))
+                             expected_tensors: int | None = None, adopt: bool = False) -> dict[str, Any]:
+        return self._run(self.acommit_weight_update(transfer_id, weight_version, flush_cache, expected_tensors,
+                                                    adopt))
 
     def abort_weight_update(self, transfer_id: str | None = None) -> bool:
         return self._run(self.aabort_weight_update(transfer_id))

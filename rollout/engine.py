@@ -137,6 +137,9 @@ class EmbeddedEngine:
         self.tokenizer = tokenizer
         self.model = DecoderLM(self.config, self.device, dtype).eval()
         self._params = dict(self.model.named_parameters())
+        self._fused = _fused_groups(self.model)  # (module, fused attribute, HF names of its parts in order)
+        self._key_of = {id(p): name for name, p in self._params.items()}
+        self._adopted = False  # parameters live in adopted buffers (possibly shared with other engines)
         self._lock = threading.RLock()  # one scheduler step or one control operation at a time
         self._stage_lock = threading.Lock()  # guards the staged transfer only (see module docstring)
         self._staged_id: str | None = None
@@ -429,9 +432,12 @@ class EmbeddedEngine:
             if self.device.type == "cuda":  # sources (IPC, staged views) may be released once this returns
                 torch.cuda.synchronize(self.device)
 
-    def _update(self, pairs, weight_version: int, flush_cache: bool) -> None:
+    def _update(self, pairs, weight_version: int, flush_cache: bool, own: bool = True) -> None:
         with self._lock:
             self._apply_pending()  # a pause(abort) just before must finish its requests under the old version
+            if own and self._adopted and pairs:
+                self._own_params()
+                pairs = [(self._params[self._key_of[id(dst)]], src) for dst, src in pairs]
             self._apply(pairs)
             self._sched.version = int(weight_version)
             if flush_cache:
@@ -480,12 +486,16 @@ class EmbeddedEngine:
             return len(self._staged)
 
     def commit_weights(self, transfer_id: str, weight_version: int, flush_cache: bool = True,
-                       expected_tensors: int | None = None) -> dict:
+                       expected_tensors: int | None = None, adopt: bool = False) -> dict:
         """Apply the staged transfer `transfer_id` as one full update, stamped `weight_version`.
 
         It must cover every parameter (and hold `expected_tensors` tensors when given).
         The staging is dropped whatever happens; on a ValueError the weights and the
-        version are unchanged. Returns {"num_tensors", "bytes" (copied into params), "seconds"}.
+        version are unchanged. `adopt`: the staged tensors become the parameters where
+        they can (same dtype and device, contiguous; the parts of a fused QKV / gate-up
+        weight only when they lie back to back in one buffer), with no copy — the caller
+        promises nobody writes them afterwards. The rest is copied.
+        Returns {"num_tensors", "bytes" (copied), "adopted_bytes", "seconds"}.
         """
         start = time.perf_counter()
         with self._lock:
@@ -498,9 +508,61 @@ class EmbeddedEngine:
             if expected_tensors is not None and expected_tensors != len(staged):
                 raise ValueError(f"weight commit {transfer_id}: expected {expected_tensors} tensors, "
                                  f"{len(staged)} are staged")
-            self._update([(self._params[key], src) for key, src in staged.items()], weight_version, flush_cache)
-        nbytes = sum(self._params[key].numel() * self._params[key].element_size() for key in staged)
-        return {"num_tensors": len(staged), "bytes": nbytes, "seconds": time.perf_counter() - start}
+            pairs = [(self._params[key], src) for key, src in staged.items()]
+            adopted = 0
+            if adopt:
+                with torch.no_grad():
+                    self._apply_pending()
+                    copies = self._adopt(staged)
+                adopted = sum(t.numel() * t.element_size() for t in staged.values()) - \
+                    sum(src.numel() * src.element_size() for _, src in copies)
+                pairs = copies
+            self._update(pairs, weight_version, flush_cache, own=not adopt)
+        nbytes = sum(dst.numel() * dst.element_size() for dst, _ in pairs)
+        return {"num_tensors": len(staged), "bytes": nbytes, "adopted_bytes": adopted,
+                "seconds": time.perf_counter() - start}
+
+    def _own_params(self) -> None:
+        """Copy adopted parameters back into memory of this engine's own before writing into them: adopted
+        buffers may be shared with other engines (a shared-memory sync) and must stay read-only."""
+        with torch.no_grad():
+            fused_parts = set()
+            for module, attr, names in self._fused:
+                fused_parts.update(names)
+                own = getattr(module, attr).clone()
+                setattr(module, attr, own)
+                row = 0
+                for name in names:
+                    rows = self._params[name].shape[0]
+                    self._params[name].data = own[row: row + rows]
+                    row += rows
+            for name, param in self._params.items():
+                if name not in fused_parts:
+                    param.data = param.data.clone()
+        self._adopted = False
+
+    def _adopt(self, staged: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Make staged tensors the parameters (step lock held); returns the (param, src) pairs left to copy."""
+        self._adopted = True
+        left = dict(staged)
+        fused_parts = set()
+        for module, attr, names in self._fused:
+            fused_parts.update(names)
+            joined = _back_to_back([left.get(n) for n in names], getattr(module, attr))
+            if joined is None:
+                continue
+            setattr(module, attr, joined)
+            row = 0
+            for name in names:
+                rows = left.pop(name).shape[0]
+                self._params[name].data = joined[row: row + rows]
+                row += rows
+        for name, src in list(left.items()):
+            param = self._params[name]
+            if name not in fused_parts and _same_layout(src, param):
+                param.data = src
+                del left[name]
+        return [(self._params[name], src) for name, src in left.items()]
 
     def abort_weight_update(self, transfer_id: str | None = None) -> bool:
         """Drop the staged transfer (only if it is `transfer_id`, when given); True if one was dropped."""
@@ -562,6 +624,35 @@ class EmbeddedEngine:
 def _sha256(t: torch.Tensor) -> str:
     data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def _fused_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, list[str]]]:
+    """The fused QKV / gate-up tensors of the model and the HF parameters that view them, in row order."""
+    groups = []
+    for prefix, module in model.named_modules():
+        for fused, parts in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))):
+            for kind in ("weight", "bias"):
+                if getattr(module, f"{fused}_{kind}", None) is not None:
+                    groups.append((module, f"{fused}_{kind}", [f"{prefix}.{p}.{kind}" for p in parts]))
+    return groups
+
+
+def _same_layout(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    return src.dtype == dst.dtype and src.device == dst.device and src.shape == dst.shape and src.is_contiguous()
+
+
+def _back_to_back(srcs: list[torch.Tensor | None], fused: torch.Tensor) -> torch.Tensor | None:
+    """One tensor shaped like `fused` over the parts' own memory when they lie back to back, else None."""
+    if any(s is None or not s.is_contiguous() or s.dtype != fused.dtype or s.device != fused.device for s in srcs):
+        return None
+    storage = srcs[0].untyped_storage()
+    for a, b in zip(srcs, srcs[1:]):
+        if b.untyped_storage().data_ptr() != storage.data_ptr() or \
+                a.data_ptr() + a.numel() * a.element_size() != b.data_ptr():
+            return None
+    if sum(s.shape[0] for s in srcs) != fused.shape[0]:
+        return None
+    return srcs[0].new_empty(0).set_(storage, srcs[0].storage_offset(), fused.shape, fused.stride())
 
 
 def _resolve(fut: asyncio.Future, out: GenerateOutput) -> None:

@@ -278,10 +278,11 @@ async def commit_weight_update(state: ServerState, body: dict) -> web.Response:
     version = parse_weight_version(require(body, "weight_version", (int, str), where), 0)
     flush = get_field(body, "flush_cache", (bool,), True, where)
     expected = get_field(body, "expected_tensors", (int,), None, where)
+    adopt = get_field(body, "adopt", (bool,), False, where)
     if get_field(body, "abort_all_requests", (bool,), False, where):
         await state.blocking(state.engine.abort, None)
     result = await state.blocking(state.engine.commit_weights, transfer_id, version, flush_cache=flush,
-                                  expected_tensors=expected)
+                                  expected_tensors=expected, adopt=adopt)
     return weight_result(True, f"Succeeded to commit weight update {transfer_id!r} ({result['num_tensors']} "
                                f"tensors). Weight version updated to {version}.",
                          **result, weight_version=str(version))

@@ -95,8 +95,9 @@ class LocalEndpoint:
         if group is not None:
             group.destroy()
 
-    def commit(self, transfer_id: str, version: int, expected_tensors: int) -> dict:
-        return self.engine.commit_weights(transfer_id, version, flush_cache=True, expected_tensors=expected_tensors)
+    def commit(self, transfer_id: str, version: int, expected_tensors: int, adopt: bool = False) -> dict:
+        return self.engine.commit_weights(transfer_id, version, flush_cache=True, expected_tensors=expected_tensors,
+                                          adopt=adopt)
 
     def abort(self, transfer_id: str | None) -> None:
         self.engine.abort_weight_update(transfer_id)
@@ -163,9 +164,9 @@ class HttpEndpoint:
     def destroy_group(self, group_name: str) -> None:
         self.client.destroy_weights_update_group(group_name)
 
-    def commit(self, transfer_id: str, version: int, expected_tensors: int) -> dict:
+    def commit(self, transfer_id: str, version: int, expected_tensors: int, adopt: bool = False) -> dict:
         return self.client.commit_weight_update(transfer_id, version, flush_cache=True,
-                                                expected_tensors=expected_tensors)
+                                                expected_tensors=expected_tensors, adopt=adopt)
 
     def abort(self, transfer_id: str | None) -> None:
         self.client.abort_weight_update(transfer_id)

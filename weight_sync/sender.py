@@ -126,13 +126,18 @@ def write_stage_buckets(source: WeightSource, plan, buffers: dict[int, torch.Ten
     return dict(timer.seconds)
 
 
-def gather_shards(source: WeightSource, name: str, timer: Timer) -> list[tuple[str, int, torch.Tensor]]:
-    """TP rank 0 gets every rank's shard of `name` ([] elsewhere); replicated tensors are not gathered."""
+def gather_shards(source: WeightSource, name: str, timer: Timer,
+                  dtype: torch.dtype | None = None) -> list[tuple[str, int, torch.Tensor]]:
+    """TP rank 0 gets every rank's shard of `name` ([] elsewhere); replicated tensors are not gathered.
+    Shards travel in `dtype` when it is narrower than theirs (the engine dtype: a cast now or at packing
+    rounds the same, and the gather moves half the bytes of fp32 for bf16)."""
     shard = source.local(name)
     if source.tp_size == 1 or source.replicated(name):
         return [(name, 0, shard)] if source.tp_rank == 0 else []
     with timer.phase("gather"):
         dst = dist.get_global_rank(source.tp_group, 0)
+        if dtype is not None and dtype.itemsize < shard.dtype.itemsize:
+            shard = shard.to(dtype)
         shard = shard.detach().contiguous()
         shards = [torch.empty_like(shard) for _ in range(source.tp_size)] if source.tp_rank == 0 else None
         dist.gather(shard, shards, dst=dst, group=source.tp_group)
@@ -154,7 +159,8 @@ def gather_stage_buckets(source: WeightSource, plan, send: Callable[[Any, torch.
     if buffer_for is None and source.tp_rank == 0 and buckets:
         shared = torch.empty(max(b.nbytes for b in buckets), dtype=torch.uint8, device=source.device)
     for bucket in buckets:
-        pieces = [p for name in _by_source(bucket) for p in gather_shards(source, name, timer)]
+        pieces = [p for name in _by_source(bucket)
+                  for p in gather_shards(source, name, timer, dtype_from_name(plan.dtype))]
         if source.tp_rank != 0:
             continue
         with timer.phase("pack"):

@@ -133,6 +133,9 @@ class WeightSync:
         self.transport.cleanup(success=True)
         total = time.perf_counter() - t0
         metrics = {f"sync/{k}_s": v for k, v in seconds.items() if k != "send"}
+        first = results[0] if results else {}
+        metrics.update({"sync/copied_bytes": float(first.get("bytes", self.plan.nbytes)),
+                        "sync/adopted_bytes": float(first.get("adopted_bytes", 0))})
         metrics.update({"sync/total_s": total, "sync/paused_s": paused_s, "sync/bytes": float(self.plan.nbytes),
                         "sync/buckets": float(len(self.plan.buckets)), "sync/gbps": self.plan.nbytes / total / 1e9,
                         "sync/version": float(version)})

@@ -223,9 +223,11 @@ class Transport:
         """Move every bucket to every engine, staged under `transfer_id`; seconds per phase."""
         raise NotImplementedError
 
+    adopt = False  # may engines keep the staged buffers as their parameters (nobody writes them later)?
+
     def commit(self, transfer_id: str, version: int) -> list[dict]:
         n = len(self.plan.tensors)
-        return _each(self.endpoints, lambda ep: ep.commit(transfer_id, version, n), "commit")
+        return _each(self.endpoints, lambda ep: ep.commit(transfer_id, version, n, self.adopt), "commit")
 
     def cleanup(self, success: bool) -> None:
         """After a push (committed or not): free what only that push needed."""
@@ -243,19 +245,36 @@ def _remove_orphans(root: str) -> None:
 
 
 class SharedMemoryTransport(Transport):
+    """Two sets of bucket files used in turn: engines adopt the set a sync wrote as their parameters (no copy
+    at the commit), and the next sync writes the other set, which no engine reads any more. After a failed
+    sync the set it wrote is replaced by fresh files (an engine might have adopted it before the failure)."""
+
     kind = "shm"
+    adopt = True
 
     def __init__(self, *args):
         super().__init__(*args)
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        _remove_orphans(root)
+        self.root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        _remove_orphans(self.root)
+        self.sets: list[dict[int, str]] = [self._new_set(), {}]
+        self.write = 0  # the set the next sync writes
+
+    def _new_set(self) -> dict[int, str]:
         tag = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"  # the pid lets a later job remove files of a killed one
-        self.paths = {b.index: os.path.join(root, f"{SHM_PREFIX}{tag}_b{b.index:05d}") for b in self.plan.buckets}
+        paths = {b.index: os.path.join(self.root, f"{SHM_PREFIX}{tag}_b{b.index:05d}") for b in self.plan.buckets}
         for b in self.plan.buckets:
-            with open(self.paths[b.index], "wb") as f:
+            with open(paths[b.index], "wb") as f:
                 f.truncate(b.nbytes)
+        return paths
+
+    @property
+    def paths(self) -> dict[int, str]:
+        return self.sets[self.write]
 
     def rank_spec(self, action: str = "send") -> RankSpec:
+        if action == "leave":
+            every = [p for paths in self.sets for p in paths.values()]
+            return RankSpec(self.kind, action, self.plan, paths=dict(enumerate(every)))
         return RankSpec(self.kind, action, self.plan, paths=self.paths)
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
@@ -272,6 +291,16 @@ class SharedMemoryTransport(Transport):
         seconds["transfer"] = time.perf_counter() - t0
         return seconds
 
+    def cleanup(self, success: bool) -> None:
+        if success:
+            self.write = 1 - self.write
+            if not self.sets[self.write]:
+                self.sets[self.write] = self._new_set()
+            return
+        self.trainer.send_weights(run_on_rank, RankSpec(self.kind, "leave", self.plan, paths=self.paths))
+        _unlink(self.paths.values())  # mappings that engines or ranks still hold stay valid
+        self.sets[self.write] = self._new_set()
+
     def close(self) -> None:
         for ep in self.endpoints:
             try:
@@ -282,15 +311,20 @@ class SharedMemoryTransport(Transport):
             self.trainer.send_weights(run_on_rank, self.rank_spec("leave"))
         except Exception:  # noqa: BLE001 - ranks already closed
             pass
-        for path in self.paths.values():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        _unlink(p for paths in self.sets for p in paths.values())
+
+
+def _unlink(paths) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class BroadcastTransport(Transport):
     kind = "broadcast"
+    adopt = True  # engines receive into buffers of their own
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -440,6 +474,7 @@ class LocalTransport(Transport):
     """Trainer weights in this process (`trainer.hf_state_dict()`), packed per bucket and staged directly."""
 
     kind = "local"
+    adopt = True  # a fresh buffer per bucket, handed over
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
         import time
