@@ -10,16 +10,16 @@ of the weight plan (~0.99 GB for the 0.5B shape). Every rank and server runs wit
 
 The reference is ONE `dst.copy_(src)` of the same byte count at the engines' thread setting (1 thread);
 a 2-thread copy is reported beside it. Rounds are interleaved (memcpy, then one push per transport, each a
-new version; nothing is trained in between). Round 0 is warm-up (page faults of the shared-memory files,
-broadcast group setup) and is reported on its own; the medians are over the other rounds. Headline:
+new version; nothing is trained in between). Rounds 0-1 are warm-up (page faults of the two sets of
+shared-memory files, broadcast group setup) and is reported on its own; the medians are over the other rounds. Headline:
 ratio = memcpy_1thread_s / sync_total_s (1.0 would be a sync as fast as a single local copy).
 
 Then, per transport, the smallest tensor of every bucket is overwritten on the engines, one more push runs
-and `WeightSync.check()` compares every engine tensor with the trainer's export (so the check can fail). The
-export is streamed one Megatron parameter at a time (`StreamedExport`, same merge rules as the trainer's
-`export_hf`): the trainer's whole-model export costs ~+20 GB and ~50 s at this shape.
-Last, a bucket-size sweep (a new WeightSync per size, 1 warm-up + `--sweep-rounds` timed pushes, a memcpy
-before each) plotted to `--png`. Results: `--out` (JSON).
+and `WeightSync.check()` compares every engine tensor with the trainer's export (so the check can fail; the
+trainer hashes its tensors one Megatron parameter at a time on the sending ranks).
+Last, a bucket-size sweep (a new WeightSync per size, 2 warm-up pushes — shared memory alternates two file sets,
+each faulted in on its first write — + `--sweep-rounds` timed pushes, a memcpy before each) plotted to `--png`.
+Results: `--out` (JSON).
 
 GPU path (`--transports cuda_ipc`, untested here): the servers run `--device cuda` on the trainer's GPU and
 the trainer is Megatron TP1 bf16; 7B needs ~75 GB for Megatron's bf16 params, fp32 main params and fp32 grad
@@ -56,7 +56,8 @@ SHAPES = {  # (arch, hidden, layers, heads, kv heads, intermediate, vocab, tied)
     "0.5b": ("qwen2", 896, 24, 14, 2, 4864, 151936, True),  # Qwen2-0.5B's shape
     "7b": ("qwen2", 3584, 28, 28, 4, 18944, 152064, False),  # Qwen2-7B's shape
 }
-PHASES = ("gather", "pack", "transfer", "load", "paused", "total")
+WARMUP_PUSHES = 2  # the two shared-memory file sets are each faulted in on their first write
+PHASES = ("gather", "pack", "ranks", "transfer", "stage", "load", "verify", "paused", "total")
 GB = 1e9
 
 
@@ -158,43 +159,6 @@ def _rank_threads(source, spec) -> dict:
     return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _export_param(source, spec: tuple[int, str]):
-    """Runs on every trainer rank: the HF tensors of one Megatron parameter of stage `spec[0]` (on TP rank 0 of
-    that stage, None elsewhere), TP shards gathered and merged by the trainer's export rule, not the sender's."""
-    import torch.distributed as dist
-
-    stage, name = spec
-    if not source.active or source.stage != stage:
-        return None
-    shard = source.local(name).detach().contiguous()
-    shards = [shard]
-    if source.tp_size > 1 and not source.replicated(name):
-        shards = [torch.empty_like(shard) for _ in range(source.tp_size)] if source.tp_rank == 0 else None
-        dist.gather(shard, shards, dst=dist.get_global_rank(source.tp_group, 0), group=source.tp_group)
-    return source.export(name, shards) if source.tp_rank == 0 else None
-
-
-class StreamedExport:
-    """The trainer as `WeightSync` sees it, except that `hf_state_dict()` streams one Megatron parameter at a
-    time. `WeightSync.check()` only iterates its items; the trainer's own export (whole model gathered on rank 0
-    with `gather_object`, then pickled to the driver) peaks at ~+20 GB for the 0.5B shape (see README)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def __getattr__(self, name):
-        return getattr(self.trainer, name)
-
-    def hf_state_dict(self) -> StreamedExport:
-        return self
-
-    def items(self):
-        for stage, params in enumerate(self.trainer.weight_layout()["stages"]):
-            for source, _outputs in params:
-                for merged in self.trainer.send_weights(_export_param, (stage, source)):
-                    yield from (merged or {}).items()
-
-
 # ---------------------------------------------------------------------------------------------- setup
 def build_config(shape: str) -> dict:
     arch, hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
@@ -257,22 +221,24 @@ class Versions:
 
 
 def interleaved(syncs: dict, memcpy: Memcpy, rounds: int, version: Versions, log=print) -> dict:
-    """Round 0 = warm-up; then `rounds` timed rounds of memcpy (1 and 2 threads) + one push per transport."""
+    """WARMUP_PUSHES warm-up rounds, then `rounds` timed rounds of memcpy (1 and 2 threads) + one push per
+    transport."""
     copies = {1: [], 2: []}
     pushes = {kind: [] for kind in syncs}
-    for r in range(rounds + 1):
+    w = WARMUP_PUSHES
+    for r in range(rounds + w):
         for threads in copies:
             copies[threads].append(memcpy.seconds(threads))
         for kind, sync in syncs.items():
             pushes[kind].append(phases(sync.push(version())))
         row = "  ".join(f"{k} {p[-1]['total']:.2f}s" for k, p in pushes.items())
-        log(f"  round {r}{' (warm-up)' if r == 0 else ''}: memcpy {copies[1][-1]:.3f}s / {copies[2][-1]:.3f}s "
+        log(f"  round {r}{' (warm-up)' if r < w else ''}: memcpy {copies[1][-1]:.3f}s / {copies[2][-1]:.3f}s "
             f"(1/2 threads)  {row}")
-    memcpy_s = {f"{t}thread": statistics.median(s[1:]) for t, s in copies.items()}
+    memcpy_s = {f"{t}thread": statistics.median(s[w:]) for t, s in copies.items()}
     out = {"memcpy_s": memcpy_s, "memcpy_warmup_s": {f"{t}thread": s[0] for t, s in copies.items()},
            "memcpy_all_s": {f"{t}thread": s for t, s in copies.items()}, "transports": {}}
     for kind, rows in pushes.items():
-        med = medians(rows[1:])
+        med = medians(rows[w:])
         out["transports"][kind] = {
             "plan": syncs[kind].plan.summary(), "buckets": len(syncs[kind].plan.buckets),
             "warmup_s": rows[0], "median_s": med, "rounds_s": rows,
@@ -297,21 +263,21 @@ def checked(syncs: dict, clients: list, version: Versions, log=print) -> dict:
 
 def sweep(trainer, clients: list, kinds: list[str], sizes: list[int], rounds: int, memcpy: Memcpy,
           version: Versions, log=print) -> list[dict]:
-    """A new WeightSync per (transport, bucket MiB): 1 warm-up + `rounds` timed pushes, a memcpy before each."""
+    """A new WeightSync per (transport, bucket MiB): 2 warm-up + `rounds` timed pushes, a memcpy before each."""
     table = []
     for kind in kinds:
         for mb in sizes:
-            sync = WeightSync(StreamedExport(trainer), clients, SyncConfig(transport=kind, bucket_mb=mb),
+            sync = WeightSync(trainer, clients, SyncConfig(transport=kind, bucket_mb=mb),
                               log=lambda *a: None)
             try:
                 copies, rows = [], []
-                for _ in range(rounds + 1):
+                for _ in range(rounds + WARMUP_PUSHES):
                     copies.append(memcpy.seconds(1))
                     rows.append(phases(sync.push(version())))
-                med, plan = medians(rows[1:]), sync.plan
+                med, plan = medians(rows[WARMUP_PUSHES:]), sync.plan
             finally:
                 sync.close()
-            memcpy_s = statistics.median(copies[1:])
+            memcpy_s = statistics.median(copies[WARMUP_PUSHES:])
             table.append({"transport": kind, "bucket_mb": mb, "buckets": len(plan.buckets),
                           "oversized": len(plan.oversized()),
                           "largest_bucket_mb": max(b.nbytes for b in plan.buckets) / 2**20,
@@ -431,12 +397,12 @@ def main() -> None:
                    f"threads; memcpy and driver 1 thread (plus a 2-thread memcpy); {os.cpu_count()} CPUs")
         print(threads)
         version = Versions()
-        syncs = {kind: WeightSync(StreamedExport(trainer), clients,
+        syncs = {kind: WeightSync(trainer, clients,
                                   SyncConfig(transport=kind, bucket_mb=args.bucket_mb)) for kind in args.transports}
         nbytes = next(iter(syncs.values())).plan.nbytes
         largest_mb = max(t.nbytes for t in next(iter(syncs.values())).plan.tensors) / 2**20
         memcpy = Memcpy(nbytes, "cuda" if args.cuda else "cpu")
-        print(f"interleaved rounds ({args.rounds} timed + 1 warm-up), bucket limit {args.bucket_mb} MiB:")
+        print(f"interleaved rounds ({args.rounds} timed + {WARMUP_PUSHES} warm-up), bucket limit {args.bucket_mb} MiB:")
         res = interleaved(syncs, memcpy, args.rounds, version)
         res["memory_after_rounds_gb"] = MemoryWatch.snapshot(trainer, servers)
         print(f"  memory now (GB, anon RSS): {json.dumps(res['memory_after_rounds_gb'])}")
@@ -448,7 +414,7 @@ def main() -> None:
             syncs.pop(kind).close()
         table = []
         if args.sweep_transports:
-            print(f"bucket sweep ({args.sweep_rounds} timed + 1 warm-up per size):")
+            print(f"bucket sweep ({args.sweep_rounds} timed + {WARMUP_PUSHES} warm-up per size):")
             memcpy = Memcpy(nbytes, "cuda" if args.cuda else "cpu")
             table = sweep(trainer, clients, args.sweep_transports, args.sweep_mb, args.sweep_rounds, memcpy, version)
             del memcpy

@@ -114,13 +114,17 @@ class WeightSync:
         try:
             if not staging:  # buckets apply as they arrive: nothing may generate meanwhile
                 paused_at = self._pause()
+            t_stage = time.perf_counter()
             seconds = self.transport.stage(transfer_id, version)
+            seconds["stage"] = time.perf_counter() - t_stage
             if paused_at is None:
                 paused_at = self._pause()
             t_load = time.perf_counter()
             results = self.transport.commit(transfer_id, version)
             seconds["load"] = time.perf_counter() - t_load
+            t_verify = time.perf_counter()
             self._verify(version, results)
+            seconds["verify"] = time.perf_counter() - t_verify
         except BaseException as exc:
             self._abort(transfer_id)
             self.transport.cleanup(success=False)
@@ -165,7 +169,8 @@ class WeightSync:
     def _verify(self, version: int, results: list[dict]) -> None:
         expected = len(self.plan.tensors)
         for ep, result in zip(self.endpoints, results):
-            got = ep.version()
+            reported = (result or {}).get("weight_version")  # an HTTP commit answers with it: no extra request
+            got = int(reported) if reported is not None else ep.version()
             if got != version:
                 raise SyncError(f"{ep.url} serves weight version {got} after the sync, expected {version}",
                                 url=ep.url, phase="verify")
