@@ -423,6 +423,11 @@ class EngineClient:
             body["expected_tensors"] = expected_tensors
         return (await self._update("/commit_weight_update", self._same_for_all(body)))[0]
 
+    async def aupdate_weight_version(self, weight_version: int, abort_all_requests: bool = False) -> None:
+        """Stamp a version without touching the weights (`/update_weight_version`, every server)."""
+        await self._update("/update_weight_version", self._same_for_all(
+            {"new_version": str(weight_version), "abort_all_requests": abort_all_requests}))
+
     async def aabort_weight_update(self, transfer_id: str | None = None) -> bool:
         """Drop the staged transfer (only `transfer_id`, when given); True if any server dropped one."""
         bodies = await self._update("/abort_weight_update", self._same_for_all({"transfer_id": transfer_id}))
@@ -603,6 +608,9 @@ class EngineClient:
                              expected_tensors: int | None = None, adopt: bool = False) -> dict[str, Any]:
         return self._run(self.acommit_weight_update(transfer_id, weight_version, flush_cache, expected_tensors,
                                                     adopt))
+
+    def update_weight_version(self, weight_version: int, abort_all_requests: bool = False) -> None:
+        self._run(self.aupdate_weight_version(weight_version, abort_all_requests))
 
     def abort_weight_update(self, transfer_id: str | None = None) -> bool:
         return self._run(self.aabort_weight_update(transfer_id))

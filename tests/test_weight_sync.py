@@ -174,6 +174,27 @@ def test_transport_contract(kind, weights, servers, tmp_path):
             e.close()
 
 
+def test_server_without_staging_is_paused_for_the_whole_transfer(weights, clients):
+    """Real SGLang cannot stage: buckets apply as they arrive, so the sync pauses first and stamps the version
+    with /update_weight_version at the end."""
+    trainer = HFTrainer(HF_CONFIG, weights, OPT)
+    train_once(trainer, make_batch())
+    sync = WeightSync(trainer, clients[:1], SyncConfig(bucket_mb=SMALL_BUCKETS_MB))
+    sync.close()
+    endpoint = sync.endpoints[0]
+    endpoint.staging = False  # what HttpEndpoint reads from a real SGLang server's /server_info
+    sync = WeightSync(trainer, [endpoint], SyncConfig(bucket_mb=SMALL_BUCKETS_MB))
+    try:
+        assert sync.kind == "broadcast"
+        metrics = sync.push(1)
+        assert metrics["sync/paused_s"] >= metrics["sync/stage_s"] > 0
+        assert clients[0].get_weight_version() == 1 and sync.check() == {}
+        with pytest.raises(ValueError, match="stage weight updates"):
+            WeightSync(trainer, [endpoint], SyncConfig(transport="shm"))
+    finally:
+        sync.close()
+
+
 def test_auto_transport_and_settings_errors(weights):
     trainer = HFTrainer(HF_CONFIG, weights, OPT)
     engine = EmbeddedEngine(HF_CONFIG, weights, seed=0)

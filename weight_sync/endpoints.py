@@ -165,11 +165,15 @@ class HttpEndpoint:
         self.client.destroy_weights_update_group(group_name)
 
     def commit(self, transfer_id: str, version: int, expected_tensors: int, adopt: bool = False) -> dict:
+        if not self.staging:  # the buckets are applied already: stamp the version (the cache was flushed by each)
+            self.client.update_weight_version(version, abort_all_requests=False)
+            return {"num_tensors": expected_tensors}
         return self.client.commit_weight_update(transfer_id, version, flush_cache=True,
                                                 expected_tensors=expected_tensors, adopt=adopt)
 
     def abort(self, transfer_id: str | None) -> None:
-        self.client.abort_weight_update(transfer_id)
+        if self.staging:  # nothing staged elsewhere; a server without staging may have applied some buckets
+            self.client.abort_weight_update(transfer_id)
 
     def update_from_disk(self, path: str, version: int) -> None:
         self.client.update_weights_from_disk(path, version, flush_cache=True)

@@ -52,6 +52,8 @@ def choose_transport(settings: SyncConfig, trainer, endpoints: list) -> str:
     """auto: in-process trainer and engine -> local; engines on this host -> shm; else broadcast."""
     if settings.transport != "auto":
         return settings.transport
+    if not all(ep.staging for ep in endpoints):  # e.g. real SGLang: only its own update endpoints
+        return "broadcast"
     in_process_trainer = not hasattr(trainer, "send_weights")
     if in_process_trainer and all(isinstance(ep, LocalEndpoint) for ep in endpoints):
         return "local"
@@ -95,6 +97,9 @@ class WeightSync:
             raise ValueError("sync.transport 'local' needs a trainer in this process (train.backend=hf)")
         if self.kind == "local" and not all(isinstance(ep, LocalEndpoint) for ep in self.endpoints):
             raise ValueError("sync.transport 'local' needs in-process engines; use shm, broadcast or disk for servers")
+        if self.kind in ("shm", "local") and not all(ep.staging for ep in self.endpoints):
+            raise ValueError(f"sync.transport {self.kind!r} needs engines that stage weight updates (ours); "
+                             f"use broadcast, disk or cuda_ipc for servers without staging (real SGLang)")
         if not hasattr(trainer, "send_weights"):
             trainer = self.trainer = InProcessRanks(trainer)
         backend = self.settings.backend
