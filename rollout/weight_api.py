@@ -50,9 +50,9 @@ from aiohttp import web
 
 from rollout import wire
 from rollout.protocol import BadRequest, get_field, read_json, require
-from slime_rl.buckets import ALIGN, dtype_from_name, unpack_bucket
+from slime_rl.buckets import bucket_layout, dtype_from_name, unpack_bucket
 from slime_rl.dist_group import WeightGroup, init_weight_group
-from slime_rl.types import BucketEntry, WeightBucket
+from slime_rl.types import WeightBucket
 
 if TYPE_CHECKING:
     from rollout.server import ServerState
@@ -86,18 +86,6 @@ def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, 
         return wire.decode_tensor_payload(serialized, load_format)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
-
-
-def bucket_layout(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[list[BucketEntry], int]:
-    """Entries + total bytes of the buffer `pack_bucket` would build for these tensors."""
-    entries, offset = [], 0
-    for name, dtype, shape in zip(names, dtypes, shapes):
-        entries.append(BucketEntry(name, dtype.removeprefix("torch."), tuple(shape), offset))
-        numel = 1
-        for d in shape:
-            numel *= d
-        offset = -(-(offset + numel * dtype_from_name(dtype).itemsize) // ALIGN) * ALIGN
-    return entries, offset
 
 
 def receive_tensors(group: WeightGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],

@@ -33,13 +33,23 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def bucket_layout(names: list[str], dtypes: list[str], shapes: list[Iterable[int]]) -> tuple[list[BucketEntry], int]:
+    """Entries + total bytes of the buffer holding these tensors in order (each offset aligned to ALIGN)."""
+    entries, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        entries.append(BucketEntry(name, dtype.removeprefix("torch."), tuple(shape), offset))
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        offset = _aligned(offset + numel * dtype_from_name(dtype).itemsize)
+    return entries, offset
+
+
 def pack_bucket(named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int = 0) -> WeightBucket:
     """Copy tensors into one uint8 buffer (on the first tensor's device)."""
     items = [(name, t.detach()) for name, t in named_tensors]
-    entries, offset = [], 0
-    for name, t in items:
-        entries.append(BucketEntry(name, dtype_name(t.dtype), tuple(t.shape), offset))
-        offset = _aligned(offset + t.numel() * t.element_size())
+    entries, offset = bucket_layout([n for n, _ in items], [dtype_name(t.dtype) for _, t in items],
+                                    [t.shape for _, t in items])
     device = items[0][1].device if items else "cpu"
     buffer = torch.empty(offset, dtype=torch.uint8, device=device)
     tensors = [t for _, t in items]
