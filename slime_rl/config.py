@@ -85,6 +85,10 @@ class RolloutConfig:
     enable_prefix_cache: bool = True
     # SGLang servers: engine arguments passed through (`--key value`; true = a bare flag)
     sglang_args: dict[str, Any] = field(default_factory=dict)
+    # external engines: SGLang-protocol servers already running (empty = the embedded engine in this process)
+    engine_urls: list[str] = field(default_factory=list)  # every engine (weights are synced to each)
+    router_url: str | None = None  # generate through this router; None = a built-in router over engine_urls
+    api_key: str | None = None  # for the engines' control endpoints
 
 
 @dataclass

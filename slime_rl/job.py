@@ -37,7 +37,7 @@ def _eval_label(cfg: JobConfig) -> str:
 
 def _check_supported(cfg: JobConfig) -> None:
     algorithms.check_implemented(cfg.algorithm.name)
-    if cfg.rollout.num_inferencers != 1:
+    if cfg.rollout.num_inferencers != 1 and not cfg.rollout.engine_urls:
         raise NotImplementedError("multiple engines (-i > 1) are not yet implemented; "
                                   "this version runs one embedded engine in process")
 
@@ -145,15 +145,37 @@ def build_run(cfg: JobConfig) -> Run:
     hf_config, state_dict = _model(cfg, tokenizer)
     trainer = build_trainer(cfg, hf_config, state_dict)
     ro = cfg.rollout
-    engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
-                            max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
-                            enable_prefix_cache=ro.enable_prefix_cache)
+    extra: dict = {}
+    if ro.engine_urls:
+        engine, sync_engines, extra["router"] = external_engines(ro)
+    else:
+        engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
+                                max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb,
+                                page_size=ro.page_size, enable_prefix_cache=ro.enable_prefix_cache)
+        sync_engines = [engine]
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
-    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine,
-               sync=WeightSync(trainer, [engine], cfg.sync), reward_fn=get_reward_fn(cfg.reward.name),
+    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine, extra=extra,
+               sync=WeightSync(trainer, sync_engines, cfg.sync), reward_fn=get_reward_fn(cfg.reward.name),
                train_records=train_records, val_records=val_records, sft_records=sft_records,
                logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
+
+
+def external_engines(ro):
+    """Clients for running SGLang-protocol servers: one to generate with (through `router_url`, or a built-in
+    router over the engines when there are several), one per engine for weight sync; and the router we
+    started (None if none)."""
+    from rollout.client import EngineClient
+    from rollout.router import start_router
+
+    router = None
+    url = ro.router_url or ro.engine_urls[0]
+    if ro.router_url is None and len(ro.engine_urls) > 1:
+        router = start_router(ro.engine_urls, prefer="builtin")
+        url = router.url
+    print(f"[rollout] {len(ro.engine_urls)} external engine(s) {ro.engine_urls}, generating through {url}")
+    engine = EngineClient(url, api_key=ro.api_key, control_urls=ro.engine_urls)
+    return engine, [EngineClient(u, api_key=ro.api_key, max_retries=0) for u in ro.engine_urls], router
 
 
 def _rl_opt(cfg: JobConfig):
@@ -229,8 +251,9 @@ def job_run(cfg: JobConfig):
     try:
         yield run
     finally:
-        for part in (run.sync, run.trainer, run.engine):
-            close = getattr(part, "close", None)
+        router = run.extra.get("router")
+        for close in (run.sync.close, getattr(run.trainer, "close", None), run.engine.close,
+                      router.stop if router is not None else None):
             if close is not None:
                 close()
 

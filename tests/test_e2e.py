@@ -50,6 +50,46 @@ def test_rl_improves_a_custom_reward(tmp_path, capsys, backend):
     assert "after RL:" in printed and "curves.png" in printed
 
 
+def test_rl_against_two_running_engine_servers(tmp_path, capsys):
+    """Engines are `slime_rl serve` processes started beforehand (`--rollout.engine_urls`): generation goes
+    through a built-in router over both, every sync reaches both (checked bit for bit), and reward improves."""
+    import time
+
+    from server_procs import START_TIMEOUT_S, launch_server, wait_healthy
+    from slime_rl.cli import build_parser, config_from_args
+    from slime_rl.hf_io import save_hf_checkpoint
+    from slime_rl.job import _model, _tokenizer
+
+    common = [*TINY, "--backend", "hf", "--sft.enabled", "false", "--reward.name", "test_e2e:sevens",
+              "--train.lr", "3e-3", "--train.warmup_steps", "0", "--rollout.prompts_per_step", "16",
+              "--eval.every_n_steps", "8"]
+    cfg = config_from_args(build_parser().parse_args(["train", *common]))
+    hf_config, state = _model(cfg, _tokenizer(cfg))
+    model_dir = tmp_path / "model"
+    save_hf_checkpoint(model_dir, hf_config, {k: v * 0 for k, v in state.items()})  # the first sync overwrites
+    servers = [launch_server(f"engine{i}", model_dir, tmp_path) for i in range(2)]
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for server in servers:
+            wait_healthy(server, deadline)
+        urls = ",".join(s.url for s in servers)
+        out = tmp_path / "run"
+        rc = main(["train", *common, "--train.num_steps", "16", "--rollout.engine_urls", urls,
+                   "--check-weight-sync", "--log.output_dir", str(out)])
+        assert rc == 0
+    finally:
+        for server in servers:
+            server.stop()
+    steps = [r for r in _records(out / "metrics.jsonl") if "rollout/reward_mean" in r]
+    first = sum(r["rollout/reward_mean"] for r in steps[:3]) / 3
+    last = sum(r["rollout/reward_mean"] for r in steps[-3:]) / 3
+    assert last > first + 0.2, (first, last)
+    assert steps[0]["train/train_rollout_logprob_abs_diff"] < 1e-5  # the engines serve the trainer's weights
+    assert all(r["sync/check_mismatches"] == 0 for r in steps)
+    printed = capsys.readouterr().out
+    assert "2 external engine(s)" in printed and "[sync] shm to 2 engine(s)" in printed
+
+
 def test_sft_then_eval_subcommands(tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(["sft", *TINY, "--sft.epochs", "2", "--log.output_dir", str(out)]) == 0

@@ -213,4 +213,7 @@ class WeightSync:
         return bad
 
     def close(self) -> None:
+        """Tear down the transport (files, groups) and the endpoints (HTTP clients, mappings); not the engines."""
         self.transport.close()
+        for ep in self.endpoints:
+            ep.close()
