@@ -90,6 +90,47 @@ def test_rl_against_two_running_engine_servers(tmp_path, capsys):
     assert "2 external engine(s)" in printed and "[sync] shm to 2 engine(s)" in printed
 
 
+def test_torchrun_job_against_two_running_engine_servers(tmp_path):
+    """`torchrun --nproc-per-node 2 ... --tp 2 --rollout.engine_urls A,B`: Megatron ranks train, rank 0 drives
+    the two pre-started servers and syncs them over shared memory; reward improves."""
+    import time
+
+    from server_procs import START_TIMEOUT_S, launch_server, wait_healthy
+    from slime_rl.cli import build_parser, config_from_args
+    from slime_rl.dist_group import free_port
+    from slime_rl.hf_io import save_hf_checkpoint
+    from slime_rl.job import _model, _tokenizer
+
+    common = [*TINY, "--tp", "2", "--sft.enabled", "false", "--reward.name", "test_e2e:sevens", "--train.lr", "3e-3",
+              "--train.warmup_steps", "0", "--rollout.prompts_per_step", "16", "--eval.every_n_steps", "8"]
+    cfg = config_from_args(build_parser().parse_args(["train", *common]))
+    hf_config, state = _model(cfg, _tokenizer(cfg))
+    save_hf_checkpoint(tmp_path / "model", hf_config, state)
+    servers = [launch_server(f"engine{i}", tmp_path / "model", tmp_path) for i in range(2)]
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])  # test_e2e:sevens
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for server in servers:
+            wait_healthy(server, deadline)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "slime_rl.cli", "train", *common, "--train.num_steps", "16",
+               "--rollout.engine_urls", ",".join(s.url for s in servers), "--log.output_dir", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        for server in servers:
+            server.stop()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [r for r in _records(out / "metrics.jsonl") if "rollout/reward_mean" in r]
+    first = sum(r["rollout/reward_mean"] for r in steps[:3]) / 3
+    last = sum(r["rollout/reward_mean"] for r in steps[-3:]) / 3
+    assert len(steps) == 16 and last > first + 0.2, (first, last)
+    assert steps[0]["train/train_rollout_logprob_abs_diff"] < 1e-5
+    assert "[sync] shm to 2 engine(s)" in proc.stdout and "2 external engine(s)" in proc.stdout
+
+
 def test_sft_then_eval_subcommands(tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(["sft", *TINY, "--sft.epochs", "2", "--log.output_dir", str(out)]) == 0
