@@ -29,7 +29,6 @@ replaced by a new transfer id, or aborted) leaves the old weights and version.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from rollout.model import DecoderLM, ModelConfig
 from rollout.radix_cache import RadixCache
 from rollout.sampling import row_uniforms
 from rollout.scheduler import Request, Scheduler
-from slime_rl.buckets import unpack_bucket
+from slime_rl.buckets import tensor_sha256, unpack_bucket
 from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
 
 log = logging.getLogger(__name__)
@@ -586,7 +585,7 @@ class EmbeddedEngine:
             raise ValueError(f"weights_checksum: unknown parameters {unknown[:5]} for {self.config.model_type} model"
                              f" (a tied lm_head.weight is model.embed_tokens.weight)")
         with self._lock:
-            return {name: _sha256(self._params[name]) for name in keys}
+            return {name: tensor_sha256(self._params[name]) for name in keys}
 
     # ---- scoring ----------------------------------------------------------
 
@@ -619,11 +618,6 @@ class EmbeddedEngine:
             for b, s in enumerate(seqs):
                 out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
         return out
-
-
-def _sha256(t: torch.Tensor) -> str:
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy()).hexdigest()
 
 
 def _fused_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, list[str]]]:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollout.builtin_router import BuiltinRouter
+from slime_rl.dist_group import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,6 @@ class Router(Protocol):
     def stop(self) -> None: ...
     def __enter__(self) -> "Router": ...
     def __exit__(self, *exc: object) -> None: ...
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def http_json(method: str, url: str, body: Any = None, timeout_s: float = 10.0) -> tuple[int, Any]:

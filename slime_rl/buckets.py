@@ -7,6 +7,8 @@ Offsets are aligned to `ALIGN` bytes so every view is aligned for its dtype.
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Iterable
 
 import torch
@@ -27,6 +29,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 hex digest of a tensor's bytes (C order, as stored on CPU): how engines and trainers compare weights."""
+    return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _aligned(n: int) -> int:

@@ -25,13 +25,13 @@ from rollout import EmbeddedEngine
 from rollout.client import EngineClient
 from server_procs import START_TIMEOUT_S, launch_server, wait_healthy
 from slime_rl import algorithms
+from slime_rl.buckets import tensor_sha256
 from slime_rl.config import SyncConfig
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import GenerateRequest, Sample, SampleStatus, SamplingParams, TrainBatch
 from training.hf import HFTrainer, OptimSettings
 from weight_sync import SyncError, WeightSync
-from weight_sync.transports import tensor_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = CharTokenizer().vocab_size

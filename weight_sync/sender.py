@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any, Callable, Protocol
 
 import torch
@@ -65,17 +66,13 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
 
+    @contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] += time.perf_counter() - self.t0
-
-        return _Span()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
 
 
 def _by_source(bucket) -> dict[str, dict[int, Any]]:

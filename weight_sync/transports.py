@@ -35,10 +35,10 @@ Transports:
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ import torch
 
 from slime_rl.dist_group import WeightGroup, free_port, init_weight_group
 from weight_sync.endpoints import SyncError, map_shared_file
-from slime_rl.buckets import dtype_from_name
+from slime_rl.buckets import dtype_from_name, tensor_sha256
 from weight_sync.sender import (TensorSource, Timer, bucket_views, gather_shards, gather_stage_buckets,
                                 write_stage_buckets)
 
@@ -125,10 +125,6 @@ def run_on_rank(source, spec: RankSpec) -> dict:
                                        buffer_for=fresh)
         return {**seconds, "payloads": payloads}
     raise ValueError(f"unknown weight transport {spec.kind!r}; allowed: {', '.join(TRANSPORTS)}")
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def stage_checksums(source, plan) -> dict[str, str]:
@@ -278,8 +274,6 @@ class SharedMemoryTransport(Transport):
         return RankSpec(self.kind, action, self.plan, paths=self.paths)
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
-        import time
-
         t0 = time.perf_counter()
         seconds = _max_phases(self.trainer.send_weights(run_on_rank, self.rank_spec()))
         seconds["ranks"] = time.perf_counter() - t0  # the ranks' work + the command round trip
@@ -357,8 +351,6 @@ class BroadcastTransport(Transport):
                                     phase="init_group") from exc
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
-        import time
-
         if not self.groups:
             self._join()
         staging = all(ep.staging for ep in self.endpoints)
@@ -452,8 +444,6 @@ class CudaIpcTransport(Transport):
     kind = "cuda_ipc"
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
-        import time
-
         results = self.trainer.send_weights(run_on_rank, self.rank_spec())
         payloads = {i: p for r in results for i, p in (r or {}).get("payloads", {}).items()}
         t0 = time.perf_counter()
@@ -479,8 +469,6 @@ class LocalTransport(Transport):
     adopt = True  # a fresh buffer per bucket, handed over
 
     def stage(self, transfer_id: str, version: int) -> dict[str, float]:
-        import time
-
         source = TensorSource(self.trainer.hf_state_dict())
         t0 = time.perf_counter()
 
