@@ -35,6 +35,10 @@ SHORT_FLAGS = {
     "tp": (("--tp",), "train.tp", "tensor-parallel size (megatron)"),
     "pp": (("--pp",), "train.pp", "pipeline-parallel size (megatron)"),
     "algo": (("--algo",), "algorithm.name", "RL algorithm"),
+    "launcher": (("--launcher",), "launch.launcher", "where processes run"),
+    "ray_address": (("--ray-address",), "launch.ray_address", "Ray cluster to join (implies --launcher ray)"),
+    "async_mode": (("--async",), "async_rl.mode", "overlap of generation and training"),
+    "resume": (("--resume",), "ckpt.resume", "checkpoint directory to resume from, or auto"),
 }
 SWITCHES = {
     # dest: (flag, config field set to True, help)
@@ -61,7 +65,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     topo = parser.add_argument_group("topology shortcuts")
     for dest, (flags, target, help_text) in SHORT_FLAGS.items():
         choices = literal_choices(_field_type(target))
-        metavar = "{" + ",".join(choices) + "}" if choices else "N"
+        metavar = "{" + ",".join(choices) + "}" if choices else _type_label(_field_type(target)).replace("STR", "VALUE")
         topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar=metavar,
                           choices=choices, help=f"{help_text} (= --{target})")
     for dest, (flag, target, help_text) in SWITCHES.items():
@@ -94,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     for dest, value in sorted(vars(args).items()):
         if dest.startswith("short."):
             set_field(cfg, SHORT_FLAGS[dest[len("short."):]][1], value)
+            if dest == "short.ray_address":
+                cfg.launch.launcher = "ray"
         elif dest.startswith("switch."):
             set_field(cfg, SWITCHES[dest[len("switch."):]][1], True)
         elif "." in dest or dest in {f.name for f in dataclasses.fields(JobConfig)}:

@@ -89,6 +89,10 @@ class RolloutConfig:
     engine_urls: list[str] = field(default_factory=list)  # every engine (weights are synced to each)
     router_url: str | None = None  # generate through this router; None = a built-in router over engine_urls
     api_key: str | None = None  # for the engines' control endpoints
+    # fault tolerance (engines we launched: Ray actors): health probes, restart + re-sync of a dead engine
+    health_check_s: float = 1.0  # seconds between /health probes of every engine (0 = off)
+    health_timeout_s: float = 5.0  # a probe unanswered this long counts as a failure (a hung engine)
+    max_engine_restarts: int = 3  # per engine over the job; past it the engine stays out of routing
 
 
 @dataclass
@@ -104,6 +108,12 @@ class AlgorithmConfig:
     scale_adv_by_std: bool = True
     adv_eps: float = 1e-6
     entropy_coef: float = 0.0
+    # off-policy correction for tokens sampled by older weights than the trainer's (async modes):
+    # tis = truncated importance sampling, weight min(pi_old / pi_behaviour, is_cap);
+    # decoupled = decoupled PPO, weight pi_old / pi_behaviour, tokens past is_cap masked out;
+    # auto = none in sync mode, decoupled in the async modes
+    off_policy: Literal["auto", "none", "tis", "decoupled"] = "auto"
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -157,6 +167,52 @@ class SyncConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """Overlap of generation and training: sync, one-step-off, or fully async with bounded staleness."""
+
+    mode: Literal["sync", "one_step_off", "fully_async"] = "sync"
+    max_staleness: int | None = None  # trained tokens at most this many versions old; None = 0 / 1 / 2 per mode
+    partial_rollout: bool = True  # fully async: a weight push interrupts generation, samples resume on new weights
+    buffer_groups: int | None = None  # rollout buffer capacity in groups; None = prompts_per_step x (staleness + 1)
+
+    @property
+    def staleness(self) -> int:
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return {"sync": 0, "one_step_off": 1, "fully_async": 2}[self.mode]
+
+
+@dataclass
+class LaunchConfig:
+    """Where the processes run: spawned locally, or placed by Ray (engines + trainer ranks as actors)."""
+
+    launcher: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # ray: None = start Ray on this machine; "auto" or HOST:PORT = join a cluster
+    colocate: bool = False  # ray: engines share the trainers' bundles and release memory while the trainer runs
+    num_cpus: int | None = None  # ray started here: CPUs it may use (None = all of this machine's)
+    cpus_per_engine: float = 1.0
+    cpus_per_trainer: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints of the whole run: model, optimizer, scheduler, data position, RNG, buffer, version."""
+
+    save_every: int = 0  # RL steps between checkpoints (0 = none during RL)
+    keep: int = 2  # newest checkpoints kept
+    resume: str | None = None  # a checkpoint directory, or "auto" = the newest under log.output_dir/checkpoints
+
+
+@dataclass
+class DebugConfig:
+    """Debug modes: record rollouts, replay them into the trainer without engines, or generate only."""
+
+    save_rollouts: str | None = None  # directory: every step's scored groups as step_NNNNNN.pt
+    load_rollouts: str | None = None  # directory written by save_rollouts: train on these, no engines
+    rollout_only: bool = False  # generate + score each step, never train (no trainer is built)
+
+
+@dataclass
 class SFTConfig:
     """Supervised warm-up: loss on response tokens only."""
 
@@ -200,6 +256,10 @@ class JobConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    async_rl: AsyncConfig = field(default_factory=AsyncConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -241,6 +301,19 @@ class JobConfig:
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
             ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),
             ("sync.bucket_mb", self.sync.bucket_mb > 0, "> 0"),
+            ("async_rl.max_staleness", (self.async_rl.max_staleness or 0) >= 0, ">= 0 or None"),
+            ("async_rl.max_staleness", self.async_rl.mode == "sync" or self.async_rl.staleness >= 1,
+             ">= 1 in the async modes (0 is sync)"),
+            ("async_rl.max_staleness", self.async_rl.mode != "sync" or self.async_rl.staleness == 0,
+             "0 (or None) in sync mode"),
+            ("async_rl.buffer_groups", (self.async_rl.buffer_groups or 1) >= 1, ">= 1 or None"),
+            ("algorithm.is_cap", self.algorithm.is_cap >= 1, ">= 1"),
+            ("ckpt.save_every", self.ckpt.save_every >= 0, ">= 0"),
+            ("ckpt.keep", self.ckpt.keep >= 1, ">= 1"),
+            ("rollout.health_check_s", self.rollout.health_check_s >= 0, ">= 0"),
+            ("launch.colocate", not self.launch.colocate or self.launch.launcher == "ray", "false unless launch.launcher is ray"),
+            ("debug.load_rollouts", not (self.debug.load_rollouts and self.debug.rollout_only),
+             "unset with debug.rollout_only (replay needs a trainer, rollout-only has none)"),
             ("sync.transport", self.sync.transport != "local" or self.train.backend == "hf",
              "not 'local' unless train.backend is hf (Megatron ranks are other processes)"),
         ]
