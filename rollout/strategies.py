@@ -29,9 +29,10 @@ def _unfinished(group: list[Sample]) -> list[Sample]:
     return [s for s in group if s.status == SampleStatus.ABORTED]
 
 
-async def _agenerate(engine, requests: list[GenerateRequest], routing_key: str | None) -> list[GenerateOutput]:
-    if routing_key is not None and "routing_keys" in inspect.signature(engine.agenerate).parameters:
-        return await engine.agenerate(requests, routing_keys=[routing_key] * len(requests))
+async def agenerate_keyed(engine, requests: list[GenerateRequest], routing_keys: list[str]) -> list[GenerateOutput]:
+    """`engine.agenerate`, with a routing key per request where the engine takes them (a router client)."""
+    if "routing_keys" in inspect.signature(engine.agenerate).parameters:
+        return await engine.agenerate(requests, routing_keys=routing_keys)
     return await engine.agenerate(requests)
 
 
@@ -58,19 +59,24 @@ class GroupRunner:
             return None
         return request_seed(self.base_seed, self.step, s.group_id, s.index) + len(s.response_ids)
 
-    async def run(self, group: list[Sample]) -> list[Sample]:
-        """Generate every unfinished sample of `group` (in place); returns the group."""
+    def requests(self, group: list[Sample]) -> tuple[list[Sample], list[GenerateRequest], str]:
+        """The unfinished samples of `group`, a request continuing each, and the group's routing key."""
         todo = _unfinished(group)
-        if not todo:
-            return group
         rids = [f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}" for s in todo]
         reqs = [resume_request(s, self.sampling, self._seed(s), rid) for s, rid in zip(todo, rids)]
-        self._inflight.update(zip(rids, todo))
+        return todo, reqs, f"group-{self.step}-{group[0].group_id}"
+
+    async def run(self, group: list[Sample]) -> list[Sample]:
+        """Generate every unfinished sample of `group` (in place); returns the group."""
+        todo, reqs, key = self.requests(group)
+        if not todo:
+            return group
+        self._inflight.update((r.rid, s) for r, s in zip(reqs, todo))
         try:
-            outs = await _agenerate(self.engine, reqs, f"group-{self.step}-{todo[0].group_id}")
+            outs = await agenerate_keyed(self.engine, reqs, [key] * len(reqs))
         finally:
-            for rid in rids:
-                self._inflight.pop(rid, None)
+            for r in reqs:
+                self._inflight.pop(r.rid, None)
         for s, out in zip(todo, outs):
             merge_output(s, out, self.decode)
         return group

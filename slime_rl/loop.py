@@ -1,7 +1,11 @@
-"""The visible RL loop: collect -> score -> advantages -> train -> push weights -> evaluate/log.
+"""The visible RL loop: collect -> score -> advantages -> train -> push weights -> evaluate/log/checkpoint.
 
-Synchronous for now: each step generates with the weights of the previous
-step (staleness 0). Everything the loop touches is built in `slime_rl.job`.
+Asynchronous RL changes when `rollout.get` returns, not the shape of the loop
+(slime_rl/producer.py): in sync mode step s generates its groups with the
+weights of step s; one-step-off and fully-async modes take them from a buffer
+a producer fills ahead of the trainer, at most `max_staleness` versions old,
+and the loss corrects for the older tokens (algorithms/off_policy.py).
+Everything the loop touches is built in `slime_rl.job`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollout.groups import generate_groups
-from slime_rl import algorithms
+from slime_rl import algorithms, checkpoint
+from slime_rl.algorithms import off_policy
 from slime_rl.config import JobConfig
 from slime_rl.evaluate import evaluate, reward_metrics
 from slime_rl.metrics import MetricsLogger, format_line
+from slime_rl.producer import (AsyncRollout, PromptStream, ReplayRollout, RolloutWorker, SyncRollout, group_uid,
+                               save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
 from slime_rl.types import Sample, SamplingParams, TrainBatch
 
 PRINT_KEYS = ["rollout/reward_mean", "rollout/answer_accuracy", "rollout/response_length",
               "train/clip_frac", "train/entropy", "train/train_rollout_logprob_abs_diff", "val/accuracy"]
+TRAINED_GROUPS = "trained_groups.jsonl"  # per step: every trained group's uid, size and token versions
+
+
+class TrainerFailed(RuntimeError):
+    """The trainer raised or a trainer rank died; the run stops (its last checkpoint can resume it)."""
 
 
 @dataclass
@@ -30,9 +41,9 @@ class Run:
 
     cfg: JobConfig
     tokenizer: Any
-    trainer: Any  # TrainerBackend
-    engine: Any  # RolloutEngine
-    sync: Any  # weight_sync.WeightSync: trainer -> engine(s)
+    trainer: Any  # TrainerBackend (None in rollout-only mode)
+    engine: Any  # RolloutEngine (None when replaying saved rollouts)
+    sync: Any  # weight_sync.WeightSync or an EngineSupervisor over one: trainer -> engine(s); None without engines
     reward_fn: Any
     train_records: list
     val_records: list
@@ -43,39 +54,39 @@ class Run:
     extra: dict = field(default_factory=dict)
 
 
-class PromptSampler:
-    """Epoch-shuffled prompts, deterministic from the seed."""
-
-    def __init__(self, records: list, seed: int):
-        self.records, self.rng, self.order = records, random.Random(seed), []
-
-    def next(self, k: int) -> list:
-        out = []
-        while len(out) < k:
-            if not self.order:
-                self.order = list(range(len(self.records)))
-                self.rng.shuffle(self.order)
-            out.append(self.records[self.order.pop()])
-        return out
-
-
 def sync_weights(run: Run) -> dict[str, float]:
     """version += 1 and push the trainer's weights to the engine(s) (bucketed; staged, then committed)."""
+    if run.sync is None or run.trainer is None:  # replay (no engines) or rollout-only (no trainer)
+        return {}
     run.weight_version += 1
     return run.sync.push(run.weight_version)
 
 
-def collect(run: Run, prompts: list, step: int) -> list[list[Sample]]:
-    """Engines produce n samples per prompt; rewards score them in place."""
+def sampling_params(run: Run) -> SamplingParams:
     r = run.cfg.rollout
-    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, stop_token_ids=[run.tokenizer.eos_token_id])
-    groups = generate_groups(run.engine, prompts, r.n_samples_per_prompt, sampling, base_seed=r.seed, step=step,
-                             decode=run.tokenizer.decode)
-    stats = score_samples([s for g in groups for s in g], run.reward_fn, timeout_s=run.cfg.reward.timeout_s,
-                          failure_reward=run.cfg.reward.failure_reward, max_workers=run.cfg.reward.max_workers)
-    run.extra["reward_errors"] = stats.errors + stats.timeouts
-    return groups
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                          stop_token_ids=[run.tokenizer.eos_token_id])
+
+
+def make_rollout(run: Run, start_step: int):
+    """Where each step's groups come from: saved rollouts, the engines now (sync), or a producer ahead (async)."""
+    cfg = run.cfg
+    if cfg.debug.load_rollouts:
+        return ReplayRollout(cfg.debug.load_rollouts)
+    r, mode = cfg.rollout, cfg.async_rl.mode
+
+    def score(group: list[Sample]) -> None:
+        stats = score_samples(group, run.reward_fn, timeout_s=cfg.reward.timeout_s,
+                              failure_reward=cfg.reward.failure_reward, max_workers=cfg.reward.max_workers)
+        run.extra["reward_errors"] = run.extra.get("reward_errors", 0) + stats.errors + stats.timeouts
+
+    worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score)
+    prompts = PromptStream(run.train_records, cfg.train.seed, r.prompts_per_step, r.n_samples_per_prompt)
+    if mode == "sync":
+        return SyncRollout(worker, prompts)
+    worker.partial = cfg.async_rl.partial_rollout
+    return AsyncRollout(worker, prompts, cfg.async_rl.staleness, interruptible=mode == "fully_async",
+                        capacity=cfg.async_rl.buffer_groups, start_step=start_step)
 
 
 def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
@@ -89,13 +100,17 @@ def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
 
 
 def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
-    """Old (and reference) logprobs, then one optimizer step per mini-batch."""
+    """Old (and reference) logprobs, off-policy weights, then one optimizer step per mini-batch."""
+    a = run.cfg.algorithm
     batch.old_logprobs_BT = run.trainer.logprobs(batch)
-    if run.cfg.algorithm.kl_coef > 0:
+    if a.kl_coef > 0:
         batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
     mask = batch.response_mask_BT
     diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / mask.sum().clamp(min=1)
     stats: dict[str, float] = {"train_rollout_logprob_abs_diff": float(diff)}
+    method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
+    batch.is_weights_BT, is_stats = off_policy.importance_weights(batch.old_logprobs_BT, batch.rollout_logprobs_BT,
+                                                                  mask, method, a.is_cap)
     n = run.cfg.train.updates_per_step
     size = -(-batch.num_sequences // n)
     for k in range(n):  # mini-batches: weights renormalized per mini-batch
@@ -103,11 +118,13 @@ def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
         mini.loss_weights_BT = algorithms.token_loss_weights(mini.response_mask_BT, run.cfg.algorithm.loss_agg)
         for key, v in run.trainer.train_step(mini, loss_fn).items():
             stats[key] = stats.get(key, 0.0) + v / n
-    return stats
+    return {**stats, **is_stats}
 
 
 def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
-    """Validation metrics of the engine's current weights."""
+    """Validation metrics of the engine's current weights (none when replaying without engines)."""
+    if run.engine is None:
+        return {}
     return evaluate(run.engine, run.val_records, run.reward_fn, greedy=greedy, n_samples=n_samples,
                     temperature=temperature, max_new_tokens=run.cfg.rollout.max_new_tokens,
                     stop_token_ids=[run.tokenizer.eos_token_id], decode=run.tokenizer.decode,
@@ -123,33 +140,98 @@ def maybe_evaluate(run: Run, step: int, force: bool = False) -> dict[str, float]
     return evaluate_run(run, e.greedy, e.n_samples, e.temperature)
 
 
-def rl_loop(run: Run, progress=None) -> dict[str, float]:
-    """GRPO for cfg.train.num_steps steps; returns the final validation metrics."""
+def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, float]:
+    """cfg.train.num_steps RL steps (from a checkpoint's step when `resume` is its state); returns the
+    final validation metrics."""
     cfg = run.cfg
     a = cfg.algorithm
     loss_fn = algorithms.make_policy_loss(a.eps_clip_low, a.eps_clip_high, a.kl_coef, a.kl_type, a.entropy_coef)
-    sampler = PromptSampler(run.train_records, cfg.train.seed)
+    start = resume["step"] if resume else 0
+    rollout = make_rollout(run, start)
+    if resume:
+        restore(run, rollout, resume)
     sync_weights(run)  # the trainer is the source of truth
+    if isinstance(rollout, AsyncRollout):
+        rollout.start()
     last_eval: dict[str, float] = {}
-    for step in range(cfg.train.num_steps):
-        t0 = time.perf_counter()
-        groups = collect(run, sampler.next(cfg.rollout.prompts_per_step), step)
-        t_rollout = time.perf_counter() - t0
-        batch = prepare(run, groups)
-        stats = train(run, batch, loss_fn)
-        sync_stats = sync_weights(run)
-        record = {"step": step + 1, "weight_version": run.weight_version,
-                  **reward_metrics([s for g in groups for s in g], "rollout"),
-                  **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
-                  "reward/errors": run.extra.get("reward_errors", 0),
-                  "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
-        evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
-        record.update(evals)
-        last_eval = evals or last_eval
-        run.logger.log(record)
-        if progress is not None:
-            progress(step + 1, record)
-        else:
-            print(format_line(step + 1, record, PRINT_KEYS), flush=True)
+    try:
+        for step in range(start, cfg.train.num_steps):
+            t0 = time.perf_counter()
+            trainer_version = run.weight_version  # the weights this step trains from
+            groups = rollout.get(step, trainer_version)
+            t_rollout = time.perf_counter() - t0
+            record_groups(run, step, groups)
+            stats, sync_stats = {}, {}
+            if run.trainer is not None:
+                batch = prepare(run, groups)
+                stats = train_phase(run, batch, loss_fn)
+                sync_stats = rollout.push(lambda: sync_weights(run))
+            record = {"step": step + 1, "weight_version": run.weight_version,
+                      **reward_metrics([s for g in groups for s in g], "rollout"),
+                      "rollout/max_staleness": staleness_of(groups, trainer_version),
+                      **rollout.metrics(), **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
+                      "reward/errors": run.extra.get("reward_errors", 0),
+                      "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+            evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
+            record.update(evals)
+            last_eval = evals or last_eval
+            run.logger.log(record)
+            if progress is not None:
+                progress(step + 1, record)
+            else:
+                print(format_line(step + 1, record, PRINT_KEYS), flush=True)
+            maybe_checkpoint(run, step + 1, rollout)
+    finally:
+        rollout.close()
     return last_eval
 
+
+def train_phase(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
+    """`train`, with colocated engines' memory released around it (Ray, launch.colocate)."""
+    launch = run.extra.get("launch")
+    if launch is not None:
+        launch.before_train()
+    try:
+        return train(run, batch, loss_fn)
+    except Exception as exc:  # noqa: BLE001 - any trainer failure ends the run the same way
+        raise TrainerFailed(f"the trainer failed at weight version {run.weight_version}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if launch is not None:
+            launch.after_train()
+
+
+def record_groups(run: Run, step: int, groups: list[list[Sample]]) -> None:
+    """The trained-groups ledger (uid, samples, token versions per group) and, in debug mode, the groups."""
+    ledger = run.extra.setdefault("ledger", MetricsLogger(run.out_dir / TRAINED_GROUPS))
+    ledger.log({"step": step + 1, "trainer_version": run.weight_version,
+                "groups": [{"uid": group_uid(g) if "uid" in g[0].metadata else str(g[0].group_id), "n": len(g),
+                            "min_version": min((v for s in g for v in s.weight_versions), default=-1),
+                            "max_version": max((v for s in g for v in s.weight_versions), default=-1)}
+                           for g in groups]})
+    if run.cfg.debug.save_rollouts:
+        save_groups(Path(run.cfg.debug.save_rollouts) / f"step_{step:06d}.pt", groups)
+
+
+def maybe_checkpoint(run: Run, step: int, rollout) -> None:
+    c = run.cfg.ckpt
+    if run.trainer is None or not c.save_every or (step % c.save_every and step != run.cfg.train.num_steps):
+        return
+    t0 = time.perf_counter()
+    ledger = run.extra.get("ledger")
+    state = {"weight_version": run.weight_version, "rollout": rollout.state_dict(),
+             "metrics": list(run.logger.history), "ledger": list(ledger.history) if ledger else [],
+             "reward_errors": run.extra.get("reward_errors", 0)}
+    path = checkpoint.save(run.trainer, run.out_dir, step, state, keep=c.keep)
+    run.extra["last_checkpoint"] = path
+    print(f"[ckpt] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+def restore(run: Run, rollout, state: dict) -> None:
+    """Everything but the trainer (loaded by checkpoint.load) from a checkpoint's state."""
+    run.weight_version = state["weight_version"] - 1  # the first push of rl_loop makes it the checkpoint's again
+    rollout.load_state_dict(state["rollout"])
+    run.logger.restore(state["metrics"])
+    run.extra["ledger"] = MetricsLogger(run.out_dir / TRAINED_GROUPS)
+    run.extra["ledger"].restore(state["ledger"])
+    run.extra["reward_errors"] = state["reward_errors"]

@@ -18,10 +18,15 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
 
     def log(self, record: dict[str, Any]) -> None:
-        clean = {k: (v if isinstance(v, (bool, int, str)) else float(v)) for k, v in record.items()}
+        clean = {k: (v if isinstance(v, (bool, int, str, list, dict)) else float(v)) for k, v in record.items()}
         self.history.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Start over from these records (a resumed run: what was logged up to its checkpoint)."""
+        self.history = [dict(r) for r in history]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def series(self, key: str, x_key: str = "step") -> tuple[list[float], list[float]]:
         pts = [(r[x_key], r[key]) for r in self.history if key in r and x_key in r and _finite(r[key])]

@@ -149,6 +149,7 @@ class TrainBatch:
     loss_weights_BT: Any = None  # [B, T] per-token weight of the loss (see algorithms.aggregation)
     old_logprobs_BT: Any = None  # trainer logprobs before the update
     ref_logprobs_BT: Any = None  # reference-model logprobs (KL)
+    is_weights_BT: Any = None  # off-policy importance weights of the policy-gradient term (None = 1)
     temperature: float = 1.0  # logits are divided by it, as in the engine
 
     @property

@@ -54,13 +54,17 @@ def policy_loss(
     weights_BT: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    is_weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, summed with per-token weights (weights carry mask + aggregation)."""
+    """Clipped surrogate, summed with per-token weights (weights carry mask + aggregation); `is_weights_BT`
+    (off-policy correction, see algorithms.off_policy) scales each token's term."""
     log_ratio_BT = logprobs_BT - old_logprobs_BT
     ratio_BT = torch.exp(log_ratio_BT)
     unclipped_BT = -advantages_BT * ratio_BT
     clipped_BT = -advantages_BT * torch.clamp(ratio_BT, 1.0 - eps_low, 1.0 + eps_high)
     loss_BT = torch.maximum(unclipped_BT, clipped_BT)
+    if is_weights_BT is not None:
+        loss_BT = loss_BT * is_weights_BT
     with torch.no_grad():
         mask_BT = (weights_BT > 0).to(ratio_BT.dtype)
         stats = {
@@ -89,7 +93,7 @@ class PolicyLoss:
     def __call__(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch):
         w_BT = batch.loss_weights_BT
         loss, stats = policy_loss(logprobs_BT, batch.old_logprobs_BT, batch.advantages_BT, w_BT, self.eps_low,
-                                  self.eps_high)
+                                  self.eps_high, batch.is_weights_BT)
         stats["pg_loss"] = loss.detach()
         if self.kl_coef > 0:
             kl = (kl_penalty(logprobs_BT, batch.ref_logprobs_BT, self.kl_type) * w_BT).sum()

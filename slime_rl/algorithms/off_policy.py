@@ -1,0 +1,55 @@
+"""Off-policy correction for tokens sampled by older weights than the ones being trained.
+
+In the asynchronous modes a token may have been sampled by the engine under
+weight version v (the behaviour policy, logprob `rollout_logprobs_BT`) while
+the trainer is at version v + k. The trainer recomputes the logprobs of the
+batch under its current weights before the update (`old_logprobs_BT`, the
+proximal policy); the clipped PPO ratio is taken against those, and each
+token's policy-gradient term is reweighted by pi_old / pi_behaviour:
+
+- "tis" (truncated importance sampling): weight min(pi_old / pi_behaviour, cap);
+  every token keeps some weight.
+- "decoupled" (decoupled PPO): weight pi_old / pi_behaviour, and tokens whose
+  weight exceeds `cap` are dropped from the loss (weight 0).
+
+The weights are constants (no gradient) computed once per batch, so micro-batching
+and data-parallel splits leave the loss unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("none", "tis", "decoupled")
+
+
+def resolve(method: str, async_mode: str) -> str:
+    """`auto` -> none in sync mode, decoupled in the asynchronous modes."""
+    if method == "auto":
+        return "none" if async_mode == "sync" else "decoupled"
+    if method not in METHODS:
+        raise ValueError(f"unknown off-policy correction {method!r}; allowed values: auto, {', '.join(METHODS)}")
+    return method
+
+
+def importance_weights(old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
+                       method: str, cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Per-token weights [B, T] (None for "none") and statistics over the masked tokens."""
+    if method == "none":
+        return None, {}
+    if cap < 1:
+        raise ValueError(f"importance-weight cap must be >= 1, got {cap}")
+    mask_BT = mask_BT > 0
+    ratio_BT = torch.exp((old_logprobs_BT - behaviour_logprobs_BT).float()).masked_fill(~mask_BT, 1.0)
+    over_BT = (ratio_BT > cap) & mask_BT
+    if method == "tis":
+        weights_BT = ratio_BT.clamp(max=cap)
+    elif method == "decoupled":
+        weights_BT = ratio_BT.masked_fill(over_BT, 0.0)
+    else:
+        raise ValueError(f"unknown off-policy correction {method!r}; allowed values: {', '.join(METHODS)}")
+    weights_BT = weights_BT * mask_BT
+    n = mask_BT.sum().clamp(min=1)
+    stats = {"is_weight_mean": float(weights_BT.sum() / n), "is_ratio_max": float(ratio_BT[mask_BT].max())
+             if bool(mask_BT.any()) else 1.0, "is_capped_frac": float(over_BT.sum() / n)}
+    return weights_BT, stats
