@@ -341,6 +341,16 @@ class EngineClient:
 
         return all(await self._fan_out(flush(u) for u in self.control_urls))
 
+    # ---- memory (RL colocation) ----
+
+    async def arelease_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Every worker frees its memory (`tags`: SGLang's "kv_cache" / "weights"; None = all it can) so a
+        colocated trainer can use it; requests wait until `aresume_memory_occupation`."""
+        await self._control("/release_memory_occupation", {"tags": tags})
+
+    async def aresume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        await self._control("/resume_memory_occupation", {"tags": tags})
+
     # ---- weights ----
 
     async def _update(self, endpoint: str, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -623,6 +633,12 @@ class EngineClient:
 
     def flush_cache(self) -> bool:
         return self._run(self.aflush_cache())
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._run(self.arelease_memory_occupation(tags))
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._run(self.aresume_memory_occupation(tags))
 
     def health(self) -> bool:
         return self._run(self.ahealth())

@@ -160,6 +160,8 @@ class EmbeddedEngine:
         self._inbox: list[Request] = []
         self._inflight: set[str] = set()
         self._paused = False
+        self._released = False  # KV pool freed by release_memory_occupation: no step until resumed
+        self._memory_cycles = {"memory_releases": 0, "memory_resumes": 0}
         self._stop = False
         self._abort_rids: set[str] = set()  # control requests the scheduler applies between steps
         self._abort_all = False
@@ -279,13 +281,13 @@ class EmbeddedEngine:
         sched = self._sched
         while True:
             with self._cv:
-                while not (self._stop or self._inbox or self._pending() or (sched.has_work() and not self._paused)):
+                while not (self._stop or self._inbox or self._pending() or (sched.has_work() and not self._held())):
                     self._cv.wait()
                 if self._stop:
                     return
             with self._lock:
                 self._apply_pending()
-                if self._paused or not sched.has_work():
+                if self._held() or not sched.has_work():
                     continue
                 try:
                     with torch.inference_mode():
@@ -351,6 +353,56 @@ class EmbeddedEngine:
     def is_paused(self) -> bool:
         return self._paused
 
+    def _held(self) -> bool:
+        return self._paused or self._released
+
+    # ---- memory release (SGLang's RL-colocation API) ------------------------
+
+    def release_memory_occupation(self) -> bool:
+        """Free the KV cache pool so a colocated trainer can use the memory; False if already released.
+
+        Running requests are retracted (their KV dropped) and, with anything submitted
+        meanwhile, wait until `resume_memory_occupation`; they are then re-prefilled from
+        their tokens, as after a "retract" pause. The prefix cache is dropped. Weights stay
+        resident, so weight updates keep working while released.
+        """
+        with self._lock:
+            if self._released:
+                return False
+            self._apply_pending()
+            sched = self._sched
+            for r in reversed(list(sched.running)):
+                sched.retract(r)
+            self._invalidate_cache()
+            if self.pool.free_pages != self.pool.num_pages:  # every page must be back before its memory goes
+                raise RuntimeError(f"release_memory_occupation: {self.pool.num_pages - self.pool.free_pages} KV "
+                                   f"pages still in use after retracting every request")
+            for t in self.pool.k + self.pool.v:
+                t.untyped_storage().resize_(0)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._memory_cycles["memory_releases"] += 1
+            with self._cv:
+                self._released = True
+            return True
+
+    def resume_memory_occupation(self) -> bool:
+        """Re-allocate the KV cache pool (zeroed) and go on serving; False if it was not released."""
+        with self._lock:
+            if not self._released:
+                return False
+            for t in self.pool.k + self.pool.v:
+                t.untyped_storage().resize_(t.numel() * t.element_size())
+                t.zero_()
+            self._memory_cycles["memory_resumes"] += 1
+            with self._cv:
+                self._released = False
+                self._cv.notify_all()
+            return True
+
+    def is_memory_released(self) -> bool:
+        return self._released
+
     def flush_cache(self) -> bool:
         """Drop the prefix cache; refused (False) while requests are queued or running."""
         with self._lock:
@@ -380,7 +432,7 @@ class EmbeddedEngine:
                 "num_used_tokens": s.used_tokens(), "max_total_num_tokens": self.pool.max_tokens}
 
     def stats(self) -> dict:
-        s = dict(self._sched.stats)
+        s = dict(self._sched.stats) | self._memory_cycles
         s["cache_hit_rate"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
         return s
 

@@ -210,9 +210,36 @@ async def flush_cache(request: web.Request) -> web.Response:
 # ---- memory and info -------------------------------------------------------------------
 
 
-async def memory_occupation(request: web.Request) -> web.Response:
-    """Accepted for RL-colocation clients; the embedded engine keeps its weights and KV pool in memory."""
-    await read_json(request, optional=True)
+MEMORY_TAGS = ("kv_cache", "weights")
+
+
+async def _memory_tags(request: web.Request) -> None:
+    """Check SGLang's `tags` (null = all); the embedded engine can release its KV cache, not its weights
+    (they stay resident so a weight sync can land while the trainer runs)."""
+    body = await read_json(request, optional=True)
+    tags = get_field(body, "tags", (list,), None, request.path.lstrip("/"))
+    if tags is None:
+        return
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise BadRequest(f"{request.path}: unknown tags {unknown}; allowed: {list(MEMORY_TAGS)} or null")
+    if "weights" in tags:
+        raise BadRequest(f"{request.path}: the embedded engine keeps its weights resident; only the "
+                         f"'kv_cache' tag (or null) can be released and resumed")
+
+
+async def release_memory_occupation(request: web.Request) -> web.Response:
+    """Free the KV cache pool (requests wait until resume); 200 with body null, as SGLang."""
+    state = request.app[STATE]
+    await _memory_tags(request)
+    await state.blocking(state.engine.release_memory_occupation)
+    return web.json_response(None)
+
+
+async def resume_memory_occupation(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await _memory_tags(request)
+    await state.blocking(state.engine.resume_memory_occupation)
     return web.json_response(None)
 
 
@@ -313,8 +340,8 @@ def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", toke
     for path, handler in [("/abort_request", abort_request), ("/pause_generation", pause_generation),
                           ("/continue_generation", continue_generation)]:
         r.add_post(path, handler)
-    for path, handler in [("/flush_cache", flush_cache), ("/release_memory_occupation", memory_occupation),
-                          ("/resume_memory_occupation", memory_occupation)]:
+    for path, handler in [("/flush_cache", flush_cache), ("/release_memory_occupation", release_memory_occupation),
+                          ("/resume_memory_occupation", resume_memory_occupation)]:
         r.add_route("GET", path, handler)
         r.add_post(path, handler)
     for path, handler in [("/health", health), ("/health_generate", health_generate),

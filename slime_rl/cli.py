@@ -65,7 +65,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     topo = parser.add_argument_group("topology shortcuts")
     for dest, (flags, target, help_text) in SHORT_FLAGS.items():
         choices = literal_choices(_field_type(target))
-        metavar = "{" + ",".join(choices) + "}" if choices else _type_label(_field_type(target)).replace("STR", "VALUE")
+        metavar = "{" + ",".join(choices) + "}" if choices else "N" if "INT" in _type_label(_field_type(target)) \
+            else "VALUE"
         topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar=metavar,
                           choices=choices, help=f"{help_text} (= --{target})")
     for dest, (flag, target, help_text) in SWITCHES.items():

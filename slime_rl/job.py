@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from slime_rl import algorithms
-from slime_rl.config import JobConfig, save_config
+from slime_rl.config import ConfigError, JobConfig, save_config
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
-from slime_rl.loop import PRINT_KEYS, Run, evaluate_run, maybe_evaluate, rl_loop, sync_weights
+from slime_rl import checkpoint
+from slime_rl.loop import PRINT_KEYS, Run, TrainerFailed, evaluate_run, maybe_evaluate, rl_loop, sync_weights
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards import get_reward_fn
 from slime_rl.sft import run_sft as sft_train
@@ -26,8 +28,8 @@ from slime_rl.tokenizer import load_tokenizer
 
 
 def greedy_accuracy(run: Run) -> float:
-    """Greedy validation accuracy, reported beside the configured (possibly sampled) one."""
-    return evaluate_run(run, greedy=True)["val/accuracy"]
+    """Greedy validation accuracy, reported beside the configured (possibly sampled) one (NaN without engines)."""
+    return evaluate_run(run, greedy=True).get("val/accuracy", float("nan"))
 
 
 def _eval_label(cfg: JobConfig) -> str:
@@ -37,9 +39,14 @@ def _eval_label(cfg: JobConfig) -> str:
 
 def _check_supported(cfg: JobConfig) -> None:
     algorithms.check_implemented(cfg.algorithm.name)
-    if cfg.rollout.num_inferencers != 1 and not cfg.rollout.engine_urls:
-        raise NotImplementedError("multiple engines (-i > 1) are not yet implemented; "
-                                  "this version runs one embedded engine in process")
+    on_ray = cfg.launch.launcher == "ray"
+    if on_ray and cfg.rollout.engine_urls:
+        raise ConfigError("rollout.engine_urls must be empty with launch.launcher ray (Ray starts the engines); "
+                          f"got {cfg.rollout.engine_urls}")
+    if cfg.rollout.num_inferencers != 1 and not cfg.rollout.engine_urls and not on_ray:
+        raise ConfigError(f"rollout.num_inferencers is {cfg.rollout.num_inferencers}, but the local launcher runs one "
+                          "embedded engine in process: use --launcher ray (Ray starts the engines) or "
+                          "--rollout.engine_urls (servers already running)")
 
 
 def _data_paths(cfg: JobConfig, out_dir: Path) -> dict[str, str | None]:
@@ -81,10 +88,14 @@ def _load(path: str | None, cfg: JobConfig, tokenizer, with_response: bool) -> l
     return records
 
 
-def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict):
-    """The TrainerBackend of train.backend: Megatron ranks (spawned, or torchrun's) or the reference."""
+def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launcher=None):
+    """The TrainerBackend of train.backend: Megatron ranks (spawned, torchrun's, or created by `launcher`,
+    e.g. Ray actors; see MegatronBackend) or the reference."""
     from training.hf import HFTrainer, OptimSettings
 
+    if cfg.debug.rollout_only:
+        print("[train] rollout-only mode: no trainer")
+        return None
     with_reference = cfg.algorithm.kl_coef > 0
     if cfg.train.backend == "hf":
         return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference)
@@ -94,7 +105,7 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict):
     ranks = cfg.trainer_ranks
     print(f"[train] megatron: {ranks} rank(s) = tp {t.tp} x pp {t.pp} x dp {ranks // (t.tp * t.pp)}")
     return MegatronBackend(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), num_ranks=ranks,
-                           with_reference=with_reference)
+                           with_reference=with_reference, launcher=launcher)
 
 
 def megatron_settings(cfg: JobConfig):
@@ -143,39 +154,67 @@ def build_run(cfg: JobConfig) -> Run:
     val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
     hf_config, state_dict = _model(cfg, tokenizer)
-    trainer = build_trainer(cfg, hf_config, state_dict)
     ro = cfg.rollout
     extra: dict = {}
-    if ro.engine_urls:
-        engine, sync_engines, extra["router"] = external_engines(ro)
+    launch = None
+    if cfg.launch.launcher == "ray":  # engines and trainer ranks are Ray actors; job_run closes the launch last
+        from slime_rl.launch.ray_launch import RayLaunch
+
+        launch = extra["launch"] = RayLaunch(cfg, hf_config, state_dict, tokenizer)
+        trainer = launch.trainer
+        engine, extra["router"] = external_engines(ro, launch.engine_urls, kind="Ray", always_route=True)
+        sync = supervise(cfg, trainer, launch.engine_urls, engine, extra["router"], launch.restart_engine)
+    elif ro.engine_urls:
+        trainer = build_trainer(cfg, hf_config, state_dict)
+        engine, extra["router"] = external_engines(ro)
+        sync = supervise(cfg, trainer, ro.engine_urls, engine, extra["router"], restart=None)
     else:
-        engine = EmbeddedEngine(hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
-                                max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb,
-                                page_size=ro.page_size, enable_prefix_cache=ro.enable_prefix_cache)
-        sync_engines = [engine]
+        trainer = build_trainer(cfg, hf_config, state_dict)
+        engine = None if cfg.debug.load_rollouts else EmbeddedEngine(
+            hf_config, state_dict, max_batch_size=ro.max_batch_size, seed=ro.seed,
+            max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
+            enable_prefix_cache=ro.enable_prefix_cache)
+        sync = WeightSync(trainer, [engine], cfg.sync) if trainer is not None and engine is not None else None
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
-    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine, extra=extra,
-               sync=WeightSync(trainer, sync_engines, cfg.sync), reward_fn=get_reward_fn(cfg.reward.name),
-               train_records=train_records, val_records=val_records, sft_records=sft_records,
-               logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
+    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine, extra=extra, sync=sync,
+               reward_fn=get_reward_fn(cfg.reward.name), train_records=train_records, val_records=val_records,
+               sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
 
-def external_engines(ro):
-    """Clients for running SGLang-protocol servers: one to generate with (through `router_url`, or a built-in
-    router over the engines when there are several), one per engine for weight sync; and the router we
-    started (None if none)."""
+def external_engines(ro, engine_urls: list[str] | None = None, kind: str = "external", always_route: bool = False):
+    """A client to generate with on SGLang-protocol servers (`engine_urls`, default `ro.engine_urls`): through
+    `router_url`, or a built-in router over the engines when there are several (or always with
+    `always_route`: engines that may be restarted at a new URL); and the router we started (None if none)."""
     from rollout.client import EngineClient
     from rollout.router import start_router
 
+    urls = list(engine_urls or ro.engine_urls)
     router = None
-    url = ro.router_url or ro.engine_urls[0]
-    if ro.router_url is None and len(ro.engine_urls) > 1:
-        router = start_router(ro.engine_urls, prefer="builtin")
+    url = ro.router_url or urls[0]
+    if ro.router_url is None and (len(urls) > 1 or always_route):
+        router = start_router(urls, prefer="builtin")
         url = router.url
-    print(f"[rollout] {len(ro.engine_urls)} external engine(s) {ro.engine_urls}, generating through {url}")
-    engine = EngineClient(url, api_key=ro.api_key, control_urls=ro.engine_urls)
-    return engine, [EngineClient(u, api_key=ro.api_key, max_retries=0) for u in ro.engine_urls], router
+    print(f"[rollout] {len(urls)} {kind} engine(s) {urls}, generating through {url}")
+    return EngineClient(url, api_key=ro.api_key, control_urls=urls), router
+
+
+def supervise(cfg: JobConfig, trainer, urls: list[str], engine, router, restart):
+    """Weight sync to engine servers under an EngineSupervisor: health probes; a dead engine leaves routing and
+    weight sync, is restarted through `restart` (None: engines we do not own stay out) and re-synced."""
+    from slime_rl.supervisor import EngineSupervisor, http_sync_factory
+
+    if trainer is None:  # rollout-only: nothing to push
+        return None
+    ro = cfg.rollout
+
+    def serving(now: list[str]) -> None:
+        engine.control_urls = list(now)  # control calls (abort, pause) reach the engines that serve
+
+    return EngineSupervisor(list(urls), sync_factory=http_sync_factory(trainer, cfg.sync, api_key=ro.api_key),
+                            router=router, restart=restart, interval_s=ro.health_check_s,
+                            timeout_s=ro.health_timeout_s, max_restarts=ro.max_engine_restarts, api_key=ro.api_key,
+                            on_change=serving)
 
 
 def _rl_opt(cfg: JobConfig):
@@ -205,7 +244,7 @@ def sft_stage(run: Run) -> dict[str, float]:
             on_step=lambda i, st: bar(i + 1, {"nll": st["nll"]}))
     sync_weights(run)
     metrics = maybe_evaluate(run, 0, force=True)
-    print(f"[sft] done in {time.perf_counter() - t0:.0f}s: validation accuracy {metrics['val/accuracy']:.3f}")
+    print(f"[sft] done in {time.perf_counter() - t0:.0f}s: validation accuracy {metrics.get('val/accuracy', float('nan')):.3f}")
     return metrics
 
 
@@ -251,9 +290,10 @@ def job_run(cfg: JobConfig):
     try:
         yield run
     finally:
-        router = run.extra.get("router")
-        for close in (run.sync.close, getattr(run.trainer, "close", None), run.engine.close,
-                      router.stop if router is not None else None):
+        router, launch = run.extra.get("router"), run.extra.get("launch")
+        for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
+                      getattr(run.engine, "close", None),
+                      router.stop if router is not None else None, launch.close if launch is not None else None):
             if close is not None:
                 close()
 
@@ -266,22 +306,72 @@ def run_train(cfg: JobConfig) -> int:
 def _train(run: Run) -> int:
     cfg = run.cfg
     t0 = time.perf_counter()
-    sft_acc = None
-    if cfg.sft.enabled:
-        sft_acc = sft_stage(run)["val/accuracy"]
+    if cfg.debug.rollout_only:
+        return _rollout_only(run)
+    resume = _resume_point(cfg, run.out_dir)
+    if resume is not None:
+        state = _load_checkpoint(run, resume)
+        before = next((r for r in state["metrics"] if r.get("step") == 0), {})
+        sft_acc, sft_greedy = before.get("val/accuracy", float("nan")), before.get("val/greedy_accuracy", float("nan"))
     else:
-        sync_weights(run)
-        sft_acc = maybe_evaluate(run, 0, force=True)["val/accuracy"]
-    sft_greedy = greedy_accuracy(run)
-    run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
-    run.trainer.reset_optimizer(_rl_opt(cfg))
-    print(f"[rl] {cfg.algorithm.name}: {cfg.train.num_steps} steps x {cfg.rollout.prompts_per_step} prompts "
-          f"x {cfg.rollout.n_samples_per_prompt} samples")
-    final = rl_loop(run, progress=_bar(cfg.train.num_steps, "rl", cfg.log.progress))
+        state = None
+        if cfg.sft.enabled:
+            sft_acc = sft_stage(run).get("val/accuracy", float("nan"))
+        else:
+            sync_weights(run)
+            sft_acc = maybe_evaluate(run, 0, force=True).get("val/accuracy", float("nan"))
+        sft_greedy = greedy_accuracy(run)
+        run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
+        run.trainer.reset_optimizer(_rl_opt(cfg))
+    print(f"[rl] {cfg.algorithm.name}, {cfg.async_rl.mode}: {cfg.train.num_steps} steps x "
+          f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples")
+    try:
+        final = rl_loop(run, progress=_bar(cfg.train.num_steps, "rl", cfg.log.progress), resume=state)
+    except TrainerFailed as exc:
+        print(f"slime-rl: {exc}", file=sys.stderr)
+        print(f"slime-rl: {_resume_hint(run)}", file=sys.stderr)
+        return 1
     rl_acc = final.get("val/accuracy", float("nan"))
     rl_greedy = greedy_accuracy(run)
     run.logger.log({"step": cfg.train.num_steps, "val/greedy_accuracy": rl_greedy})
     _finish(run, (sft_acc, sft_greedy), (rl_acc, rl_greedy), time.perf_counter() - t0)
+    return 0
+
+
+def _resume_point(cfg: JobConfig, out_dir: Path) -> Path | None:
+    if not cfg.ckpt.resume:
+        return None
+    path = checkpoint.resolve(cfg.ckpt.resume, out_dir)
+    if path is None:
+        print(f"[ckpt] --resume auto: no checkpoint under {checkpoint.root(out_dir)}; starting from the beginning")
+    return path
+
+
+def _load_checkpoint(run: Run, path: Path) -> dict:
+    """The RL optimizer as a fresh run builds it, then the checkpoint's trainer state over it."""
+    run.trainer.reset_optimizer(_rl_opt(run.cfg))
+    state = checkpoint.load(run.trainer, path)
+    print(f"[ckpt] resumed from {path}: step {state['step']}, weight version {state['weight_version']}")
+    return state
+
+
+def _resume_hint(run: Run) -> str:
+    found = checkpoint.list_checkpoints(run.out_dir)
+    if not found:
+        return ("no checkpoint was written (set --ckpt.save_every N to checkpoint every N steps); "
+                "the run has to start over")
+    return f"the newest checkpoint is {found[-1]}: resume with the same flags plus --resume auto (or --resume {found[-1]})"
+
+
+def _rollout_only(run: Run) -> int:
+    """Generate and score every step with the engines' current weights; no trainer, no weight updates."""
+    cfg = run.cfg
+    print(f"[rollout-only] {cfg.train.num_steps} steps x {cfg.rollout.prompts_per_step} prompts x "
+          f"{cfg.rollout.n_samples_per_prompt} samples, no training")
+    rl_loop(run, progress=_bar(cfg.train.num_steps, "rollout", cfg.log.progress))
+    rewards = run.logger.series("rollout/reward_mean")[1]
+    print(f"[rollout-only] mean reward {sum(rewards) / max(1, len(rewards)):.3f} over {len(rewards)} steps; "
+          f"records: {run.logger.path}" + (f", rollouts: {cfg.debug.save_rollouts}" if cfg.debug.save_rollouts else ""))
     return 0
 
 

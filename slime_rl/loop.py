@@ -10,7 +10,7 @@ Everything the loop touches is built in `slime_rl.job`.
 
 from __future__ import annotations
 
-import random
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +158,8 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
         for step in range(start, cfg.train.num_steps):
             t0 = time.perf_counter()
             trainer_version = run.weight_version  # the weights this step trains from
-            groups = rollout.get(step, trainer_version)
+            with idle_trainer(run):  # a restarted engine may be re-synced from the trainer meanwhile
+                groups = rollout.get(step, trainer_version)
             t_rollout = time.perf_counter() - t0
             record_groups(run, step, groups)
             stats, sync_stats = {}, {}
@@ -186,6 +187,13 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     return last_eval
 
 
+def idle_trainer(run: Run):
+    """While the trainer holds exactly the last pushed weights and nothing else calls it (an EngineSupervisor
+    may push them to a replacement engine); a no-op without one."""
+    idle = getattr(run.sync, "trainer_idle", None)
+    return idle() if idle is not None else contextlib.nullcontext()
+
+
 def train_phase(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
     """`train`, with colocated engines' memory released around it (Ray, launch.colocate)."""
     launch = run.extra.get("launch")
@@ -203,7 +211,9 @@ def train_phase(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
 
 def record_groups(run: Run, step: int, groups: list[list[Sample]]) -> None:
     """The trained-groups ledger (uid, samples, token versions per group) and, in debug mode, the groups."""
-    ledger = run.extra.setdefault("ledger", MetricsLogger(run.out_dir / TRAINED_GROUPS))
+    if "ledger" not in run.extra:
+        run.extra["ledger"] = MetricsLogger(run.out_dir / TRAINED_GROUPS)
+    ledger = run.extra["ledger"]
     ledger.log({"step": step + 1, "trainer_version": run.weight_version,
                 "groups": [{"uid": group_uid(g) if "uid" in g[0].metadata else str(g[0].group_id), "n": len(g),
                             "min_version": min((v for s in g for v in s.weight_versions), default=-1),

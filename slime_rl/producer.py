@@ -132,6 +132,11 @@ class RolloutWorker:
 
     def close(self) -> None:
         if self.loop.is_running():
+            if hasattr(self.engine, "aclose"):  # an HTTP client: close its session on this loop
+                try:
+                    self.submit(self.engine.aclose()).result(timeout=10)
+                except Exception as exc:  # noqa: BLE001 - closing is best effort
+                    self.log(f"[rollout] closing the engine client's session: {exc}")
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
 
@@ -214,10 +219,10 @@ class AsyncRollout:
         self._cv = threading.Condition()
         self._error: BaseException | None = None
         self._kick: asyncio.Event | None = None
-        self._main = None
+        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._main = self.worker.submit(self._produce())
+        self.worker.submit(self._produce())
 
     # ---- the producer (on the worker's loop) --------------------------------
     def _admissible(self) -> tuple[int, Group] | None:
@@ -235,7 +240,9 @@ class AsyncRollout:
 
     async def _produce(self) -> None:
         self._kick = asyncio.Event()
+        self._task = asyncio.current_task()
         tasks: set[asyncio.Task] = set()
+        waiter = None
         try:
             while True:
                 with self._cv:
@@ -251,8 +258,10 @@ class AsyncRollout:
                     tasks.discard(task)
                     task.result()
         except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
+            for task in [*tasks, waiter]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         except BaseException as exc:
             with self._cv:
@@ -338,8 +347,12 @@ class AsyncRollout:
 
     def close(self) -> None:
         self.buffer.close()
-        if self._main is not None:
-            self._main.cancel()  # cancels the groups' requests too
+        if self._task is not None:
+            async def stop() -> None:  # cancels the groups and their requests, and waits until they are gone
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+
+            self.worker.submit(stop()).result(timeout=30)
         self.worker.close()
 
 

@@ -287,10 +287,15 @@ def _stop_workers(processes: tuple, conns: list, grace_s: float) -> None:
     for stop in ("terminate", "kill"):
         alive = [p for p in processes if p.is_alive()]
         if not alive:
-            return
+            break
         for process in alive:
             getattr(process, stop)()
         _join_all(alive, _KILL_GRACE_S)
+    for process in processes:  # whatever the ranks started and left behind
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _join_all(processes: tuple | list, timeout_s: float) -> None:
@@ -306,6 +311,8 @@ def _join_all(processes: tuple | list, timeout_s: float) -> None:
 def _worker_main(rank: int, env: dict[str, str], backend: str, factory_blob: bytes, conn: Any) -> None:
     """A spawned rank: set env, init torch.distributed, build the object, serve the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which shuts the ranks down
+    os.setpgid(0, 0)  # a process group per rank: what the rank starts (e.g. megatron's checkpoint-writer
+    # manager process) is killed with it, even when the rank itself was killed (see _stop_workers)
     os.environ.update(env)
     try:
         if "OMP_NUM_THREADS" in env:

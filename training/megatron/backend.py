@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -25,6 +25,9 @@ from training.hf.backend import OptimSettings, merge_step_stats
 from training.megatron import conversion
 from training.megatron.model import resolve_spec
 from training.megatron.worker import MegatronSettings
+
+if TYPE_CHECKING:
+    from slime_rl.launch.spmd import RankGroup
 
 WORKER = "training.megatron.worker:MegatronWorker"
 
@@ -59,7 +62,10 @@ class MegatronBackend:
 
     def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor] | str, opt: OptimSettings,
                  settings: MegatronSettings, num_ranks: int | None = None, with_reference: bool = False,
-                 start_timeout: float = 600.0):
+                 start_timeout: float = 600.0, launcher: Callable[..., RankGroup] | None = None):
+        """`launcher` creates the ranks in place of `spawn_ranks` (e.g. Ray actors), called with the same
+        arguments; ranks read `state_dict` from one HF checkpoint directory (written to a temp dir when
+        given as tensors), which a launcher placing ranks on other machines needs on shared storage."""
         from slime_rl.launch.spmd import in_torchrun, spawn_ranks, torchrun_group
 
         m = settings.model
@@ -81,10 +87,10 @@ class MegatronBackend:
                 save_hf_checkpoint(Path(self._tmp), self.hf_config, state_dict)
                 state_dict = self._tmp
             threads = max(1, (os.cpu_count() or 1) // self.num_ranks)
-            self.group = spawn_ranks(self.num_ranks, WORKER,
-                                     worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
-                                     env={"OMP_NUM_THREADS": str(threads)}, backend=backend,
-                                     start_timeout=start_timeout)
+            self.group = (launcher or spawn_ranks)(self.num_ranks, WORKER,
+                                                   worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
+                                                   env={"OMP_NUM_THREADS": str(threads)}, backend=backend,
+                                                   start_timeout=start_timeout)
         self.layouts = self.group.call("layout")
         self.step = 0
 
