@@ -198,7 +198,7 @@ class LaunchConfig:
 class CheckpointConfig:
     """Resumable checkpoints of the whole run: model, optimizer, scheduler, data position, RNG, buffer, version."""
 
-    save_every: int = 0  # RL steps between checkpoints (0 = none during RL)
+    save_every: int = 50  # RL steps between checkpoints (0 = none)
     keep: int = 2  # newest checkpoints kept
     resume: str | None = None  # a checkpoint directory, or "auto" = the newest under log.output_dir/checkpoints
 
@@ -311,7 +311,10 @@ class JobConfig:
             ("ckpt.save_every", self.ckpt.save_every >= 0, ">= 0"),
             ("ckpt.keep", self.ckpt.keep >= 1, ">= 1"),
             ("rollout.health_check_s", self.rollout.health_check_s >= 0, ">= 0"),
-            ("launch.colocate", not self.launch.colocate or self.launch.launcher == "ray", "false unless launch.launcher is ray"),
+            ("launch.colocate", not self.launch.colocate or self.launch.launcher == "ray",
+             "false unless launch.launcher is ray"),
+            ("launch.colocate", not self.launch.colocate or self.async_rl.mode == "sync",
+             "false in the async modes (colocated engines and trainer take turns on the same devices)"),
             ("debug.load_rollouts", not (self.debug.load_rollouts and self.debug.rollout_only),
              "unset with debug.rollout_only (replay needs a trainer, rollout-only has none)"),
             ("sync.transport", self.sync.transport != "local" or self.train.backend == "hf",

@@ -225,7 +225,7 @@ def record_groups(run: Run, step: int, groups: list[list[Sample]]) -> None:
 
 def maybe_checkpoint(run: Run, step: int, rollout) -> None:
     c = run.cfg.ckpt
-    if run.trainer is None or not c.save_every or (step % c.save_every and step != run.cfg.train.num_steps):
+    if run.trainer is None or not c.save_every or step % c.save_every:
         return
     t0 = time.perf_counter()
     ledger = run.extra.get("ledger")
