@@ -165,6 +165,23 @@ def test_replay_trains_like_the_recording_run_and_rollout_only_never_trains(tmp_
     assert all(r["weight_version"] == 0 for r in records)  # nothing was trained, nothing pushed
 
 
+@pytest.mark.slow
+def test_replayed_rollouts_train_megatron_tp2_like_the_reference(tmp_path):
+    """Cross-layout parity on recorded rollouts: same batches into the reference trainer and Megatron TP2."""
+    rec = tmp_path / "recorded"
+    common = ["--train.num_steps", "2", "--log.save_checkpoint", "false", "--log.plot", "false"]
+    assert main(["train", *TINY, *common, "-b", "hf", "--log.output_dir", str(rec), "--debug.save_rollouts",
+                 str(rec / "rollouts")]) == 0
+    assert main(["train", *TINY, *common, "-b", "megatron", "--tp", "2", "--log.output_dir", str(tmp_path / "tp2"),
+                 "--debug.load_rollouts", str(rec / "rollouts")]) == 0
+    ref = [r for r in _records(rec / "metrics.jsonl") if "train/pg_loss" in r]
+    tp2 = [r for r in _records(tmp_path / "tp2" / "metrics.jsonl") if "train/pg_loss" in r]
+    assert len(ref) == len(tp2) == 2
+    for a, b in zip(ref, tp2):
+        for key in ("train/pg_loss", "train/entropy", "train/grad_norm", "train/approx_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
 def test_replay_without_recordings_names_the_missing_step(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="step 1"):
