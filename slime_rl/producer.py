@@ -40,7 +40,7 @@ import torch
 
 from rollout.groups import merge_output, new_group
 from rollout.strategies import GroupRunner, agenerate_keyed
-from slime_rl.buffer import RolloutBuffer, group_version
+from slime_rl.buffer import BufferClosed, RolloutBuffer, group_version
 from slime_rl.types import Sample, SampleStatus, SamplingParams
 
 Group = list[Sample]
@@ -294,6 +294,8 @@ class AsyncRollout:
             try:
                 groups = self.buffer.get(self.per_step, trainer_version, timeout=1.0)
                 break
+            except BufferClosed as exc:
+                raise RuntimeError(f"rollout producer failed: {self._error}") from (self._error or exc)
             except TimeoutError:
                 self._wake()  # stale groups may have been set aside: let the producer regenerate them
                 if self._error is not None:
