@@ -48,18 +48,27 @@ ENGINE_STOP_TIMEOUT_S = 10.0
 INIT_MODEL_DIR = "init_model"
 
 
-def start_ray(launch: LaunchConfig) -> bool:
+def start_ray(launch: LaunchConfig, cpus_needed: float = 0.0) -> bool:
     """Join `launch.ray_address`, or start Ray on this machine; True if this call did (the caller shuts it down).
 
-    A local Ray gets `launch.num_cpus` CPUs, no dashboard, quiet logs, and token authentication off
-    (RAY_AUTH_MODE=disabled unless the user set it), so it writes no ~/.ray/auth_token.
+    A local Ray gets `launch.num_cpus` CPUs (None: this machine's count, or `cpus_needed` when the job's
+    bundles ask for more: Ray's CPUs are logical, and a laptop may run 2 engines + 2 ranks on 2 cores,
+    just slower), no dashboard, quiet logs, and token authentication off (RAY_AUTH_MODE=disabled unless the
+    user set it), so it writes no ~/.ray/auth_token.
     """
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if launch.ray_address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs |= dict(num_cpus=launch.num_cpus, include_dashboard=False)
+        num_cpus = launch.num_cpus
+        if num_cpus is None:
+            cores = os.cpu_count() or 1
+            num_cpus = max(cores, math.ceil(cpus_needed))
+            if num_cpus > cores:
+                print(f"[ray] the job's bundles ask for {cpus_needed:g} CPUs and this machine has {cores}: "
+                      f"starting Ray with {num_cpus} logical CPUs (processes will share cores)")
+        kwargs |= dict(num_cpus=num_cpus, include_dashboard=False)
     ray.init(address=launch.ray_address, **kwargs)
     return True
 
@@ -357,7 +366,9 @@ class RayLaunch:
         self._control: Any = None  # EngineClient over every engine (memory release / resume)
         self._training = False  # colocated: between before_train and after_train (engine memory released)
         self._closed = False
-        self._owns_ray = start_ray(cfg.launch)
+        l, placed = cfg.launch, cfg.trainer_ranks if cfg.train.backend == "megatron" else 0
+        needed = placed * l.cpus_per_trainer + (0 if l.colocate else cfg.rollout.num_inferencers * l.cpus_per_engine)
+        self._owns_ray = start_ray(cfg.launch, cpus_needed=needed)
         try:
             self._start(hf_config, state_dict, tokenizer)
         except BaseException:
