@@ -306,7 +306,8 @@ class JobConfig:
              ">= 1 in the async modes (0 is sync)"),
             ("async_rl.max_staleness", self.async_rl.mode != "sync" or self.async_rl.staleness == 0,
              "0 (or None) in sync mode"),
-            ("async_rl.buffer_groups", (self.async_rl.buffer_groups or 1) >= 1, ">= 1 or None"),
+            ("async_rl.buffer_groups", (self.async_rl.buffer_groups or self.rollout.prompts_per_step)
+             >= self.rollout.prompts_per_step, ">= rollout.prompts_per_step (a step's batch must fit) or None"),
             ("algorithm.is_cap", self.algorithm.is_cap >= 1, ">= 1"),
             ("ckpt.save_every", self.ckpt.save_every >= 0, ">= 0"),
             ("ckpt.keep", self.ckpt.keep >= 1, ">= 1"),

@@ -175,8 +175,6 @@ class PromptStream:
 class SyncRollout:
     """Step s: wave s, generated now with the current weights (staleness 0)."""
 
-    mode = "sync"
-
     def __init__(self, worker: RolloutWorker, prompts: PromptStream):
         self.worker, self.prompts = worker, prompts
 
@@ -207,11 +205,9 @@ class AsyncRollout:
                  capacity: int | None = None, start_step: int = 0):
         self.worker, self.prompts = worker, prompts
         self.staleness, self.interruptible = staleness, interruptible
-        self.mode = "fully_async" if interruptible else "one_step_off"
         self.per_step = prompts.per_step
         self.buffer = RolloutBuffer(capacity or self.per_step * (staleness + 1), max_staleness=staleness)
         self.trained_steps = start_step  # steps whose weights were pushed; wave w may start at w <= this + staleness
-        self.first_wave = start_step
         self.requeue: deque[tuple[int, Group]] = deque()  # (wave, group) to generate before drawing new prompts
         self.inflight: dict[str, tuple[int, Group]] = {}  # being generated
         self._unbuffered = 0  # generated and scored, not yet in the buffer
@@ -360,8 +356,6 @@ class AsyncRollout:
 
 class ReplayRollout:
     """The groups of a run recorded with `debug.save_rollouts`, step by step (no engines)."""
-
-    mode = "replay"
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
