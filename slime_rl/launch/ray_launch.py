@@ -249,24 +249,13 @@ class RayRankGroup(RankGroup):
                 _raise_failures([reply], method, self.world_size)
         return [replies[r] for r in range(self.world_size)]
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Shut every rank down (`obj.close()`, destroy its process group), then kill the actors.
+    def _shutdown(self, timeout: float) -> list[_Reply]:
+        return self._collect(self._send(_Call(_SHUTDOWN)), "close", timeout, stop_on_error=False)
 
-        A group that timed out or lost a rank is killed at once. Raises RankError, after
-        cleaning up, if some rank's `close()` raised.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        replies: list[_Reply] = []
-        if self._broken is None:
-            try:
-                replies = self._collect(self._send(_Call(_SHUTDOWN)), "close", timeout, stop_on_error=False)
-            except RankError as error:
-                print(f"slime_rl.launch.ray_launch: shutdown incomplete, killing ranks: {error}", flush=True)
+    def _stop(self, replies: list[_Reply], timeout: float) -> None:
+        """Kill the rank actors (Ray reclaims their processes and resources)."""
         for actor in self.actors:
             ray.kill(actor)
-        _raise_failures(replies, "close", self.world_size)
 
 
 def ray_ranks(world_size: int, factory: Factory, factory_kwargs: dict[str, Any], *, pg: PlacementGroup,

@@ -175,8 +175,28 @@ class RankGroup:
     def _run(self, call: _Call) -> list[_Reply]:
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Ask every rank to shut down (`obj.close()`, destroy its process group, exit), then make sure the
+        ranks are gone (`_stop`). A group that timed out or lost a rank is stopped at once, since its ranks
+        may sit in a collective. Raises RankError, after cleaning up, if some rank's `close()` raised."""
+        if self._closed:
+            return
+        self._closed = True
+        replies: list[_Reply] = []
+        if self._broken is None:
+            try:
+                replies = self._shutdown(timeout)
+            except RankError as error:
+                print(f"{type(self).__name__}: shutdown incomplete, stopping the ranks: {error}", file=sys.stderr)
+        self._stop(replies, timeout)
+        _raise_failures(replies, "close", self.world_size)
+
+    def _shutdown(self, timeout: float) -> list[_Reply]:
+        """Send the shutdown command; every rank's reply within `timeout`."""
         raise NotImplementedError
+
+    def _stop(self, replies: list[_Reply], timeout: float) -> None:
+        """After the shutdown command (acknowledged by `replies`): end the rank processes for sure."""
 
     def __enter__(self) -> RankGroup:
         return self
@@ -255,28 +275,15 @@ class SpawnedRankGroup(RankGroup):
         process.join(_KILL_GRACE_S)  # the sentinel fires a moment before the exit code can be reaped
         return f"rank {rank} died (exit code {process.exitcode}) during {method}"
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Shut every rank down (`obj.close()`, destroy its process group, exit), reap them, kill stragglers.
+    def _shutdown(self, timeout: float) -> list[_Reply]:
+        self._send(_Call(_SHUTDOWN))
+        return self._collect("close", timeout, stop_on_error=False)
 
-        `timeout` bounds the wait for the acknowledgements and, again, for the exits.
-
-        A group that timed out or lost a rank is terminated at once, since its ranks may sit
-        in a collective. Raises RankError, after cleaning up, if some rank's `close()` raised.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        replies: list[_Reply] = []
-        if self._broken is None:
-            try:
-                self._send(_Call(_SHUTDOWN))
-                replies = self._collect("close", timeout, stop_on_error=False)
-            except RankError as error:
-                print(f"slime_rl.launch.spmd: shutdown incomplete, terminating ranks: {error}", file=sys.stderr)
+    def _stop(self, replies: list[_Reply], timeout: float) -> None:
+        """Reap the ranks, SIGTERM then SIGKILL stragglers, and kill what they started."""
         self._finalizer.cancel()
         # Ranks that acknowledged are exiting on their own (slow on a busy machine); give them `timeout`.
         _stop_workers(self.processes, self._conns, grace_s=timeout if replies else 0.0)
-        _raise_failures(replies, "close", self.world_size)
 
 
 def _stop_workers(processes: tuple, conns: list, grace_s: float) -> None:
