@@ -9,7 +9,9 @@ choice per call, for a tensor on device D:
     input needing grad -> "reference" (the kernels are forward-only)
 
 The library is looked for once, lazily, on the first op call (or
-available_impls()/describe()): import slime_rl._C; failing that, and only when
+available_impls()/describe()): the shared library named by
+SLIME_RL_OPS_LIBRARY when set (a development build; slime_rl._C is then not
+imported); else import slime_rl._C; failing that, and only when
 SLIME_RL_JIT=1, build it with torch.utils.cpp_extension.load (~1 min, cached in
 torch's extension dir). Importing slime_rl.ops loads and compiles nothing.
 
@@ -126,6 +128,16 @@ def _short(e: BaseException) -> str:
 def _load_library() -> bool:
     """Look for the compiled library once; record where it came from or why it is missing."""
     if _state.loaded is not None:
+        return _state.loaded
+    library = os.environ.get("SLIME_RL_OPS_LIBRARY", "").strip()
+    if library:  # a development build of the kernels, instead of slime_rl._C
+        try:
+            torch.ops.load_library(library)
+            _state.loaded, _state.source = True, f"SLIME_RL_OPS_LIBRARY={library}"
+        except Exception as e:
+            _state.loaded, _state.source = False, f"SLIME_RL_OPS_LIBRARY={library} failed to load ({_short(e)})"
+        if _state.loaded:
+            _register_fakes()
         return _state.loaded
     try:
         from slime_rl import _C
