@@ -139,6 +139,7 @@ class TrainConfig:
     use_distributed_optimizer: bool = False  # shard optimizer state over DP ranks
     max_tokens_per_micro_batch: int = 4096  # megatron: token budget of one packed micro-batch
     vocab_pad_multiple: int = 128  # megatron pads the vocab to a multiple of this x tp
+    fused_logprob: bool = True  # logprob/entropy from hidden states + output weight in chunks, never [T, V] logits
     num_steps: int = 300
     lr: float = 2e-4
     min_lr: float = 0.0

@@ -98,7 +98,8 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launc
         return None
     with_reference = cfg.algorithm.kl_coef > 0
     if cfg.train.backend == "hf":
-        return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference)
+        return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
+                         fused_logprob=cfg.train.fused_logprob)
     from training.megatron import MegatronBackend
 
     t = cfg.train
@@ -114,7 +115,7 @@ def megatron_settings(cfg: JobConfig):
     t = cfg.train
     return MegatronSettings(
         model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
-                            vocab_pad_multiple=t.vocab_pad_multiple),
+                            vocab_pad_multiple=t.vocab_pad_multiple, fused_logprob=t.fused_logprob),
         use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         seed=cfg.seed)
 

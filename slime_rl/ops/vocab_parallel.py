@@ -22,14 +22,21 @@ The brief's H = lse - E_p[z] is computed on shifted logits: log s >= 0 and
 Backward (local): d logp/dz_j = onehot_j - p_j, dH/dz_j = -p_j (log p_j + H),
 then divided by temperature; padding columns get 0.
 
-The fused kernel (a later issue) is meant to replace the local math behind
-`vocab_parallel_logprobs`; this file is its reference.
+The local math has kernels (slime_rl::logits_logprob_forward/backward,
+csrc/cpu/fused_logprob.cpp, csrc/cuda/): they compute the same pieces per rank
+(see slime_rl/ops/fused_logprob.py) without the [N, V] fp32 intermediates
+(shifted logits, exps, probabilities) this reference keeps, and the backward
+re-reads the logits instead of saving a shifted fp32 copy. The path is chosen
+per call (CUDA -> C++ -> this reference; `impl=` forces one).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from slime_rl.ops import _backend
+from slime_rl.ops.fused_logprob import LOGITS_FORWARD_OP, owned_targets, reduce_softmax_pieces
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group) -> torch.Tensor:
@@ -47,10 +54,18 @@ class _VocabParallelLogprob(torch.autograd.Function):
     """autograd Function behind `vocab_parallel_logprobs`; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, logits_NV, targets_N, vocab_start, vocab_size, group, temperature, with_entropy):
+    def forward(ctx, logits_NV, targets_N, vocab_start, vocab_size, group, temperature, with_entropy, impl):
         ctx.set_materialize_grads(False)
         n_rows, v_local = logits_NV.shape
         n_valid = max(0, min(v_local, vocab_size - vocab_start))  # columns of this rank that are real vocab
+        ctx.impl = impl
+        if impl != "reference":  # a kernel computes this rank's pieces; the reduction is shared
+            pieces = torch.ops.slime_rl.logits_logprob_forward(logits_NV, targets_N, vocab_start, n_valid, temperature)
+            owned_N = owned_targets(targets_N, vocab_start, n_valid)
+            logprobs_N, entropy_N, lse_N = reduce_softmax_pieces(*pieces, owned_N, group, with_entropy)
+            ctx.save_for_backward(logits_NV, targets_N, lse_N, entropy_N)
+            ctx.args = (vocab_start, n_valid, temperature)
+            return logprobs_N, entropy_N
         z_NV = logits_NV[:, :n_valid].to(_compute_dtype(logits_NV.dtype))
         if temperature not in (0.0, 1.0):
             z_NV = z_NV / temperature
@@ -80,6 +95,11 @@ class _VocabParallelLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs_N, grad_entropy_N):
+        if ctx.impl != "reference":
+            logits_NV, targets_N, lse_N, entropy_N = ctx.saved_tensors
+            grad_logits_NV = torch.ops.slime_rl.logits_logprob_backward(
+                logits_NV, targets_N, lse_N, entropy_N, grad_logprobs_N, grad_entropy_N, *ctx.args)
+            return grad_logits_NV, None, None, None, None, None, None, None
         zs_NV, log_sum_N, owned_N, index_N1, entropy_N = ctx.saved_tensors
         n_rows, n_valid = zs_NV.shape
         grad_z_NV = zs_NV.new_zeros(n_rows, n_valid)
@@ -98,7 +118,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
             grad_z_NV = grad_z_NV / ctx.temperature
         grad_logits_NV = grad_z_NV.new_zeros(n_rows, ctx.v_local)
         grad_logits_NV[:, :n_valid] = grad_z_NV
-        return grad_logits_NV.to(ctx.in_dtype), None, None, None, None, None, None
+        return grad_logits_NV.to(ctx.in_dtype), None, None, None, None, None, None, None
 
 
 def _check_args(logits_NV, targets_N, vocab_start, vocab_size, temperature) -> None:
@@ -130,6 +150,7 @@ def vocab_parallel_logprobs(
     group=None,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) and the entropy per row, from this TP rank's slice of the vocabulary.
 
@@ -145,8 +166,11 @@ def vocab_parallel_logprobs(
     Returns (logprobs_N, entropy_N or None), fp32 (float64 for float64 input), identical on every
     rank; gradients flow to logits_NV from either or both outputs, computed locally.
     Every rank must call it with the same N, temperature and with_entropy.
+    impl: force "cuda", "cpp" or "reference" for this call (default: chosen per call, see
+        slime_rl.ops._backend); a kernel serves inputs that need grad too.
     """
     _check_args(logits_NV, targets_N, vocab_start, vocab_size, temperature)
+    chosen = _backend.choose(LOGITS_FORWARD_OP, logits_NV.detach(), impl)
     return _VocabParallelLogprob.apply(
-        logits_NV, targets_N, int(vocab_start), int(vocab_size), group, float(temperature), bool(with_entropy)
+        logits_NV, targets_N, int(vocab_start), int(vocab_size), group, float(temperature), bool(with_entropy), chosen
     )

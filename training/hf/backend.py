@@ -5,6 +5,12 @@ of packed right-padded batches, micro-batching with gradient accumulation,
 AdamW with gradient clipping and an LR schedule, HF-format checkpoints. It is
 the parity baseline: engine logprobs and Megatron logprobs are tested against
 this backend.
+
+Logprobs and entropy come from the final hidden states and the lm_head weight
+through `slime_rl.ops.fused_linear_logprobs`, which never materializes the
+[B, T, V] logits (fused_logprob=True, the default), or from the model's logits
+through `logprobs_from_logits` (fused_logprob=False). Both give the same numbers
+to float rounding (tests/test_fused_wiring.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Iterator
 import torch
 
 from slime_rl.ops import logprobs_from_logits
+from slime_rl.ops.fused_logprob import fused_linear_logprobs
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 
@@ -86,14 +93,44 @@ def build_hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor] | None) 
     return model.eval()
 
 
+def check_plain_lm_head(model: torch.nn.Module) -> None:
+    """Raise unless logits are exactly lm_head(final hidden states): a bias-free linear, no scaling or capping.
+
+    The fused path computes logprobs from the decoder's last hidden state and
+    lm_head.weight, so a model that does anything more to its logits would be
+    computed wrongly; it must run with fused_logprob=False.
+    """
+    head = model.get_output_embeddings()
+    config = model.config
+    problems = []
+    if not isinstance(head, torch.nn.Linear):
+        problems.append(f"output embeddings are {type(head).__name__}, not a torch.nn.Linear")
+    elif head.bias is not None:
+        problems.append("lm_head has a bias")
+    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, field, None) not in (None, 1, 1.0):
+            problems.append(f"config.{field} = {getattr(config, field)}")
+    if problems:
+        raise ValueError(f"HFTrainer(fused_logprob=True) needs logits = lm_head(last hidden state) for "
+                         f"{config.model_type}: {'; '.join(problems)}; use fused_logprob=False "
+                         "(--train.fused_logprob false)")
+
+
 class HFTrainer:
-    """TrainerBackend on a transformers model (single process)."""
+    """TrainerBackend on a transformers model (single process).
+
+    fused_logprob: compute logprobs/entropy with the fused linear+logprob op from the
+    hidden states (never forming [B, T, V] logits); False = from the model's logits.
+    """
 
     def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor], opt: OptimSettings,
-                 with_reference: bool = False):
+                 with_reference: bool = False, fused_logprob: bool = True):
         self.hf_config = dict(hf_config)
         self.model = build_hf_model(hf_config, state_dict)
         self.ref_model = build_hf_model(hf_config, state_dict).requires_grad_(False) if with_reference else None
+        self.fused_logprob = fused_logprob
+        if fused_logprob:
+            check_plain_lm_head(self.model)
         self.opt = opt
         self.step = 0
         self._build_optimizer()
@@ -119,9 +156,22 @@ class HFTrainer:
             T = int(mb.attention_mask_BT.sum(dim=1).max())  # trim right padding of this micro-batch
             yield rows, mb.select((slice(None), slice(0, T)))
 
+    def _next_token_logprobs(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
+        """(logprobs_BT1, entropy_BT1 or None) of token t+1 given tokens <= t, for t < T - 1."""
+        targets_BT1 = mb.input_ids_BT[:, 1:]
+        if not self.fused_logprob:
+            logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
+            return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, mb.temperature, with_entropy)
+        hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT,
+                                         use_cache=False).last_hidden_state
+        B, T1 = targets_BT1.shape
+        weight_VH = model.get_output_embeddings().weight  # the embedding itself when tied
+        lp_N, ent_N = fused_linear_logprobs(hidden_BTH[:, :-1].reshape(B * T1, -1), weight_VH, targets_BT1.reshape(-1),
+                                            temperature=mb.temperature, with_entropy=with_entropy)
+        return lp_N.view(B, T1), ent_N.view(B, T1) if ent_N is not None else None
+
     def _forward(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
-        logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
-        lp_BT1, ent_BT1 = logprobs_from_logits(logits_BTV[:, :-1], mb.input_ids_BT[:, 1:], mb.temperature, with_entropy)
+        lp_BT1, ent_BT1 = self._next_token_logprobs(model, mb, with_entropy)
         pad = lp_BT1.new_zeros(lp_BT1.shape[0], 1)
         real_BT = mb.attention_mask_BT.to(lp_BT1.dtype)  # padding positions hold 0, as documented
         lp_BT = torch.cat([pad, lp_BT1], dim=1) * real_BT  # position t = log p(x_t | x_<t); t = 0 has none

@@ -11,10 +11,16 @@ the whole row; with several sequences packed into one row, each sequence must
 restart at position 0 to give exactly the logprobs of the same sequence alone
 (mathematically RoPE is relative, numerically large absolute angles lose
 precision), and THD packing that would handle it needs Transformer Engine.
+
+With settings.fused_logprob (the default) the last stage's output layer returns
+the final hidden states instead of logits (`return_hidden_states`): the trainer
+computes logprobs and entropy from them and `output_weight(model)` with the
+fused linear+logprob op, so the [tokens, vocab] logits are never formed.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,7 @@ class ModelSettings:
     dtype: str = "float32"  # float32 | bfloat16
     sequence_parallel: bool = False  # needs the TE spec
     vocab_pad_multiple: int = 128  # padded vocab = multiple of this x tp (megatron's make-vocab-size-divisible-by)
+    fused_logprob: bool = True  # the last stage returns hidden states [b, s, h], not logits (return_hidden_states)
 
 
 def resolve_spec(settings: ModelSettings) -> str:
@@ -159,6 +166,8 @@ def build_gpt_model(hf_config: dict, settings: ModelSettings, pre_process: bool,
         rotary_base=int(rope_theta(hf_config)),
     )
     model.rotary_pos_emb = PackedRotaryEmbedding(config.kv_channels, rope_theta(hf_config))
+    if post_process and settings.fused_logprob:
+        return_hidden_states(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if config.bf16:
@@ -166,6 +175,71 @@ def build_gpt_model(hf_config: dict, settings: ModelSettings, pre_process: bool,
 
         model = Float16Module(config, model)
     return model
+
+
+def return_hidden_states(model) -> None:
+    """Make this last-stage GPTModel return its final hidden states [b, s, h] in place of logits [b, s, v].
+
+    For the fused linear+logprob op (slime_rl.ops.fused_linear_logprobs), which
+    takes the hidden states and the output weight (`output_weight`) and never
+    forms the logits. Only the output layer's forward is replaced: its
+    parameters, names, sharded state dict, DDP buckets and the tied-embedding
+    sync stay as they are. GPTModel's [s, b, .] -> [b, s, .] transpose after the
+    layer still applies.
+
+    The layer keeps ColumnParallelLinear's input-side communication, which
+    makes the hidden states the op's TP-replicated input: copy to the TP region
+    (identity forward, all-reduce backward: the op gives each TP rank only its
+    vocab slice's part of the gradient for hidden), or under sequence
+    parallelism the all-gather of the sequence shards (reduce-scatter backward).
+    """
+    model.output_layer.forward = types.MethodType(_hidden_states_forward, model.output_layer)
+
+
+def _hidden_states_forward(layer, input_sbh: torch.Tensor, weight: torch.Tensor | None = None,
+                           runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+    """ColumnParallelLinear.forward's signature and input communication, without the matmul."""
+    if layer.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        return gather_from_sequence_parallel_region(input_sbh, tensor_parallel_output_grad=True,
+                                                    group=layer.tp_group), None
+    return _CopyToTensorParallelRegion.apply(input_sbh, layer.tp_group), None
+
+
+class _CopyToTensorParallelRegion(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over the TP group.
+
+    megatron's copy_to_tensor_model_parallel_region means the same, but it
+    all-reduces `grad.contiguous()` and returns `grad`, so a non-contiguous
+    gradient comes back unreduced — and GPTModel's [s, b] -> [b, s] transpose
+    after the output layer makes this one non-contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all-reduced in place: never the caller's buffer
+        if ctx.group.size() > 1:
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output layer's [V_local, H] weight shard as GPTModel's forward picks it (the embedding when tied).
+
+    With tied embeddings on one stage this is the word embedding itself; on the
+    last of several stages, the output layer's copy, whose gradient megatron
+    all-reduces with the first stage's embedding.
+    """
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def unwrap(model):

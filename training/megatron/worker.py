@@ -8,8 +8,11 @@ None from the others.
 
 The step: this DP rank's sequences are packed into micro-batches
 (`packing.py`), run through megatron's forward-backward schedule (1F1B when
-PP > 1), logprobs and entropy are computed vocab-parallel from the TP-sharded
-logits (`slime_rl.ops.vocab_parallel_logprobs`), and the loss from
+PP > 1), logprobs and entropy are computed vocab-parallel — by default from the
+final hidden states and this TP rank's output-weight shard with the fused
+linear+logprob op (`slime_rl.ops.fused_linear_logprobs`, no [tokens, vocab]
+logits), or with settings.model.fused_logprob = False from the TP-sharded
+logits (`slime_rl.ops.vocab_parallel_logprobs`) — and the loss from
 `slime_rl.algorithms` sees them in the same [B, T] layout the reference
 backend gives it. The loss is already normalized over the whole batch, so
 micro-batches and DP ranks *sum* their gradients (megatron's per-token-loss
@@ -28,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from slime_rl.ops import vocab_parallel_logprobs
+from slime_rl.ops.fused_logprob import fused_linear_logprobs
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 from training.hf.backend import OptimSettings, lr_lambda
 from training.megatron import compat, conversion, packing
-from training.megatron.model import ModelSettings, build_gpt_model, resolve_spec, unwrap
+from training.megatron.model import ModelSettings, build_gpt_model, output_weight, resolve_spec, unwrap
 
 
 @dataclass
@@ -205,13 +209,12 @@ class MegatronWorker:
             seq_length=mbs[0].input_ids_bS.shape[1], micro_batch_size=mbs[0].input_ids_bS.shape[0],
             forward_only=forward_only)
 
-    def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, logits_bSV: torch.Tensor):
-        b, S, v_local = logits_bSV.shape
+    def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, out_bSX: torch.Tensor):
+        """One micro-batch's loss from the last stage's output: hidden states [b, S, H] or logits [b, S, V_local]."""
+        b, S, _ = out_bSX.shape
         targets_bS = torch.roll(mb.input_ids_bS, -1, dims=1).to(self.device)  # position s predicts token s+1
-        lp_N, ent_N = vocab_parallel_logprobs(
-            logits_bSV.reshape(b * S, v_local), targets_bS.reshape(-1), vocab_start=self.tp_rank * v_local,
-            vocab_size=self.vocab_size, group=self.ps.get_tensor_model_parallel_group(),
-            temperature=mb.batch.temperature, with_entropy=loss_fn is not None)
+        lp_N, ent_N = self._token_logprobs(out_bSX.reshape(b * S, -1), targets_bS.reshape(-1),
+                                           mb.batch.temperature, with_entropy=loss_fn is not None)
         lp_bT = mb.unpack(lp_N.view(b, S))
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
@@ -220,6 +223,25 @@ class MegatronWorker:
         if dummy:
             return loss * 0.0, one, {"stats": {}}
         return loss, one, {"stats": {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}}
+
+    def _token_logprobs(self, out_NX: torch.Tensor, targets_N: torch.Tensor, temperature: float,
+                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logprobs_N, entropy_N or None) over the whole vocabulary, identical on every TP rank.
+
+        out_NX: hidden states [N, H] (fused path; already copied to the TP region by
+        the output layer, so their gradient is all-reduced over TP in backward) or this
+        rank's vocab slice of the logits [N, V_local].
+        """
+        group = self.ps.get_tensor_model_parallel_group()
+        if not self.settings.model.fused_logprob:
+            return vocab_parallel_logprobs(out_NX, targets_N, vocab_start=self.tp_rank * out_NX.shape[1],
+                                           vocab_size=self.vocab_size, group=group, temperature=temperature,
+                                           with_entropy=with_entropy)
+        weight_VH = output_weight(self.model)  # this rank's shard of the padded vocab (the embedding when tied)
+        # Float16Module hands the last stage's output back in fp32; the hidden states were bf16 already.
+        return fused_linear_logprobs(out_NX.to(weight_VH.dtype), weight_VH, targets_N, temperature=temperature,
+                                     with_entropy=with_entropy, vocab_start=self.tp_rank * weight_VH.shape[0],
+                                     vocab_size=self.vocab_size, group=group)
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> dict | None:
