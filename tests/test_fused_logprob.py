@@ -12,19 +12,16 @@ unsplit result. Kernel tests skip, with the reason, where the C++ kernels are no
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_ranks
 from slime_rl import ops
 from slime_rl.ops import _backend
 from slime_rl.ops import fused_logprob as fl
@@ -229,12 +226,6 @@ def test_kernel_matches_reference_across_chunkings(dtype):
 # --- tensor parallelism: uneven vocab shards over 2 and 3 gloo ranks --------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_result(case, impl, rank, bounds, group):
     start, end = bounds[rank], bounds[rank + 1]
     hidden = case["hidden"].clone().requires_grad_()
@@ -246,19 +237,10 @@ def _shard_result(case, impl, rank, bounds, group):
     return logp.detach(), ent.detach(), grad_hidden, grad_weight
 
 
-def _worker(rank, world, port, jobs, out_dir):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        groups = {world: dist.group.WORLD, 2: dist.new_group([0, 1])}  # every rank joins new_group
-        results = [_shard_result(case, impl, rank, bounds, groups[tp]) if rank < tp else None
-                   for case, impl, bounds, tp in jobs]
-        dist.destroy_process_group()
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    except BaseException:
-        Path(f"{out_dir}/rank{rank}.err").write_text(traceback.format_exc())
-        raise
+def _run_jobs(rank, world, jobs):
+    groups = {world: dist.group.WORLD, 2: dist.new_group([0, 1])}  # every rank joins new_group
+    return [_shard_result(case, impl, rank, bounds, groups[tp]) if rank < tp else None
+            for case, impl, bounds, tp in jobs]
 
 
 # (TP degree, shard boundaries over the padded vocab, real vocab size); 101 is prime, so no TP degree
@@ -277,22 +259,7 @@ def test_tensor_parallel_shards_match_unsplit(tmp_path):
     for i, (tp, bounds, vocab_size) in enumerate(TP_LAYOUTS):
         case = make_case(21, 12, vocab_size, bounds[-1] - vocab_size, torch.float32, seed=10 + i)
         jobs += [(case, impl, bounds, tp) for impl in CPU_IMPLS]
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, jobs, str(tmp_path))) for rank in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [f.read_text() for f in sorted(tmp_path.glob("rank*.err"))]
-    assert not errors and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}: {errors}"
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    per_rank = run_on_ranks(_run_jobs, world, jobs, tmp_path)
     tol = dict(atol=2e-5, rtol=2e-5)
     for j, (case, impl, bounds, tp) in enumerate(jobs):
         logp, ent, grad_hidden, grad_weight = _shard_result(case, impl, 0, [0, bounds[-1]], None)

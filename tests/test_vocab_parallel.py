@@ -9,15 +9,11 @@ apart (logprobs reach ~-15 here, where one ulp is ~1e-6).
 
 from __future__ import annotations
 
-import socket
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_ranks
 from slime_rl.ops import logprobs_from_logits, vocab_parallel_logprobs
 
 N, V = 37, 101  # V is prime: no TP degree divides it
@@ -148,43 +144,8 @@ def test_bad_input_fails_loudly(kwargs, error, needle):
 
 # ---- multi-process: one spawn per world size, every case inside it ----
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        results = [run_slice(case, rank, world, dist.group.WORLD) for case in cases]
-        dist.destroy_process_group()
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    except BaseException:
-        with open(f"{out_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _spawn(world: int, cases: list[dict], tmp_path) -> list[list[tuple]]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, cases, str(tmp_path))) for rank in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [f.read_text() for f in sorted(tmp_path.glob("rank*.err"))]
-    assert not errors and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}: {errors}"
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+def _run_cases(rank: int, world: int, cases: list[dict]) -> list[tuple]:
+    return [run_slice(case, rank, world, dist.group.WORLD) for case in cases]
 
 
 @pytest.mark.parametrize("world,layouts", [
@@ -195,7 +156,7 @@ def test_tensor_parallel_ranks_match_single_device(world, layouts, tmp_path):
     cases = [make_case(v_padded, temperature, seed=i, with_entropy=with_entropy, vocab_size=vocab_size)
              for i, (v_padded, vocab_size) in enumerate(layouts)
              for temperature in (1.0, 0.7) for with_entropy in (True, False)]
-    per_rank = _spawn(world, cases, tmp_path)
+    per_rank = run_on_ranks(_run_cases, world, cases, tmp_path)
     for i, case in enumerate(cases):
         ref_logp, ref_ent, ref_grad = reference(case)
         for rank in range(world):

@@ -23,11 +23,14 @@ was tried and why each attempt failed.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IMPLS = ("cuda", "cpp", "reference")
 _DISPATCH_KEY = {"cuda": "CUDA", "cpp": "CPU"}
@@ -158,6 +161,8 @@ def _load_library() -> bool:
             )
     if _state.loaded:
         _register_fakes()
+    else:  # once per process: every op now runs its torch reference
+        log.warning("slime_rl.ops: no compiled kernels, every op uses its torch reference: %s", _state.source)
     return _state.loaded
 
 
