@@ -171,6 +171,35 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(got, reference.group_normalize(r) * 2.0, atol=2e-6, rtol=0)
 
 
+def test_torch_compile_fullgraph_on_a_cold_process():
+    # The first op call of a process happens inside the trace: the path choice (loading the
+    # library, asking the dispatcher) must not break a fullgraph trace, with no eager warm-up.
+    proc = _run_python(
+        """
+        import torch
+        from slime_rl import ops
+        from slime_rl.ops import _backend, reference
+
+        def f(r):
+            return ops.group_normalize(r, eps=1e-6, scale_by_std=True) * 2.0
+
+        def g(h, w, t):
+            logp, ent = ops.fused_linear_logprobs(h, w, t)
+            return logp.sum() + ent.sum()
+
+        assert _backend._state.loaded is None and not _backend._state.why_not  # cold
+        r = torch.randn(6, 8, dtype=torch.float64)
+        got = torch.compile(f, backend="aot_eager", fullgraph=True)(r)
+        torch.testing.assert_close(got, reference.group_normalize(r) * 2.0)
+        h, w, t = torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,))
+        torch.testing.assert_close(torch.compile(g, backend="aot_eager", fullgraph=True)(h, w, t), g(h, w, t))
+        print("chosen:", _backend.choose("group_normalize", r))
+        """
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"chosen: {'reference' if CPP_MISSING else 'cpp'}" in proc.stdout
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     def f(r):

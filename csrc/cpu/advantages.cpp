@@ -16,6 +16,8 @@
 
 #include "advantages.h"
 
+#include "../common/advantages_args.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
@@ -130,55 +132,29 @@ void gae_scan(const scalar_t* r, const scalar_t* v, const bool* m, scalar_t* adv
   }
 }
 
-// Checks the packed layout shared by the scans (see reference.py) and returns
-// the mask as a contiguous bool tensor (nonzero = the token counts).
+// The packed layout's checks (csrc/common/advantages_args.h) plus its values, which the CPU
+// reads for free: cu_seqlens starts at 0, ends at the token count and never decreases.
+// Returns the mask as a contiguous bool tensor.
 at::Tensor check_packed(const char* op, const at::Tensor& rewards_N, const at::Tensor& mask_N,
                         const at::Tensor& cu_seqlens) {
-  TORCH_CHECK(rewards_N.dim() == 1, op, ": rewards must be 1-D [num_tokens] (packed), got shape ",
-              rewards_N.sizes());
-  TORCH_CHECK(rewards_N.device().is_cpu(), op, " (CPU kernel): rewards must be on the CPU, got ",
-              rewards_N.device());
-  TORCH_CHECK(at::isFloatingType(rewards_N.scalar_type()), op,
-              ": rewards must be floating (fp32, fp64, fp16, bf16), got ", rewards_N.scalar_type());
-  TORCH_CHECK(mask_N.dim() == 1 && mask_N.size(0) == rewards_N.size(0), op,
-              ": mask must have rewards' shape ", rewards_N.sizes(), ", got ", mask_N.sizes());
-  TORCH_CHECK(mask_N.device().is_cpu(), op, " (CPU kernel): mask must be on the CPU, got ",
-              mask_N.device());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
-              ": cu_seqlens must be 1-D [num_seqs + 1], got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong, op, ": cu_seqlens must be int64, got ",
-              cu_seqlens.scalar_type());
-  TORCH_CHECK(cu_seqlens.device().is_cpu(), op,
-              " (CPU kernel): cu_seqlens must be on the CPU, got ", cu_seqlens.device());
+  at::Tensor mask = checks::packed(op, rewards_N, mask_N, cu_seqlens, c10::DeviceType::CPU);
   const at::Tensor cu = cu_seqlens.contiguous();
   const int64_t* c = cu.const_data_ptr<int64_t>();
   const int64_t num_seqs = cu.size(0) - 1;
   TORCH_CHECK_VALUE(c[0] == 0 && c[num_seqs] == rewards_N.size(0), op,
-              ": cu_seqlens must start at 0 and end at the number of tokens ", rewards_N.size(0),
-              ", got ", c[0], " ... ", c[num_seqs]);
+                    ": cu_seqlens must start at 0 and end at the number of tokens ", rewards_N.size(0), ", got ",
+                    c[0], " ... ", c[num_seqs]);
   for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK_VALUE(c[s + 1] >= c[s], op, ": cu_seqlens must not decrease, got cu_seqlens[", s,
-                "] = ", c[s], " > cu_seqlens[", s + 1, "] = ", c[s + 1]);
+    TORCH_CHECK_VALUE(c[s + 1] >= c[s], op, ": cu_seqlens must not decrease, got cu_seqlens[", s, "] = ", c[s],
+                      " > cu_seqlens[", s + 1, "] = ", c[s + 1]);
   }
-  return (mask_N.scalar_type() == at::kBool ? mask_N : mask_N.ne(0)).contiguous();
-}
-
-void check_discount(const char* op, const char* name, double x) {
-  TORCH_CHECK_VALUE(x >= 0.0 && x <= 1.0, op, ": ", name, " must be in [0, 1], got ", x);
+  return mask;
 }
 
 }  // namespace
 
 at::Tensor group_normalize_cpu(const at::Tensor& rewards_GN, double eps, bool scale_by_std) {
-  TORCH_CHECK(rewards_GN.dim() == 2,
-              "slime_rl::group_normalize: rewards must be 2-D [num_groups, n], got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.size(1) >= 1,
-              "slime_rl::group_normalize: groups must hold at least one sample, got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.device().is_cpu(),
-              "slime_rl::group_normalize (CPU kernel): rewards must be on the CPU, got ",
-              rewards_GN.device());
+  checks::groups("slime_rl::group_normalize", rewards_GN, c10::DeviceType::CPU);
   const at::Tensor in_GN = rewards_GN.contiguous();
   at::Tensor out_GN = at::empty_like(in_GN);
   const int64_t num_groups = in_GN.size(0);
@@ -194,15 +170,7 @@ at::Tensor group_normalize_cpu(const at::Tensor& rewards_GN, double eps, bool sc
 }
 
 at::Tensor loo_advantages_cpu(const at::Tensor& rewards_GN) {
-  TORCH_CHECK(rewards_GN.dim() == 2,
-              "slime_rl::loo_advantages: rewards must be 2-D [num_groups, n], got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.size(1) >= 1,
-              "slime_rl::loo_advantages: groups must hold at least one sample, got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.device().is_cpu(),
-              "slime_rl::loo_advantages (CPU kernel): rewards must be on the CPU, got ",
-              rewards_GN.device());
+  checks::groups("slime_rl::loo_advantages", rewards_GN, c10::DeviceType::CPU);
   const at::Tensor in_GN = rewards_GN.contiguous();
   at::Tensor out_GN = at::empty_like(in_GN);
   if (in_GN.size(0) == 0) return out_GN;
@@ -218,7 +186,7 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards_N, const at::Tensor&
                                   const at::Tensor& cu_seqlens, double gamma) {
   constexpr const char* op = "slime_rl::discounted_returns";
   const at::Tensor mask = check_packed(op, rewards_N, mask_N, cu_seqlens);
-  check_discount(op, "gamma", gamma);
+  checks::discount(op, "gamma", gamma);
   const at::Tensor r_N = rewards_N.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
   at::Tensor ret_N = at::empty_like(r_N);
@@ -243,15 +211,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_N, const at
                                            double gamma, double lam) {
   constexpr const char* op = "slime_rl::gae";
   const at::Tensor mask = check_packed(op, rewards_N, mask_N, cu_seqlens);
-  TORCH_CHECK(values_N.sizes() == rewards_N.sizes(), op, ": values must have rewards' shape ",
-              rewards_N.sizes(), ", got ", values_N.sizes());
-  TORCH_CHECK(values_N.scalar_type() == rewards_N.scalar_type(), op,
-              ": values must have rewards' dtype ", rewards_N.scalar_type(), ", got ",
-              values_N.scalar_type());
-  TORCH_CHECK(values_N.device().is_cpu(), op, " (CPU kernel): values must be on the CPU, got ",
-              values_N.device());
-  check_discount(op, "gamma", gamma);
-  check_discount(op, "lam", lam);
+  checks::values_like(op, values_N, rewards_N);
+  checks::discount(op, "gamma", gamma);
+  checks::discount(op, "lam", lam);
   const at::Tensor r_N = rewards_N.contiguous();
   const at::Tensor v_N = values_N.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();

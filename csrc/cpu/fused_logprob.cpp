@@ -23,6 +23,8 @@
 
 #include "fused_logprob.h"
 
+#include "../common/fused_logprob_args.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -286,60 +288,10 @@ void grad_tile_any(acc_t* zT, int64_t ld, int64_t vc, int64_t n, acc_t inv_t, co
   }
 }
 
-// --- argument checks -------------------------------------------------------------------------------
+// --- backward inputs -----------------------------------------------------------------------------
+// (argument checks: csrc/common/fused_logprob_args.h, shared with the CUDA glue)
 
-template <typename acc_t>
-acc_t inverse_temperature(double temperature) {
-  // 0 (greedy) and 1 mean no division, as in slime_rl/ops/logprob.py.
-  return (temperature == 0.0 || temperature == 1.0) ? acc_t(1) : static_cast<acc_t>(1.0 / temperature);
-}
-
-void check_common(const char* op, const at::Tensor& x_TX, const char* x_name, const at::Tensor& targets_T,
-                  int64_t v_local, int64_t vocab_start, int64_t n_valid, double temperature) {
-  TORCH_CHECK(x_TX.dim() == 2, op, ": ", x_name, " must be 2-D, got shape ", x_TX.sizes());
-  TORCH_CHECK(at::isFloatingType(x_TX.scalar_type()), op, ": ", x_name, " must be floating, got ",
-              x_TX.scalar_type());
-  TORCH_CHECK(x_TX.device().is_cpu(), op, " (CPU kernel): ", x_name, " must be on the CPU, got ",
-              x_TX.device());
-  TORCH_CHECK(targets_T.dim() == 1 && targets_T.size(0) == x_TX.size(0), op, ": targets must be 1-D [",
-              x_TX.size(0), "] (one per ", x_name, " row), got shape ", targets_T.sizes());
-  TORCH_CHECK(targets_T.scalar_type() == at::kLong || targets_T.scalar_type() == at::kInt, op,
-              ": targets must be int64 or int32, got ", targets_T.scalar_type());
-  TORCH_CHECK(targets_T.device().is_cpu(), op, " (CPU kernel): targets must be on the CPU, got ",
-              targets_T.device());
-  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
-  TORCH_CHECK(n_valid >= 0 && n_valid <= v_local, op, ": n_valid must lie in [0, ", v_local,
-              "] (the local vocab rows), got ", n_valid);
-  TORCH_CHECK(temperature >= 0, op, ": temperature must be >= 0, got ", temperature);
-}
-
-void check_linear(const char* op, const at::Tensor& hidden_TH, const at::Tensor& weight_VH,
-                  const at::Tensor& targets_T, int64_t vocab_start, int64_t n_valid, double temperature,
-                  int64_t chunk_tokens, int64_t chunk_vocab) {
-  TORCH_CHECK(weight_VH.dim() == 2, op, ": weight must be 2-D [V_local, H], got shape ", weight_VH.sizes());
-  check_common(op, hidden_TH, "hidden", targets_T, weight_VH.size(0), vocab_start, n_valid, temperature);
-  TORCH_CHECK(weight_VH.size(1) == hidden_TH.size(1), op, ": weight must be [V_local, H = ", hidden_TH.size(1),
-              "] to match hidden, got shape ", weight_VH.sizes());
-  TORCH_CHECK(weight_VH.scalar_type() == hidden_TH.scalar_type(), op,
-              ": hidden and weight must share one dtype, got ", hidden_TH.scalar_type(), " and ",
-              weight_VH.scalar_type());
-  TORCH_CHECK(weight_VH.device().is_cpu(), op, " (CPU kernel): weight must be on the CPU, got ",
-              weight_VH.device());
-  TORCH_CHECK(chunk_tokens >= 1 && chunk_vocab >= 1, op, ": chunk_tokens and chunk_vocab must be >= 1, got ",
-              chunk_tokens, " and ", chunk_vocab);
-}
-
-// A per-token [T] input of the backward, as a contiguous acc-dtype tensor (undefined if absent).
-at::Tensor per_token(const char* op, const char* name, const std::optional<at::Tensor>& t_T, int64_t T,
-                     at::ScalarType acc_type) {
-  if (!t_T.has_value() || !t_T->defined()) return at::Tensor();
-  TORCH_CHECK(t_T->dim() == 1 && t_T->size(0) == T, op, ": ", name, " must be 1-D [", T, "], got shape ",
-              t_T->sizes());
-  TORCH_CHECK(at::isFloatingType(t_T->scalar_type()), op, ": ", name, " must be floating, got ",
-              t_T->scalar_type());
-  TORCH_CHECK(t_T->device().is_cpu(), op, " (CPU kernel): ", name, " must be on the CPU, got ", t_T->device());
-  return t_T->to(acc_type).contiguous();
-}
+using checks::inverse_temperature;
 
 // Per-token backward inputs, read by the row loops.
 template <typename acc_t>
@@ -353,21 +305,14 @@ struct GradInputs {
   }
 };
 
-// Holds the checked, converted backward inputs alive while the loops read them.
-struct GradTensors {
-  at::Tensor lse, entropy, g_lp, g_ent;
+// The checked, converted backward inputs (kept alive while the loops read them), with the
+// CPU kernel's accessors.
+struct GradTensors : checks::GradArgs {
   GradTensors() = default;
   GradTensors(const char* op, const at::Tensor& lse_T, const std::optional<at::Tensor>& entropy_T,
               const std::optional<at::Tensor>& grad_logprob_T, const std::optional<at::Tensor>& grad_entropy_T,
-              int64_t T, at::ScalarType acc_type) {
-    TORCH_CHECK(lse_T.defined(), op, ": lse is required");
-    lse = per_token(op, "lse", lse_T, T, acc_type);
-    entropy = per_token(op, "entropy", entropy_T, T, acc_type);
-    g_lp = per_token(op, "grad_logprob", grad_logprob_T, T, acc_type);
-    g_ent = per_token(op, "grad_entropy", grad_entropy_T, T, acc_type);
-    TORCH_CHECK(!g_ent.defined() || entropy.defined(), op, ": grad_entropy needs the forward's entropy");
-  }
-  bool any_grad() const { return g_lp.defined() || g_ent.defined(); }
+              int64_t T, at::ScalarType acc_type)
+      : GradArgs(op, lse_T, entropy_T, grad_logprob_T, grad_entropy_T, T, acc_type, at::Device(at::kCPU)) {}
   // Bool [T]: tokens with a nonzero output gradient (NaN counts); needs any_grad().
   at::Tensor active() const {
     if (!g_ent.defined()) return g_lp.ne(0);
@@ -597,7 +542,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_forwar
     const at::Tensor& hidden_TH, const at::Tensor& weight_VH, const at::Tensor& targets_T, int64_t vocab_start,
     int64_t n_valid, double temperature, int64_t chunk_tokens, int64_t chunk_vocab) {
   constexpr const char* op = "slime_rl::linear_logprob_forward";
-  check_linear(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab);
+  checks::linear_args(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab,
+                      c10::DeviceType::CPU);
   const at::Tensor hidden = hidden_TH.contiguous(), weight = weight_VH.contiguous();
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
@@ -614,7 +560,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_backward_cpu(
     const std::optional<at::Tensor>& grad_entropy_T, int64_t vocab_start, int64_t n_valid, double temperature,
     int64_t chunk_tokens, int64_t chunk_vocab) {
   constexpr const char* op = "slime_rl::linear_logprob_backward";
-  check_linear(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab);
+  checks::linear_args(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab,
+                      c10::DeviceType::CPU);
   const at::Tensor hidden = hidden_TH.contiguous(), weight = weight_VH.contiguous();
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
   const GradTensors grads(op, lse_T, entropy_T, grad_logprob_T, grad_entropy_T, hidden.size(0),
@@ -644,8 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_logprob_forwar
     const at::Tensor& logits_TV, const at::Tensor& targets_T, int64_t vocab_start, int64_t n_valid,
     double temperature) {
   constexpr const char* op = "slime_rl::logits_logprob_forward";
-  check_common(op, logits_TV, "logits", targets_T, logits_TV.dim() == 2 ? logits_TV.size(1) : 0, vocab_start,
-               n_valid, temperature);
+  checks::logits_args(op, logits_TV, targets_T, vocab_start, n_valid, temperature, c10::DeviceType::CPU);
   const at::Tensor logits = unit_column_stride(logits_TV);
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
@@ -661,8 +607,7 @@ at::Tensor logits_logprob_backward_cpu(const at::Tensor& logits_TV, const at::Te
                                        const std::optional<at::Tensor>& grad_entropy_T, int64_t vocab_start,
                                        int64_t n_valid, double temperature) {
   constexpr const char* op = "slime_rl::logits_logprob_backward";
-  check_common(op, logits_TV, "logits", targets_T, logits_TV.dim() == 2 ? logits_TV.size(1) : 0, vocab_start,
-               n_valid, temperature);
+  checks::logits_args(op, logits_TV, targets_T, vocab_start, n_valid, temperature, c10::DeviceType::CPU);
   const at::Tensor logits = unit_column_stride(logits_TV);
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
   const GradTensors grads(op, lse_T, entropy_T, grad_logprob_T, grad_entropy_T, logits.size(0),

@@ -4,6 +4,9 @@
 // CUDA torch, CMake with SLIME_RL_WITH_CUDA=ON).
 
 #include "advantages.h"
+#include "glue.h"
+
+#include "../common/advantages_args.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,114 +15,57 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <tuple>
+#include <type_traits>
 
 namespace slime_rl {
 namespace {
 
-// at::Half / at::BFloat16 share their bit layout with __half / __nv_bfloat16.
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+using cuda_glue::check_launch;
+using cuda_glue::CudaType;
 
-at::Tensor group_normalize_cuda(const at::Tensor& rewards_GN, double eps, bool scale_by_std) {
-  TORCH_CHECK(rewards_GN.dim() == 2,
-              "slime_rl::group_normalize: rewards must be 2-D [num_groups, n], got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.size(1) >= 1,
-              "slime_rl::group_normalize: groups must hold at least one sample, got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.is_cuda(),
-              "slime_rl::group_normalize (CUDA kernel): rewards must be on a CUDA device, got ",
-              rewards_GN.device());
+// The group ops: checks, guard, a contiguous input and an output of its shape, then one launch
+// per dtype; launch(in, out, num_groups, n, stream) with the CUDA element type.
+template <typename Launch>
+at::Tensor over_groups(const char* op, const at::Tensor& rewards_GN, const Launch& launch) {
+  checks::groups(op, rewards_GN, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(rewards_GN.device());
   const at::Tensor in_GN = rewards_GN.contiguous();
   at::Tensor out_GN = at::empty_like(in_GN);
+  if (in_GN.size(0) == 0) return out_GN;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in_GN.scalar_type(), "slime_rl::group_normalize_cuda", [&] {
-        using T = typename CudaType<scalar_t>::type;
-        const cudaError_t status = cuda::launch_group_normalize<T>(
-            reinterpret_cast<const T*>(in_GN.const_data_ptr<scalar_t>()),
-            reinterpret_cast<T*>(out_GN.mutable_data_ptr<scalar_t>()), in_GN.size(0),
-            in_GN.size(1), eps, scale_by_std, stream);
-        TORCH_CHECK(status == cudaSuccess, "slime_rl::group_normalize: CUDA launch failed: ",
-                    cudaGetErrorString(status));
-      });
+  // (the dispatch name must be a literal; checks::groups rejected every other dtype already)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_GN.scalar_type(), "slime_rl::over_groups", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    check_launch(op, launch(reinterpret_cast<const T*>(in_GN.const_data_ptr<scalar_t>()),
+                            reinterpret_cast<T*>(out_GN.mutable_data_ptr<scalar_t>()), in_GN.size(0), in_GN.size(1),
+                            stream));
+  });
   return out_GN;
+}
+
+at::Tensor group_normalize_cuda(const at::Tensor& rewards_GN, double eps, bool scale_by_std) {
+  return over_groups("slime_rl::group_normalize", rewards_GN,
+                     [&](const auto* in, auto* out, int64_t num_groups, int64_t n, cudaStream_t stream) {
+                       using T = std::remove_pointer_t<decltype(out)>;
+                       return cuda::launch_group_normalize<T>(in, out, num_groups, n, eps, scale_by_std, stream);
+                     });
 }
 
 at::Tensor loo_advantages_cuda(const at::Tensor& rewards_GN) {
-  TORCH_CHECK(rewards_GN.dim() == 2,
-              "slime_rl::loo_advantages: rewards must be 2-D [num_groups, n], got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.size(1) >= 1,
-              "slime_rl::loo_advantages: groups must hold at least one sample, got shape ",
-              rewards_GN.sizes());
-  TORCH_CHECK(rewards_GN.is_cuda(),
-              "slime_rl::loo_advantages (CUDA kernel): rewards must be on a CUDA device, got ",
-              rewards_GN.device());
-  const c10::cuda::CUDAGuard device_guard(rewards_GN.device());
-  const at::Tensor in_GN = rewards_GN.contiguous();
-  at::Tensor out_GN = at::empty_like(in_GN);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in_GN.scalar_type(), "slime_rl::loo_advantages_cuda", [&] {
-        using T = typename CudaType<scalar_t>::type;
-        const cudaError_t status = cuda::launch_loo_advantages<T>(
-            reinterpret_cast<const T*>(in_GN.const_data_ptr<scalar_t>()),
-            reinterpret_cast<T*>(out_GN.mutable_data_ptr<scalar_t>()), in_GN.size(0),
-            in_GN.size(1), stream);
-        TORCH_CHECK(status == cudaSuccess, "slime_rl::loo_advantages: CUDA launch failed: ",
-                    cudaGetErrorString(status));
-      });
-  return out_GN;
-}
-
-// Checks the packed layout (shapes, dtypes, devices; the values of cu_seqlens
-// are not read, that would need a host sync) and returns the mask as a
-// contiguous bool tensor (nonzero = the token counts).
-at::Tensor check_packed_cuda(const char* op, const at::Tensor& rewards_N, const at::Tensor& mask_N,
-                             const at::Tensor& cu_seqlens) {
-  TORCH_CHECK(rewards_N.dim() == 1, op, ": rewards must be 1-D [num_tokens] (packed), got shape ",
-              rewards_N.sizes());
-  TORCH_CHECK(rewards_N.is_cuda(), op, " (CUDA kernel): rewards must be on a CUDA device, got ",
-              rewards_N.device());
-  TORCH_CHECK(at::isFloatingType(rewards_N.scalar_type()), op,
-              ": rewards must be floating (fp32, fp64, fp16, bf16), got ", rewards_N.scalar_type());
-  TORCH_CHECK(mask_N.dim() == 1 && mask_N.size(0) == rewards_N.size(0), op,
-              ": mask must have rewards' shape ", rewards_N.sizes(), ", got ", mask_N.sizes());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
-              ": cu_seqlens must be 1-D [num_seqs + 1], got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong, op, ": cu_seqlens must be int64, got ",
-              cu_seqlens.scalar_type());
-  TORCH_CHECK(mask_N.device() == rewards_N.device() && cu_seqlens.device() == rewards_N.device(),
-              op, ": mask and cu_seqlens must be on rewards' device ", rewards_N.device(), ", got ",
-              mask_N.device(), " and ", cu_seqlens.device());
-  return (mask_N.scalar_type() == at::kBool ? mask_N : mask_N.ne(0)).contiguous();
-}
-
-void check_discount_cuda(const char* op, const char* name, double x) {
-  TORCH_CHECK_VALUE(x >= 0.0 && x <= 1.0, op, ": ", name, " must be in [0, 1], got ", x);
+  return over_groups("slime_rl::loo_advantages", rewards_GN,
+                     [](const auto* in, auto* out, int64_t num_groups, int64_t n, cudaStream_t stream) {
+                       using T = std::remove_pointer_t<decltype(out)>;
+                       return cuda::launch_loo_advantages<T>(in, out, num_groups, n, stream);
+                     });
 }
 
 at::Tensor discounted_returns_cuda(const at::Tensor& rewards_N, const at::Tensor& mask_N,
                                    const at::Tensor& cu_seqlens, double gamma) {
   constexpr const char* op = "slime_rl::discounted_returns";
-  const at::Tensor mask = check_packed_cuda(op, rewards_N, mask_N, cu_seqlens);
-  check_discount_cuda(op, "gamma", gamma);
+  // The values of cu_seqlens are not checked: that would need a host sync.
+  const at::Tensor mask = checks::packed(op, rewards_N, mask_N, cu_seqlens, c10::DeviceType::CUDA);
+  checks::discount(op, "gamma", gamma);
   const c10::cuda::CUDAGuard device_guard(rewards_N.device());
   const at::Tensor r_N = rewards_N.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
@@ -131,7 +77,7 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards_N, const at::Tensor
         reinterpret_cast<const T*>(r_N.const_data_ptr<scalar_t>()), mask.const_data_ptr<bool>(),
         cu.const_data_ptr<int64_t>(), reinterpret_cast<T*>(ret_N.mutable_data_ptr<scalar_t>()),
         cu.size(0) - 1, r_N.size(0), gamma, stream);
-    TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
+    check_launch(op, status);
   });
   return ret_N;
 }
@@ -140,16 +86,11 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards_N, const a
                                             const at::Tensor& mask_N, const at::Tensor& cu_seqlens,
                                             double gamma, double lam) {
   constexpr const char* op = "slime_rl::gae";
-  const at::Tensor mask = check_packed_cuda(op, rewards_N, mask_N, cu_seqlens);
-  TORCH_CHECK(values_N.sizes() == rewards_N.sizes(), op, ": values must have rewards' shape ",
-              rewards_N.sizes(), ", got ", values_N.sizes());
-  TORCH_CHECK(values_N.scalar_type() == rewards_N.scalar_type(), op,
-              ": values must have rewards' dtype ", rewards_N.scalar_type(), ", got ",
-              values_N.scalar_type());
-  TORCH_CHECK(values_N.device() == rewards_N.device(), op, ": values must be on rewards' device ",
-              rewards_N.device(), ", got ", values_N.device());
-  check_discount_cuda(op, "gamma", gamma);
-  check_discount_cuda(op, "lam", lam);
+  // The values of cu_seqlens are not checked: that would need a host sync.
+  const at::Tensor mask = checks::packed(op, rewards_N, mask_N, cu_seqlens, c10::DeviceType::CUDA);
+  checks::values_like(op, values_N, rewards_N);
+  checks::discount(op, "gamma", gamma);
+  checks::discount(op, "lam", lam);
   const c10::cuda::CUDAGuard device_guard(rewards_N.device());
   const at::Tensor r_N = rewards_N.contiguous();
   const at::Tensor v_N = values_N.contiguous();
@@ -165,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards_N, const a
         cu.const_data_ptr<int64_t>(), reinterpret_cast<T*>(adv_N.mutable_data_ptr<scalar_t>()),
         reinterpret_cast<T*>(ret_N.mutable_data_ptr<scalar_t>()), cu.size(0) - 1, r_N.size(0),
         gamma, lam, stream);
-    TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
+    check_launch(op, status);
   });
   return {adv_N, ret_N};
 }

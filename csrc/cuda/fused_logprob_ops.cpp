@@ -21,6 +21,9 @@
 // The logits variants run the row kernels over the given logits directly.
 
 #include "fused_logprob.h"
+#include "glue.h"
+
+#include "../common/fused_logprob_args.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,9 +31,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/version.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <limits>
@@ -51,31 +51,11 @@ namespace {
 
 using Pieces4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// at::Half / at::BFloat16 share their bit layout with __half / __nv_bfloat16.
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+using cuda_glue::check_launch;
+using cuda_glue::CudaType;
+using checks::inverse_temperature;
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-template <typename A>
-A inverse_temperature(double temperature) {
-  // 0 (greedy) and 1 mean no division, as in slime_rl/ops/logprob.py.
-  return (temperature == 0.0 || temperature == 1.0) ? A(1) : static_cast<A>(1.0 / temperature);
-}
-
-void check_launch(const char* op, cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
 
 // out = a @ b, or out += a @ b when accumulate; out is fp32 (fp64 for fp64 inputs), a and b are
 // in the input dtype. 16-bit inputs: cuBLAS with fp32 accumulation and fp32 output, so nothing
@@ -108,73 +88,11 @@ void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool a
 #endif
 }
 
-// --- argument checks -------------------------------------------------------------------------------
+// --- backward inputs (argument checks: csrc/common/fused_logprob_args.h) ----------------------------
 
-void check_common(const char* op, const at::Tensor& x_TX, const char* x_name, const at::Tensor& targets_T,
-                  int64_t v_local, int64_t vocab_start, int64_t n_valid, double temperature) {
-  TORCH_CHECK(x_TX.dim() == 2, op, ": ", x_name, " must be 2-D, got shape ", x_TX.sizes());
-  TORCH_CHECK(at::isFloatingType(x_TX.scalar_type()), op, ": ", x_name, " must be floating, got ",
-              x_TX.scalar_type());
-  TORCH_CHECK(x_TX.is_cuda(), op, " (CUDA kernel): ", x_name, " must be on a CUDA device, got ", x_TX.device());
-  TORCH_CHECK(targets_T.dim() == 1 && targets_T.size(0) == x_TX.size(0), op, ": targets must be 1-D [",
-              x_TX.size(0), "] (one per ", x_name, " row), got shape ", targets_T.sizes());
-  TORCH_CHECK(targets_T.scalar_type() == at::kLong || targets_T.scalar_type() == at::kInt, op,
-              ": targets must be int64 or int32, got ", targets_T.scalar_type());
-  TORCH_CHECK(targets_T.device() == x_TX.device(), op, ": targets must be on ", x_name, "'s device ",
-              x_TX.device(), ", got ", targets_T.device());
-  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
-  TORCH_CHECK(n_valid >= 0 && n_valid <= v_local, op, ": n_valid must lie in [0, ", v_local,
-              "] (the local vocab rows), got ", n_valid);
-  TORCH_CHECK(temperature >= 0, op, ": temperature must be >= 0, got ", temperature);
-  TORCH_CHECK(x_TX.size(0) <= std::numeric_limits<int>::max(), op, ": at most 2^31 - 1 rows, got ",
-              x_TX.size(0));
-}
-
-void check_linear(const char* op, const at::Tensor& hidden_TH, const at::Tensor& weight_VH,
-                  const at::Tensor& targets_T, int64_t vocab_start, int64_t n_valid, double temperature,
-                  int64_t chunk_tokens, int64_t chunk_vocab) {
-  TORCH_CHECK(weight_VH.dim() == 2, op, ": weight must be 2-D [V_local, H], got shape ", weight_VH.sizes());
-  check_common(op, hidden_TH, "hidden", targets_T, weight_VH.size(0), vocab_start, n_valid, temperature);
-  TORCH_CHECK(weight_VH.size(1) == hidden_TH.size(1), op, ": weight must be [V_local, H = ", hidden_TH.size(1),
-              "] to match hidden, got shape ", weight_VH.sizes());
-  TORCH_CHECK(weight_VH.scalar_type() == hidden_TH.scalar_type(), op,
-              ": hidden and weight must share one dtype, got ", hidden_TH.scalar_type(), " and ",
-              weight_VH.scalar_type());
-  TORCH_CHECK(weight_VH.device() == hidden_TH.device(), op, ": weight must be on hidden's device ",
-              hidden_TH.device(), ", got ", weight_VH.device());
-  TORCH_CHECK(chunk_tokens >= 1 && chunk_vocab >= 1, op, ": chunk_tokens and chunk_vocab must be >= 1, got ",
-              chunk_tokens, " and ", chunk_vocab);
-}
-
-// A per-token [T] input of the backward as a contiguous accumulation-dtype tensor on `device`
-// (undefined if absent).
-at::Tensor per_token(const char* op, const char* name, const std::optional<at::Tensor>& t_T, int64_t T,
-                     at::ScalarType acc_type, const at::Device& device) {
-  if (!t_T.has_value() || !t_T->defined()) return at::Tensor();
-  TORCH_CHECK(t_T->dim() == 1 && t_T->size(0) == T, op, ": ", name, " must be 1-D [", T, "], got shape ",
-              t_T->sizes());
-  TORCH_CHECK(at::isFloatingType(t_T->scalar_type()), op, ": ", name, " must be floating, got ",
-              t_T->scalar_type());
-  TORCH_CHECK(t_T->device() == device, op, ": ", name, " must be on ", device, ", got ", t_T->device());
-  return t_T->to(acc_type).contiguous();
-}
-
-// The checked, converted per-token inputs of the backward, alive while the kernels read them.
-struct GradTensors {
-  at::Tensor lse, entropy, g_lp, g_ent;
-
-  GradTensors(const char* op, const at::Tensor& lse_T, const std::optional<at::Tensor>& entropy_T,
-              const std::optional<at::Tensor>& grad_logprob_T, const std::optional<at::Tensor>& grad_entropy_T,
-              int64_t T, at::ScalarType acc_type, const at::Device& device) {
-    TORCH_CHECK(lse_T.defined(), op, ": lse is required");
-    lse = per_token(op, "lse", lse_T, T, acc_type, device);
-    entropy = per_token(op, "entropy", entropy_T, T, acc_type, device);
-    g_lp = per_token(op, "grad_logprob", grad_logprob_T, T, acc_type, device);
-    g_ent = per_token(op, "grad_entropy", grad_entropy_T, T, acc_type, device);
-    TORCH_CHECK(!g_ent.defined() || entropy.defined(), op, ": grad_entropy needs the forward's entropy");
-  }
-
-  bool any_grad() const { return g_lp.defined() || g_ent.defined(); }
+// The checked, converted per-token inputs of the backward, with row pointers for the kernels.
+struct GradTensors : checks::GradArgs {
+  using GradArgs::GradArgs;
 
   // Pointers to rows [t0, ...).
   template <typename A>
@@ -183,6 +101,11 @@ struct GradTensors {
     return {ptr(lse), ptr(entropy), ptr(g_lp), ptr(g_ent)};
   }
 };
+
+// The launches index rows with int.
+void check_rows(const char* op, const at::Tensor& x_TX) {
+  TORCH_CHECK(x_TX.size(0) <= std::numeric_limits<int>::max(), op, ": at most 2^31 - 1 rows, got ", x_TX.size(0));
+}
 
 // Four [T] pieces: uninitialized (the kernels write every row), or the answer for an empty
 // vocab slice (max -inf, the sums 0).
@@ -287,7 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_forwar
     const at::Tensor& hidden_TH, const at::Tensor& weight_VH, const at::Tensor& targets_T, int64_t vocab_start,
     int64_t n_valid, double temperature, int64_t chunk_tokens, int64_t chunk_vocab) {
   constexpr const char* op = "slime_rl::linear_logprob_forward";
-  check_linear(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab);
+  checks::linear_args(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab,
+                      c10::DeviceType::CUDA);
+  check_rows(op, hidden_TH);
   const c10::cuda::CUDAGuard device_guard(hidden_TH.device());
   const at::Tensor hidden = hidden_TH.contiguous(), weight = weight_VH.contiguous();
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
@@ -312,7 +237,9 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_backward_cuda(
     const std::optional<at::Tensor>& grad_entropy_T, int64_t vocab_start, int64_t n_valid, double temperature,
     int64_t chunk_tokens, int64_t chunk_vocab) {
   constexpr const char* op = "slime_rl::linear_logprob_backward";
-  check_linear(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab);
+  checks::linear_args(op, hidden_TH, weight_VH, targets_T, vocab_start, n_valid, temperature, chunk_tokens, chunk_vocab,
+                      c10::DeviceType::CUDA);
+  check_rows(op, hidden_TH);
   const c10::cuda::CUDAGuard device_guard(hidden_TH.device());
   const at::Tensor hidden = hidden_TH.contiguous(), weight = weight_VH.contiguous();
   const at::Tensor targets = targets_T.to(at::kLong).contiguous();
@@ -331,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_logprob_forwar
     const at::Tensor& logits_TV, const at::Tensor& targets_T, int64_t vocab_start, int64_t n_valid,
     double temperature) {
   constexpr const char* op = "slime_rl::logits_logprob_forward";
-  check_common(op, logits_TV, "logits", targets_T, logits_TV.dim() == 2 ? logits_TV.size(1) : 0, vocab_start,
-               n_valid, temperature);
+  checks::logits_args(op, logits_TV, targets_T, vocab_start, n_valid, temperature, c10::DeviceType::CUDA);
+  check_rows(op, logits_TV);
   const c10::cuda::CUDAGuard device_guard(logits_TV.device());
   const std::pair<at::Tensor, int64_t> rows = rows_with_unit_columns(logits_TV);
   const at::Tensor& logits = rows.first;
@@ -360,8 +287,8 @@ at::Tensor logits_logprob_backward_cuda(const at::Tensor& logits_TV, const at::T
                                         const std::optional<at::Tensor>& grad_entropy_T, int64_t vocab_start,
                                         int64_t n_valid, double temperature) {
   constexpr const char* op = "slime_rl::logits_logprob_backward";
-  check_common(op, logits_TV, "logits", targets_T, logits_TV.dim() == 2 ? logits_TV.size(1) : 0, vocab_start,
-               n_valid, temperature);
+  checks::logits_args(op, logits_TV, targets_T, vocab_start, n_valid, temperature, c10::DeviceType::CUDA);
+  check_rows(op, logits_TV);
   const c10::cuda::CUDAGuard device_guard(logits_TV.device());
   const std::pair<at::Tensor, int64_t> rows = rows_with_unit_columns(logits_TV);
   const at::Tensor& logits = rows.first;

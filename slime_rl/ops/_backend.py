@@ -190,8 +190,13 @@ def fake(op: str) -> Callable[[Callable], Callable]:
 # --- choosing an implementation ------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
 def _why_not(impl: str, op: str) -> str | None:
-    """None if `impl` can run `op` here, else the reason it cannot (worked out once)."""
+    """None if `impl` can run `op` here, else the reason it cannot (worked out once).
+
+    A constant for torch.compile: a trace that meets a cold cache runs this eagerly (loading
+    the library, asking the dispatcher) and bakes the answer in, so no warm-up call is needed.
+    """
     key = (impl, op)
     if key not in _state.why_not:
         _state.why_not[key] = _find_why_not(impl, op)
