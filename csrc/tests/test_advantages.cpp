@@ -4,6 +4,7 @@
 // Built and run by CMakeLists.txt (`ctest`); returns nonzero on a mismatch.
 
 #include "../cpu/advantages.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,9 +15,9 @@
 #include <tuple>
 #include <vector>
 
-namespace {
+using namespace slime_rl_test;
 
-int g_failures = 0;
+namespace {
 
 // Naive loop over a [G, n] tensor, in double; the spec the kernel must meet.
 std::vector<double> naive_group_normalize(const at::Tensor& rewards_GN, double eps, bool scale) {
@@ -126,17 +127,6 @@ void expect_close_to(const std::string& what, const at::Tensor& got, at::ScalarT
   }
 }
 
-// Expects `call` to throw a c10::Error.
-template <typename F>
-void expect_throws(const std::string& what, F call) {
-  try {
-    call();
-    std::printf("FAIL %s did not raise\n", what.c_str());
-    ++g_failures;
-  } catch (const c10::Error&) {
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -153,7 +143,6 @@ int main() {
       {at::kFloat, 1e-6}, {at::kDouble, 1e-12}, {at::kHalf, 1e-3}, {at::kBFloat16, 4e-3}};
   const std::vector<std::pair<int64_t, int64_t>> shapes = {
       {1, 1}, {5, 1}, {0, 4}, {1, 2}, {7, 13}, {1000, 16}, {3, 4097}};
-  int checks = 0;
   for (const auto& dc : dtypes) {
     for (const auto& [G, n] : shapes) {
       for (bool scale : {true, false}) {
@@ -163,7 +152,7 @@ int main() {
         expect_close(name + " direct", slime_rl::group_normalize_cpu(r, 1e-6, scale), r, 1e-6,
                      scale, dc.tol);
         expect_close(name + " dispatcher", op.call(r, 1e-6, scale), r, 1e-6, scale, dc.tol);
-        checks += 2;
+        g_checks += 2;
       }
     }
   }
@@ -172,7 +161,7 @@ int main() {
   expect_close("transposed", op.call(t, 1e-6, true), t, 1e-6, true, 1e-12);
   const at::Tensor binary = at::randint(0, 2, {64, 8}, at::kDouble);
   expect_close("binary", op.call(binary, 1e-6, true), binary, 1e-6, true, 1e-12);
-  checks += 2;
+  g_checks += 2;
 
   // Bad input must raise, not crash.
   try {
@@ -181,7 +170,7 @@ int main() {
     ++g_failures;
   } catch (const c10::Error&) {
   }
-  ++checks;
+  ++g_checks;
 
   // ---- loo_advantages ----
   const auto loo = c10::Dispatcher::singleton()
@@ -195,7 +184,7 @@ int main() {
       expect_close_to(name + " direct", slime_rl::loo_advantages_cpu(r), dc.dtype, naive_loo(r),
                       dc.tol);
       expect_close_to(name + " dispatcher", loo.call(r), dc.dtype, naive_loo(r), dc.tol);
-      checks += 2;
+      g_checks += 2;
     }
   }
 
@@ -235,28 +224,26 @@ int main() {
       const auto [adv, ret] = gae_op.call(r, v, m, cu, gamma, lam);
       expect_close_to("gae advantages " + name, adv, dc.dtype, want[1], tol);
       expect_close_to("gae returns " + name, ret, dc.dtype, want[2], tol);
-      checks += 4;
+      g_checks += 4;
     }
   }
   {
     const at::Tensor r = at::randn({num_tokens}, at::kDouble);
     const at::Tensor m = at::ones({num_tokens}, at::kBool);
-    expect_throws("cu_seqlens not starting at 0", [&] {
+    expect_error("cu_seqlens not starting at 0", "cu_seqlens must start at 0", [&] {
       returns_op.call(r, m, at::tensor(std::vector<int64_t>{1, num_tokens}, at::kLong), 0.9);
     });
-    expect_throws("cu_seqlens not ending at N", [&] {
+    expect_error("cu_seqlens not ending at N", "and end at the number of tokens", [&] {
       returns_op.call(r, m, at::tensor(std::vector<int64_t>{0, num_tokens - 1}, at::kLong), 0.9);
     });
-    expect_throws("decreasing cu_seqlens", [&] {
+    expect_error("decreasing cu_seqlens", "cu_seqlens must not decrease", [&] {
       returns_op.call(r, m, at::tensor(std::vector<int64_t>{0, 5, 3, num_tokens}, at::kLong), 0.9);
     });
-    expect_throws("gamma > 1", [&] { returns_op.call(r, m, cu, 1.5); });
-    expect_throws("values of another dtype",
-                  [&] { gae_op.call(r, r.to(at::kFloat), m, cu, 0.9, 0.9); });
-    expect_throws("int32 cu_seqlens", [&] { returns_op.call(r, m, cu.to(at::kInt), 0.9); });
-    checks += 6;
+    expect_error("gamma > 1", "gamma must be in [0, 1]", [&] { returns_op.call(r, m, cu, 1.5); });
+    expect_error("values of another dtype", "values must have rewards' dtype",
+                 [&] { gae_op.call(r, r.to(at::kFloat), m, cu, 0.9, 0.9); });
+    expect_error("int32 cu_seqlens", "cu_seqlens must be int64", [&] { returns_op.call(r, m, cu.to(at::kInt), 0.9); });
   }
 
-  std::printf("%s: %d checks, %d failures\n", g_failures ? "FAILED" : "OK", checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return finish("test_advantages");
 }

@@ -6,6 +6,7 @@
 // Built and run by CMakeLists.txt (`ctest`); returns nonzero on a mismatch.
 
 #include "../cpu/buckets.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,14 +20,9 @@
 #include <string>
 #include <vector>
 
+using namespace slime_rl_test;
+
 namespace {
-
-int g_failures = 0;
-
-void fail(const std::string& what, const std::string& why) {
-  std::printf("FAIL %s: %s\n", what.c_str(), why.c_str());
-  ++g_failures;
-}
 
 // got == want bit for bit, except that NaNs compare by NaN-ness.
 void expect_same(const std::string& what, const at::Tensor& got, const at::Tensor& want) {
@@ -119,18 +115,6 @@ void check_list(const std::string& what, Make make, const std::vector<at::Tensor
   }
 }
 
-template <typename F>
-void expect_error(const std::string& what, const std::string& needle, F call) {
-  try {
-    call();
-    fail(what, "did not raise");
-  } catch (const c10::Error& e) {
-    if (std::string(e.what()).find(needle) == std::string::npos) {
-      fail(what, std::string("message lacks '") + needle + "': " + e.what());
-    }
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -206,6 +190,5 @@ int main() {
     slime_rl::copy_into_cpu({at::zeros({3})}, {at::empty({3}, at::TensorOptions().device(at::kMeta))});
   });
 
-  if (g_failures == 0) std::printf("test_buckets: all passed\n");
-  return g_failures == 0 ? 0 : 1;
+  return finish("test_buckets");
 }

@@ -3,6 +3,7 @@
 // Built and run by CMakeLists.txt (`ctest`); returns nonzero on a mismatch.
 
 #include "../cpu/fused_logprob.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -13,10 +14,9 @@
 #include <string>
 #include <vector>
 
-namespace {
+using namespace slime_rl_test;
 
-int g_failures = 0;
-int g_checks = 0;
+namespace {
 
 struct Case {
   int64_t T, H, V, n_valid, vocab_start, chunk_tokens, chunk_vocab;
@@ -198,17 +198,6 @@ void run_case(const Case& c, at::ScalarType dtype, double tol_pieces, double tol
   expect_close(name + " grad_logits", grad_logits, dz, tol_grad);
 }
 
-template <typename F>
-void expect_throws(const std::string& what, F&& f) {
-  ++g_checks;
-  try {
-    f();
-    std::printf("FAIL %s did not raise\n", what.c_str());
-    ++g_failures;
-  } catch (const c10::Error&) {
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -231,18 +220,22 @@ int main() {
   }
 
   const at::Tensor h = at::randn({3, 4}), w = at::randn({5, 4}), tgt = at::zeros({3}, at::kLong);
-  expect_throws("1-D hidden", [&] { slime_rl::linear_logprob_forward_cpu(h[0], w, tgt, 0, 5, 1.0, 4, 4); });
-  expect_throws("H mismatch", [&] { slime_rl::linear_logprob_forward_cpu(h, w.t(), tgt, 0, 4, 1.0, 4, 4); });
-  expect_throws("n_valid > V", [&] { slime_rl::linear_logprob_forward_cpu(h, w, tgt, 0, 6, 1.0, 4, 4); });
-  expect_throws("chunk 0", [&] { slime_rl::linear_logprob_forward_cpu(h, w, tgt, 0, 5, 1.0, 0, 4); });
-  expect_throws("dtype mismatch",
-                [&] { slime_rl::linear_logprob_forward_cpu(h, w.to(at::kDouble), tgt, 0, 5, 1.0, 4, 4); });
-  expect_throws("float targets", [&] { slime_rl::logits_logprob_forward_cpu(w, at::zeros({5}), 0, 4, 1.0); });
-  expect_throws("grad_entropy without entropy", [&] {
+  expect_error("1-D hidden", "hidden must be 2-D",
+               [&] { slime_rl::linear_logprob_forward_cpu(h[0], w, tgt, 0, 5, 1.0, 4, 4); });
+  expect_error("H mismatch", "to match hidden",
+               [&] { slime_rl::linear_logprob_forward_cpu(h, w.t(), tgt, 0, 4, 1.0, 4, 4); });
+  expect_error("n_valid > V", "n_valid must lie in [0, 5]",
+               [&] { slime_rl::linear_logprob_forward_cpu(h, w, tgt, 0, 6, 1.0, 4, 4); });
+  expect_error("chunk 0", "chunk_tokens and chunk_vocab must be >= 1",
+               [&] { slime_rl::linear_logprob_forward_cpu(h, w, tgt, 0, 5, 1.0, 0, 4); });
+  expect_error("dtype mismatch", "hidden and weight must share one dtype",
+               [&] { slime_rl::linear_logprob_forward_cpu(h, w.to(at::kDouble), tgt, 0, 5, 1.0, 4, 4); });
+  expect_error("float targets", "targets must be int64 or int32",
+               [&] { slime_rl::logits_logprob_forward_cpu(w, at::zeros({5}), 0, 4, 1.0); });
+  expect_error("grad_entropy without entropy", "grad_entropy needs the forward's entropy", [&] {
     slime_rl::logits_logprob_backward_cpu(w, at::zeros({5}, at::kLong), at::zeros({5}), std::nullopt,
                                           std::nullopt, at::ones({5}), 0, 4, 1.0);
   });
 
-  std::printf("%s: %d checks, %d failures\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return finish("test_fused_logprob");
 }
