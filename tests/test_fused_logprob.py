@@ -424,6 +424,60 @@ def test_logits_kernels_match_reference(dtype):
     assert go("cpp")[2][:, 53:].eq(0).all()
 
 
+def masked_vocab_case(dtype, device="cpu"):
+    """Logits with -inf entries (a masked vocabulary): scattered, a whole 4096-column run (the CPU
+    kernel's row chunk) at the start of some rows, and one row all -inf except its target."""
+    g = torch.Generator().manual_seed(16)
+    T, V = 6, 2 * 4096 + 37
+    logits = torch.randn(T, V, generator=g, dtype=torch.float64) * 3
+    logits[torch.rand(T, V, generator=g) < 0.3] = float("-inf")
+    logits[1:3, :4096] = float("-inf")
+    targets = torch.randint(4096, V, (T,), generator=g)
+    logits[3] = float("-inf")
+    logits[3, targets[3]] = 0.5
+    logits[torch.arange(T), targets] = logits[torch.arange(T), targets].nan_to_num(neginf=1.0)  # targets unmasked
+    return logits.to(dtype).to(device), targets.to(device)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masked_vocabulary_minus_inf_logits(impl, dtype, device="cpu"):
+    # A -inf logit has probability 0: it adds nothing to the sums, the entropy or the gradient
+    # (no 0 * -inf = NaN anywhere). Truth: fp64 on the same logits with -inf -> -1e4 (exp underflows to 0).
+    logits, targets = masked_vocab_case(dtype, device)
+    w_lp = torch.randn(logits.shape[0], generator=torch.Generator().manual_seed(17), dtype=torch.float64).to(device)
+    w_ent = w_lp.flip(0)
+
+    def go(x, impl, temperature=0.7):
+        x = x.clone().requires_grad_()
+        lp, ent = ops.vocab_parallel_logprobs(x, targets, vocab_start=0, vocab_size=x.shape[1],
+                                              temperature=temperature, impl=impl)
+        (grad,) = torch.autograd.grad((lp.double() * w_lp).sum() + (ent.double() * w_ent).sum(), x)
+        return lp.double(), ent.double(), grad.double()
+
+    got = go(logits, impl)
+    truth = go(logits.double().nan_to_num(neginf=-1e4), "reference")
+    for name, g_, t_ in zip(("logprob", "entropy", "grad"), got, truth):
+        assert torch.isfinite(g_).all(), f"{name}: {g_}"
+        tol = 1e-10 if dtype == torch.float64 else 2e-5 if name != "grad" or dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(g_, t_, atol=tol, rtol=tol, msg=name)
+    assert got[2][logits == float("-inf")].eq(0).all()
+    # the pieces of a slice that is -inf throughout: the empty-slice answer (a TP shard masked whole)
+    pieces = (fl.logits_logprob_forward_reference if impl == "reference" else torch.ops.slime_rl.logits_logprob_forward)(
+        logits[1:3, :4096], targets[1:3] * 0 + 7, 0, 4096, 0.7)
+    want = (float("-inf"), 0.0, 0.0, float("-inf"))  # the owned target's logit is -inf as well
+    for piece, w in zip(pieces, want):
+        assert piece.eq(w).all(), (pieces, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_masked_vocabulary_minus_inf_logits(dtype):
+    if "cuda" not in ops.available_impls(fl.LOGITS_FORWARD_OP):
+        pytest.skip("CUDA kernel not built: " + ops.describe())
+    test_masked_vocabulary_minus_inf_logits("cuda", dtype, device="cuda")
+
+
 @needs_cpp
 def test_logprobs_from_logits_kernel_matches_reference():
     g = torch.Generator().manual_seed(15)

@@ -104,6 +104,20 @@ SLIME_RL_INLINE float exp_fast(float x) {
 }
 SLIME_RL_INLINE double exp_fast(double x) { return std::exp(x); }
 
+// max(x, -1e4), NaN kept: for the exponents here (z - m, log p) e^x is exactly 0 below -1e4 (below
+// -87.4 for exp_fast, -745 for double exp), so e^x * floor_exponent(x) is e^x * x, except for
+// x = -inf (a -inf logit, a masked vocabulary entry: probability 0), where it is 0 instead of NaN,
+// also after a multiplication by a large gradient. Float: integer selects, so the loops still
+// vectorize (see exp_fast).
+SLIME_RL_INLINE float floor_exponent(float x) {
+  constexpr int32_t kFloorAbs = 0x461c4000;  // bits of 1e4f
+  const int32_t xi = float_bits(x);
+  const int32_t ax = xi & 0x7fffffff;
+  const int32_t low = -static_cast<int32_t>((xi < 0) & (ax > kFloorAbs) & (ax <= 0x7f800000));
+  return bits_float((low & (kFloorAbs | INT32_MIN)) | (~low & xi));
+}
+SLIME_RL_INLINE double floor_exponent(double x) { return x < -1e4 ? -1e4 : x; }
+
 // The online-softmax state of one token: (max m, sum_j e^(z_j - m), sum_j e^(z_j - m)(z_j - m)).
 template <typename acc_t>
 struct RowPieces {
@@ -119,6 +133,7 @@ SLIME_RL_INLINE void fold_row(const in_t* x, int64_t n, acc_t inv_t, RowPieces<a
   acc_t chunk_max = neg_inf<acc_t>();
 #pragma omp simd reduction(max : chunk_max)
   for (int64_t j = 0; j < n; ++j) chunk_max = std::max(chunk_max, static_cast<acc_t>(x[j]) * inv_t);
+  if (chunk_max == neg_inf<acc_t>()) return;  // all -inf: adds nothing (and m - m would be NaN)
   if (chunk_max > p.max) {
     if (p.sum > 0) {
       const acc_t d = p.max - chunk_max;
@@ -135,7 +150,7 @@ SLIME_RL_INLINE void fold_row(const in_t* x, int64_t n, acc_t inv_t, RowPieces<a
     const acc_t d = static_cast<acc_t>(x[j]) * inv_t - m;
     const acc_t e = exp_fast(d);
     s += e;
-    u += e * d;
+    u += e * floor_exponent(d);
   }
   p.sum += s;
   p.sum_z += u;
@@ -166,11 +181,12 @@ SLIME_RL_INLINE void grad_row(const in_t* x, out_t* out, int64_t n, acc_t inv_t,
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t logp = static_cast<acc_t>(x[j]) * inv_t - g.lse;
-    out[j] = static_cast<out_t>(-exp_fast(logp) * (c + g.g_ent * logp) * inv_t);
+    out[j] = static_cast<out_t>(-exp_fast(logp) * (c + g.g_ent * floor_exponent(logp)) * inv_t);
   }
   if (has_target) {  // in acc_t, so a bf16 output is rounded once
     const acc_t logp = x_target * inv_t - g.lse;
-    out[target_col] = static_cast<out_t>((g.g_lp - exp_fast(logp) * (c + g.g_ent * logp)) * inv_t);
+    const acc_t softmax_term = exp_fast(logp) * (c + g.g_ent * floor_exponent(logp));
+    out[target_col] = static_cast<out_t>((g.g_lp - softmax_term) * inv_t);
   }
 }
 
@@ -501,7 +517,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logits_forward_impl(c
       sum_T[t] = p.sum;
       sum_z_T[t] = p.sum_z;
       const int64_t local = targets[t] - vocab_start;
-      target_T[t] = (local >= 0 && local < n_valid) ? static_cast<acc_t>(row[local]) * inv_t - p.max : acc_t(0);
+      const bool owned = local >= 0 && local < n_valid;
+      // a row of -inf only (max -inf): the target's logit is -inf too
+      target_T[t] = !owned                        ? acc_t(0)
+                    : p.max == neg_inf<acc_t>() ? p.max
+                                                : static_cast<acc_t>(row[local]) * inv_t - p.max;
     }
   });
   return pieces;

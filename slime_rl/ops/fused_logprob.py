@@ -91,13 +91,15 @@ def logits_logprob_forward_reference(
     if _real_temperature(temperature):
         z_TV = z_TV / temperature
     max_T = z_TV.amax(dim=1)
-    zs_TV = z_TV - max_T.unsqueeze(1)
+    # A -inf logit (a masked vocabulary entry) has probability 0 and adds 0 to both sums; a row of
+    # them only gives the empty-slice pieces (max -inf, sums 0), e.g. a TP shard masked whole.
+    zs_TV = z_TV - torch.where(max_T == float("-inf"), 0.0, max_T).unsqueeze(1)
     exp_TV = zs_TV.exp()
     local_T = targets_T.long() - vocab_start
     owned_T = (local_T >= 0) & (local_T < n_valid)
     target_T = zs_TV.gather(1, torch.where(owned_T, local_T, 0).unsqueeze(1)).squeeze(1)
     target_T = torch.where(owned_T, target_T, 0.0)
-    return max_T, exp_TV.sum(1), (exp_TV * zs_TV).sum(1), target_T
+    return max_T, exp_TV.sum(1), torch.where(exp_TV > 0, exp_TV * zs_TV, 0.0).sum(1), target_T
 
 
 def logits_logprob_backward_reference(
@@ -137,6 +139,8 @@ def logits_logprob_backward_reference(
         if entropy_T is None:
             raise ValueError("logits_logprob_backward: grad_entropy needs the forward's entropy")
         g_T = grad_entropy_T.to(dtype)
+        # p log p -> 0 as p -> 0: a -inf logit gets no entropy gradient (not 0 * -inf)
+        logp_TV = torch.where(p_TV > 0, logp_TV, 0.0)
         dz_TV -= p_TV * (logp_TV + entropy_T.to(dtype).unsqueeze(1)) * g_T.unsqueeze(1)
     if _real_temperature(temperature):
         dz_TV /= temperature

@@ -22,32 +22,27 @@ The brief's H = lse - E_p[z] is computed on shifted logits: log s >= 0 and
 Backward (local): d logp/dz_j = onehot_j - p_j, dH/dz_j = -p_j (log p_j + H),
 then divided by temperature; padding columns get 0.
 
-The local math has kernels (slime_rl::logits_logprob_forward/backward,
-csrc/cpu/fused_logprob.cpp, csrc/cuda/): they compute the same pieces per rank
-(see slime_rl/ops/fused_logprob.py) without the [N, V] fp32 intermediates
-(shifted logits, exps, probabilities) this reference keeps, and the backward
-re-reads the logits instead of saving a shifted fp32 copy. The path is chosen
-per call (CUDA -> C++ -> this reference; `impl=` forces one).
+The local math is slime_rl::logits_logprob_forward/backward: a kernel
+(csrc/cpu/fused_logprob.cpp, csrc/cuda/) or its torch reference
+(logits_logprob_*_reference in slime_rl/ops/fused_logprob.py, with full [N, V]
+fp32 intermediates); both give this rank's pieces, reduced here by
+reduce_softmax_pieces, and the backward re-reads the logits. The path is chosen
+per call (CUDA -> C++ -> reference; `impl=` forces one). A -inf logit (a masked
+vocabulary entry) has probability 0 and contributes nothing, not NaN.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from slime_rl.ops import _backend
-from slime_rl.ops.fused_logprob import LOGITS_FORWARD_OP, owned_targets, reduce_softmax_pieces
-
-
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 for fp32/bf16/fp16; float64 stays float64 (gradcheck).
-    return torch.promote_types(dtype, torch.float32)
+from slime_rl.ops.fused_logprob import (
+    LOGITS_FORWARD_OP,
+    logits_logprob_backward_reference,
+    logits_logprob_forward_reference,
+    owned_targets,
+    reduce_softmax_pieces,
+)
 
 
 class _VocabParallelLogprob(torch.autograd.Function):
@@ -58,67 +53,24 @@ class _VocabParallelLogprob(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_rows, v_local = logits_NV.shape
         n_valid = max(0, min(v_local, vocab_size - vocab_start))  # columns of this rank that are real vocab
-        ctx.impl = impl
-        if impl != "reference":  # a kernel computes this rank's pieces; the reduction is shared
-            pieces = torch.ops.slime_rl.logits_logprob_forward(logits_NV, targets_N, vocab_start, n_valid, temperature)
-            owned_N = owned_targets(targets_N, vocab_start, n_valid)
-            logprobs_N, entropy_N, lse_N = reduce_softmax_pieces(*pieces, owned_N, group, with_entropy)
-            ctx.save_for_backward(logits_NV, targets_N, lse_N, entropy_N)
-            ctx.args = (vocab_start, n_valid, temperature)
-            return logprobs_N, entropy_N
-        z_NV = logits_NV[:, :n_valid].to(_compute_dtype(logits_NV.dtype))
-        if temperature not in (0.0, 1.0):
-            z_NV = z_NV / temperature
-
-        max_N = z_NV.amax(dim=1) if n_valid > 0 else z_NV.new_full((n_rows,), float("-inf"))
-        max_N = _all_reduce(max_N, dist.ReduceOp.MAX, group)
-        zs_NV = z_NV - max_N.unsqueeze(1)  # <= 0 on the rank holding the max
-        exp_NV = zs_NV.exp()
-
-        local_N = targets_N.long() - vocab_start
-        owned_N = (local_N >= 0) & (local_N < n_valid)
-        index_N1 = torch.where(owned_N, local_N, 0).unsqueeze(1)
-        if n_valid > 0:
-            target_N = torch.where(owned_N, zs_NV.gather(1, index_N1).squeeze(1), 0.0)
-        else:
-            target_N = zs_NV.new_zeros(n_rows)
-
-        rows = [exp_NV.sum(1), target_N] + ([(exp_NV * zs_NV).sum(1)] if with_entropy else [])
-        sums_RN = _all_reduce(torch.stack(rows), dist.ReduceOp.SUM, group)
-        log_sum_N = sums_RN[0].log()
-        logprobs_N = sums_RN[1] - log_sum_N
-        entropy_N = log_sum_N - sums_RN[2] / sums_RN[0] if with_entropy else None
-
-        ctx.save_for_backward(zs_NV, log_sum_N, owned_N, index_N1, entropy_N)
-        ctx.v_local, ctx.in_dtype, ctx.temperature = v_local, logits_NV.dtype, temperature
+        # Both paths compute this rank's pieces (the kernel, or its torch reference: full fp32
+        # intermediates) and share the reduction over the TP group and the local backward.
+        pieces_fn = (logits_logprob_forward_reference if impl == "reference"
+                     else torch.ops.slime_rl.logits_logprob_forward)
+        pieces = pieces_fn(logits_NV, targets_N, vocab_start, n_valid, temperature)
+        owned_N = owned_targets(targets_N, vocab_start, n_valid)
+        logprobs_N, entropy_N, lse_N = reduce_softmax_pieces(*pieces, owned_N, group, with_entropy)
+        ctx.save_for_backward(logits_NV, targets_N, lse_N, entropy_N)
+        ctx.impl, ctx.args = impl, (vocab_start, n_valid, temperature)
         return logprobs_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logprobs_N, grad_entropy_N):
-        if ctx.impl != "reference":
-            logits_NV, targets_N, lse_N, entropy_N = ctx.saved_tensors
-            grad_logits_NV = torch.ops.slime_rl.logits_logprob_backward(
-                logits_NV, targets_N, lse_N, entropy_N, grad_logprobs_N, grad_entropy_N, *ctx.args)
-            return grad_logits_NV, None, None, None, None, None, None, None
-        zs_NV, log_sum_N, owned_N, index_N1, entropy_N = ctx.saved_tensors
-        n_rows, n_valid = zs_NV.shape
-        grad_z_NV = zs_NV.new_zeros(n_rows, n_valid)
-        if n_valid > 0 and (grad_logprobs_N is not None or grad_entropy_N is not None):
-            logp_NV = zs_NV - log_sum_N.unsqueeze(1)
-            p_NV = logp_NV.exp()
-            if grad_logprobs_N is not None:
-                g_N = grad_logprobs_N.to(zs_NV.dtype)
-                grad_z_NV -= p_NV * g_N.unsqueeze(1)
-                onehot_N1 = torch.where(owned_N, g_N, 0.0).unsqueeze(1)
-                grad_z_NV.scatter_add_(1, index_N1, onehot_N1)
-            if grad_entropy_N is not None:
-                g_N = grad_entropy_N.to(zs_NV.dtype)
-                grad_z_NV -= p_NV * (logp_NV + entropy_N.unsqueeze(1)) * g_N.unsqueeze(1)
-        if ctx.temperature not in (0.0, 1.0):
-            grad_z_NV = grad_z_NV / ctx.temperature
-        grad_logits_NV = grad_z_NV.new_zeros(n_rows, ctx.v_local)
-        grad_logits_NV[:, :n_valid] = grad_z_NV
-        return grad_logits_NV.to(ctx.in_dtype), None, None, None, None, None, None, None
+        logits_NV, targets_N, lse_N, entropy_N = ctx.saved_tensors
+        backward_fn = logits_logprob_backward_reference if ctx.impl == "reference" else \
+            torch.ops.slime_rl.logits_logprob_backward
+        grad_logits_NV = backward_fn(logits_NV, targets_N, lse_N, entropy_N, grad_logprobs_N, grad_entropy_N, *ctx.args)
+        return grad_logits_NV, None, None, None, None, None, None, None
 
 
 def _check_args(logits_NV, targets_N, vocab_start, vocab_size, temperature) -> None:
