@@ -42,6 +42,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run, append its output to $OUT/steps.l
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   nvcc --version | tail -1
+  "$PY" -c "import aiohttp, numpy, pytest, safetensors, transformers; print('test deps importable')"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -52,12 +53,17 @@ if ! step build 180 env SLIME_RL_CUDA_ARCHS="$arch" MAX_JOBS="$(nproc)" SLIME_RL
   exit 1
 fi
 "$PY" -c "from slime_rl import ops; print(ops.describe())" | tee -a "$OUT/env.txt"
+# A build without CUDA (no toolkit found) succeeds too, and every kernel test would then skip: stop here.
+if ! "$PY" -c "from slime_rl import ops; import sys; sys.exit(0 if 'cuda' in ops.available_impls() else 1)"; then
+  echo "the build has no CUDA kernels (see env.txt and the build in steps.log)" | tee -a "$summary"
+  exit 1
+fi
 
-step kernel_tests 160 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+step kernel_tests 160 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
   tests/test_fused_logprob_gpu.py tests/test_fused_logprob.py tests/test_ops.py tests/test_advantage_ops.py \
   tests/test_bucket_ops.py
 step bench_fused_logprob 120 "$PY" benchmarks/kernels/bench_fused_logprob.py --gpu --rounds 3 --repeats 3 \
   --out "$OUT/fused_logprob_gpu.json"
 step bench_buckets 60 "$PY" benchmarks/kernels/bench_buckets.py --device cuda --rounds 5 --out "$OUT/buckets_cuda.json"
-step weight_sync_tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_staging.py
+step weight_sync_tests 60 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_weight_staging.py
 exit $status

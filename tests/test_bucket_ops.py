@@ -213,21 +213,26 @@ def test_big_entries_split_over_threads(two_threads, src_dtype, dst_dtype):
         assert_same(g_, w, f"{src_dtype} -> {dst_dtype}, {w.numel()} elements")
 
 
-def _strided_cases():
-    """(make_dst, src) pairs with a non-contiguous side, as weight sync produces them."""
+def _strided_cases(device="cpu"):
+    """(make_dst, src) pairs with a non-contiguous side, as weight sync produces them. The bases are made
+    on `device` and sliced there: moving a view to another device makes it contiguous."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(48, 40, generator=g)
-    qkv = torch.randn(96, 40, generator=g)  # a fused QKV weight: entries are row slices of it
+    w = torch.randn(48, 40, generator=g).to(device)
+    qkv = torch.randn(96, 40, generator=g).to(device)  # a fused QKV weight: entries are row slices of it
+
+    def zeros(*shape, dtype):
+        return lambda: torch.zeros(shape, dtype=dtype, device=device)
+
     return [
-        (lambda: torch.zeros(40, 48, dtype=torch.bfloat16), w.t()),  # transposed source
-        (lambda: torch.zeros(48, 40, dtype=torch.bfloat16), w),  # contiguous, for contrast
-        (lambda: torch.zeros(32, 40, dtype=torch.float16), qkv[32:64]),  # contiguous row slice
-        (lambda: torch.zeros(96, 20, dtype=torch.bfloat16), qkv[:, ::2]),  # step slice
-        (lambda: torch.zeros(20, 96, dtype=torch.float32).t(), qkv[:, 10:30]),  # strided on both sides
-        (lambda: torch.zeros(40, dtype=torch.float64), w[3]),  # a row
-        (lambda: torch.zeros(48, dtype=torch.float32), w[:, 3]),  # a column, same dtype
-        (lambda: torch.zeros(5, 40, dtype=torch.bfloat16), w[7:8].expand(5, 40)),  # zero stride
-        (lambda: torch.zeros((), dtype=torch.float16), w[1, 2]),  # 0-d
+        (zeros(40, 48, dtype=torch.bfloat16), w.t()),  # transposed source
+        (zeros(48, 40, dtype=torch.bfloat16), w),  # contiguous, for contrast
+        (zeros(32, 40, dtype=torch.float16), qkv[32:64]),  # contiguous row slice
+        (zeros(96, 20, dtype=torch.bfloat16), qkv[:, ::2]),  # step slice
+        (lambda: torch.zeros(20, 96, dtype=torch.float32, device=device).t(), qkv[:, 10:30]),  # strided on both
+        (zeros(40, dtype=torch.float64), w[3]),  # a row
+        (zeros(48, dtype=torch.float32), w[:, 3]),  # a column, same dtype
+        (zeros(5, 40, dtype=torch.bfloat16), w[7:8].expand(5, 40)),  # zero stride
+        (zeros(dtype=torch.float16), w[1, 2]),  # 0-d
     ]
 
 
@@ -415,9 +420,10 @@ def test_cuda_kernel_is_bit_identical_to_copy():
         got, want = _run_both(lambda: [torch.zeros(s.shape, dtype=dst_dtype, device=dev) for s in srcs], srcs, "cuda")
         for i, (g, w) in enumerate(zip(got, want)):
             assert_same(g.cpu(), w.cpu(), f"cuda {src_dtype} -> {dst_dtype} entry {i}", nan_bits=True)
-    cases = _strided_cases()  # strided entries (copy_) and contiguous ones in one call
-    srcs = [src.to(dev) for _, src in cases]
-    got, want = _run_both(lambda: [make().to(dev) for make, _ in cases], srcs, "cuda")  # .to keeps strides
+    cases = _strided_cases(dev)  # strided entries (copy_) and contiguous ones in one call
+    srcs = [src for _, src in cases]
+    assert sum(not src.is_contiguous() for src in srcs) >= 5, "the strided cases must stay strided on the GPU"
+    got, want = _run_both(lambda: [make() for make, _ in cases], srcs, "cuda")
     for i, (g, w) in enumerate(zip(got, want)):
         assert_same(g.cpu(), w.cpu(), f"cuda strided case {i}", nan_bits=True)
 

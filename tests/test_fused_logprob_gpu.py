@@ -96,15 +96,18 @@ def derived(pieces):
     return tz - log_s, log_s - u / s, m + log_s
 
 
-def assert_close_scaled(name, got, want, rtol, atol_scale):
-    """|got - want| <= rtol |want| + atol_scale * max|want| (elementwise), same dtype and shape."""
+def assert_close_scaled(name, got, want, rtol, atol_scale, min_scale=0.0):
+    """|got - want| <= rtol |want| + atol_scale * max(max|want|, min_scale) (elementwise), same dtype and shape.
+
+    min_scale: the size of the quantities the values are computed from, for values that can be exactly 0
+    (sum_z and the entropy of a one-column vocabulary: a kernel leaves a rounding residual there)."""
     assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
     if want.numel() == 0:
         return
     g, w = got.double().cpu(), want.double().cpu()
     finite = torch.isfinite(w)
     assert torch.equal(torch.isfinite(g), finite) and torch.equal(g[~finite], w[~finite]), f"{name}: non-finite differ"
-    scale = float(w[finite].abs().max()) if finite.any() else 0.0
+    scale = max(float(w[finite].abs().max()) if finite.any() else 0.0, min_scale)
     err = (g - w)[finite].abs()
     bound = rtol * w[finite].abs() + atol_scale * max(scale, 1e-30)
     worst = float((err - bound).max()) if err.numel() else 0.0
@@ -118,9 +121,9 @@ def check_linear_forward(kernels, case, chunk_tokens, chunk_vocab):
     want = fl.linear_logprob_forward_reference(*args)
     rtol, atol = TOLERANCE[case["hidden"].dtype]
     for name, g, w in zip(("max", "sum_exp", "sum_z", "target_z"), got, want):
-        assert_close_scaled(name, g, w, rtol, atol)
+        assert_close_scaled(name, g, w, rtol, atol, min_scale=1.0)
     for name, g, w in zip(("logprob", "entropy", "lse"), derived(got), derived(want)):
-        assert_close_scaled(name, g, w, rtol, atol)
+        assert_close_scaled(name, g, w, rtol, atol, min_scale=1.0)
     return got
 
 
@@ -158,8 +161,8 @@ def make_logits_case(T, V_local, pad, vocab_start, dtype, device, seed, strided,
     g = torch.Generator().manual_seed(seed)
     n_valid = V_local - pad
     wide = torch.randn(T, V_local + 8, generator=g, dtype=torch.float64) * 3
-    logits = wide[:, 3:3 + V_local] if strided else wide[:, :V_local].contiguous()
-    logits[:, n_valid:] += 20.0  # padding columns
+    off = 3 if strided else 0
+    wide[:, off + n_valid:off + V_local] += 20.0  # padding columns, in the buffer the logits are cut from
     targets = torch.randint(0, vocab_start + n_valid + 9, (T,), generator=g)
     grad_lp = torch.randn(T, generator=g)
     grad_lp[::3] = 0.0
@@ -178,7 +181,7 @@ def check_logits(kernels, case):
     dtype = case["logits"].dtype
     rtol, atol = TOLERANCE[dtype]
     for name, g, w in zip(("max", "sum_exp", "sum_z", "target_z"), got, want):
-        assert_close_scaled(name, g, w, rtol, atol)
+        assert_close_scaled(name, g, w, rtol, atol, min_scale=1.0)
     lse, entropy, g_lp, g_ent = backward_inputs(case, want)
     bargs = (case["logits"], case["targets"], lse, entropy, g_lp, g_ent, case["vocab_start"], case["n_valid"],
              case["temperature"])
