@@ -14,12 +14,13 @@ export PYTHONPATH="$PWD/scripts/fake_cuda:$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_N
   --deselect tests/test_fused_logprob_gpu.py::test_kernels_reject_bad_input_with_a_message \
   --deselect tests/test_fused_logprob_gpu.py::test_logits_forward_reads_at_a_good_fraction_of_copy_bandwidth \
   --deselect tests/test_bucket_ops.py::test_cuda_kernel_is_bit_identical_to_copy
+bench() {  # bench SCRIPT ARGS...: run a benchmark script with fake_cuda imported first
+  "$PY" -c "import fake_cuda, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+    "$@" > /dev/null
+}
 out=$(mktemp -d)
-"$PY" -c "import fake_cuda, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-  benchmarks/kernels/bench_fused_logprob.py --gpu --tokens 256 --hidden 64 --vocab 5000 --rounds 1 --repeats 1 \
-  --out "$out/fused.json" > /dev/null
-"$PY" -c "import fake_cuda, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-  benchmarks/kernels/bench_buckets.py --device cuda --layers 1 --vocab 1000 --rounds 1 --out "$out/buckets.json" \
-  > /dev/null
+bench benchmarks/kernels/bench_fused_logprob.py --gpu --tokens 256 --hidden 64 --vocab 5000 --rounds 1 --repeats 1 \
+  --out "$out/fused.json"
+bench benchmarks/kernels/bench_buckets.py --device cuda --layers 1 --vocab 1000 --rounds 1 --out "$out/buckets.json"
 rm -rf "$out"
 echo "gpu_dry_run: the gpu tests and both GPU benchmark paths ran on the CPU (no CUDA kernel was checked)"

@@ -107,11 +107,15 @@ def max_err(x, truth):
     return 0.0 if truth.numel() == 0 else float((x.double() - truth).abs().max())
 
 
+def amax(t):
+    return float(t.detach().abs().max()) if t.numel() else 0.0
+
+
 def assert_within_rule(name, got, plain, truth, scale=1.0):
     """err(got) <= 2 err(plain, same dtype) + a few fp32 ulps of the values' scale (at least `scale`: for a
     gradient, the size of the products it sums, which a kernel can leave as a rounding residual where the
     truth is exactly 0, e.g. a one-column vocabulary)."""
-    floor = 8 * torch.finfo(torch.float32).eps * max(1.0, scale, max_err(torch.zeros_like(truth), truth))
+    floor = 8 * torch.finfo(torch.float32).eps * max(1.0, scale, amax(truth))
     err, plain_err = max_err(got, truth), max_err(plain, truth)
     assert err <= 2 * plain_err + floor, f"{name}: error {err:.3g} > 2 x plain torch's {plain_err:.3g} + {floor:.2g}"
 
@@ -122,9 +126,6 @@ def check_rule(case, impl, dtype, use_lp=True, use_ent=True, with_entropy=True, 
     got = run(fused_fn(case, impl, **kw), case, dtype, use_lp, use_ent, with_entropy)
     assert got[0].dtype == torch.float32 and got[2].dtype == got[3].dtype == dtype
     # grad_hidden sums g * dz * W over the vocab, grad_weight g * dz * hidden over the tokens (|dz| <= 1)
-    def amax(t):
-        return float(t.detach().abs().max()) if t.numel() else 0.0
-
     g_max = max(amax(case["w_lp"]), amax(case["w_ent"]))
     scales = (1.0, 1.0, g_max * amax(case["weight"]), g_max * amax(case["hidden"]))
     for name, g, p, t, scale in zip(("logprob", "entropy", "grad_hidden", "grad_weight"), got, plain, truth, scales):

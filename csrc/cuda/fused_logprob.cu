@@ -311,9 +311,9 @@ __device__ __forceinline__ void fold_one(T x, const typename FoldState<A>::Scale
   fold_vecs<T, 1, 1, A>(v, sc, st);
 }
 
-// The pieces of the whole block, in thread 0. blockDim.x: a multiple of 32, <= kMaxThreads.
+// The pieces of the whole warp, in every lane (butterfly).
 template <typename A>
-__device__ Online<A> block_merge(Online<A> st, Online<A>* smem) {
+__device__ __forceinline__ Online<A> warp_merge(Online<A> st) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
     const Online<A> other{__shfl_xor_sync(kFullMask, st.m, offset),
@@ -321,6 +321,13 @@ __device__ Online<A> block_merge(Online<A> st, Online<A>* smem) {
                           __shfl_xor_sync(kFullMask, st.u, offset)};
     merge(st, other);
   }
+  return st;
+}
+
+// The pieces of the whole block, in thread 0. blockDim.x: a multiple of 32, <= kMaxThreads.
+template <typename A>
+__device__ Online<A> block_merge(Online<A> st, Online<A>* smem) {
+  st = warp_merge(st);
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int warp = static_cast<int>(threadIdx.x) / kWarp;
   const int num_warps = static_cast<int>(blockDim.x) / kWarp;
@@ -328,14 +335,7 @@ __device__ Online<A> block_merge(Online<A> st, Online<A>* smem) {
   if (lane == 0) smem[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < num_warps ? smem[lane] : empty_online<A>();
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
-      const Online<A> other{__shfl_xor_sync(kFullMask, st.m, offset),
-                            __shfl_xor_sync(kFullMask, st.s, offset),
-                            __shfl_xor_sync(kFullMask, st.u, offset)};
-      merge(st, other);
-    }
+    st = warp_merge(lane < num_warps ? smem[lane] : empty_online<A>());
   }
   return st;
 }
