@@ -205,20 +205,28 @@ def test_killed_engine_leaves_routing_and_returns_with_the_current_weights(job, 
 
 def test_push_while_an_engine_is_dead_goes_to_the_survivor(job, pool):
     """No background probes: the failed push finds the death, retries on the survivor; the replacement waits
-    (the trainer is not declared idle) and gets the next push before it is routed."""
+    (the trainer is not declared idle) and gets the next push before it is routed.
+
+    The restart callback is held until push(2) has returned: a spare server is up already, and one that
+    got healthy during the retry would (rightly) be included in it, which is not the case tested here."""
     trainer, _ = job
     a, b = pool.take(), pool.take()
     replacements: list[ServerProc] = []
+    released = threading.Event()
 
-    def restart(url: str) -> str:
+    def restart(url: str) -> str:  # runs on the supervisor's restart thread
+        assert released.wait(60), "the test never released the restart"
         replacements.append(pool.take(wait=False))
         return replacements[-1].url
 
     supervisor, router = supervise(job, [a, b], restart=restart, interval_s=0, timeout_s=2.0)
-    supervisor.push(1)
-    b.kill()
-    train_once(trainer, make_batch(seed=1))
-    metrics = supervisor.push(2)
+    try:
+        supervisor.push(1)
+        b.kill()
+        train_once(trainer, make_batch(seed=1))
+        metrics = supervisor.push(2)
+    finally:
+        released.set()
     assert metrics["sync/version"] == 2 and metrics["engines/deaths"] == 1
     assert weight_version(a.url) == 2 and routed(router) == {a.url}
     assert events_of(supervisor)[0] == (b.url, "died")
