@@ -11,8 +11,8 @@ Three jobs (and some plumbing), shared by the native and the OpenAI-compatible h
 - plus the HTTP plumbing every handler module shares (error bodies,
   `read_json`, server-sent events).
 
-Field names and shapes follow /work/shared/reference/sglang-http-api.md
-(sections 1.1-1.5). Departures from SGLang, all deliberate:
+Field names and shapes follow SGLang's native HTTP API (/generate, the
+weight-update and control endpoints, server and model info). Departures from SGLang, all deliberate:
 
 - `n > 1`: every copy gets a fresh uuid rid (as SGLang); with a
   `sampling_seed` s, copy j samples with seed s + j so the n samples differ.

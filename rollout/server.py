@@ -2,7 +2,7 @@
 
 Anything that talks to an SGLang server (our `rollout.client`, sglang-router
 0.3.2, OpenAI clients) talks to this one; field names and shapes follow
-/work/shared/reference/sglang-http-api.md. Request parsing and response
+SGLang's native HTTP API. Request parsing and response
 shaping live in `rollout.protocol`, OpenAI-compatible routes in
 `rollout.openai_api`.
 

@@ -16,7 +16,6 @@ import typing
 from typing import Any
 
 from slime_rl.config import (
-    ALGORITHMS,
     ConfigError,
     JobConfig,
     field_types,
