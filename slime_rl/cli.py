@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            from rollout.server import ServeConfig, serve_main
+            from rollout.serve import ServeConfig, serve_main
 
-            return serve_main(ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}))
+            return serve_main(ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}))
         if args.command == "convert-gguf":
             from slime_rl.gguf_convert import convert_gguf
 

@@ -139,7 +139,9 @@ def test_generation_runs_on_old_weights_while_staged(engine, w_new):
         assert done.is_set()
     during = greedy(engine)  # submitted after staging, before the commit
     assert during.output_versions == [0] * len(during.output_ids)
-    assert during.output_ids == before.output_ids and during.output_logprobs == before.output_logprobs
+    # The second run reuses the first one's prompt KV (prefix cache), so its sums may differ in the last bits.
+    assert during.output_ids == before.output_ids
+    assert during.output_logprobs == pytest.approx(before.output_logprobs, abs=1e-5)
     engine.commit_weights("t", 1)
     after = greedy(engine)
     assert after.weight_version == 1 and after.output_logprobs != before.output_logprobs
