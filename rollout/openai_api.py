@@ -31,8 +31,11 @@ from rollout.protocol import (
     GenItem,
     Submission,
     build_items,
+    check_batch,
+    dumps,
     encode_text,
     get_field,
+    json_response,
     make_rids,
     output_text,
     read_json,
@@ -88,7 +91,7 @@ def _build(state: ServerState, body: dict, chat: bool, prompts: list[list[int]],
     items = build_items(
         prompts, [sampling], make_rids(body.get("rid"), batch, is_batch), state.eos_token_id,
         return_logprob=[top_logprobs is not None] * batch, logprob_start_len=[-1] * batch,
-        top_logprobs_num=[top_logprobs or 0] * batch, where="request",
+        top_logprobs_num=[top_logprobs or 0] * batch, where="request", limits=state.limits,
     )
     options = get_field(body, "stream_options", (dict,), {}, "request")
     model = body.get("model") if isinstance(body.get("model"), str) else state.served_model_name
@@ -104,6 +107,7 @@ def parse_completion(state: ServerState, body: dict) -> OpenAICall:
     if isinstance(prompt, str):
         prompts = [encode_text(state.tokenizer, prompt, "prompt")]
     elif is_batch:
+        check_batch(len(prompt), "prompt", state.limits)
         prompts = [encode_text(state.tokenizer, p, f"prompt[{i}]") if isinstance(p, str)
                    else _ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     else:
@@ -285,25 +289,30 @@ async def _stream(resp: web.StreamResponse, call: OpenAICall, sub: Submission, t
 
 
 async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> web.StreamResponse:
-    sub = Submission(state.engine, [item.request for item in call.items], stream=call.stream)
-    try:
-        sub.start()
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
     tok = state.tokenizer
-    try:
-        if call.stream:
-            resp = await start_sse(request)
+    async with state.admit(len(call.items)):
+        sub = Submission(state.engine, [item.request for item in call.items], stream=call.stream)
+        try:
             try:
-                await _stream(resp, call, sub, tok)
-            except ConnectionResetError:  # the client went away mid-stream; `finally` aborts
-                pass
-            return resp
-        outs = await sub.results()
-    finally:
-        sub.abort_unfinished()
-    choices = [final_choice(call, i, out, tok) for i, out in enumerate(outs)]
-    return web.json_response({**call.envelope(choices), "usage": usage(call, outs)})
+                await state.off_loop(sub.start)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+            if call.stream:
+                resp = await start_sse(request)
+                try:
+                    await _stream(resp, call, sub, tok)
+                except ConnectionResetError:  # the client went away mid-stream; `finally` aborts
+                    pass
+                return resp
+            outs = await sub.results()
+        finally:
+            sub.abort_unfinished()
+
+    def shape() -> str:
+        choices = [final_choice(call, i, out, tok) for i, out in enumerate(outs)]
+        return dumps({**call.envelope(choices), "usage": usage(call, outs)})
+
+    return web.Response(text=await state.off_loop(shape), content_type="application/json")
 
 
 def _handler(parse: Callable[[ServerState, dict], OpenAICall], get_state: Callable[[web.Request], ServerState]):
@@ -311,7 +320,8 @@ def _handler(parse: Callable[[ServerState, dict], OpenAICall], get_state: Callab
         state = get_state(request)
         if state.tokenizer is None:
             raise BadRequest(f"{request.path} needs a tokenizer and this server has none; use /generate with input_ids")
-        return await _run(request, state, parse(state, await read_json(request)))
+        body = await read_json(request)
+        return await _run(request, state, await state.off_loop(parse, state, body))
 
     return handler
 
@@ -324,16 +334,16 @@ def model_card(state: ServerState) -> dict[str, Any]:
 
 def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerState]) -> None:
     async def list_models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [model_card(get_state(request))]})
+        return json_response({"object": "list", "data": [model_card(get_state(request))]})
 
     async def get_model(request: web.Request) -> web.Response:
         state = get_state(request)
         # A served name that is an absolute path loses its leading "/" inside the URL path.
         if request.match_info["model_id"].lstrip("/") != state.served_model_name.lstrip("/"):
-            return web.json_response({"error": {"message": f"model {request.match_info['model_id']!r} not found; "
+            return json_response({"error": {"message": f"model {request.match_info['model_id']!r} not found; "
                                                            f"this server serves {state.served_model_name!r}",
                                                 "type": "NotFoundError", "code": 404}}, status=404)
-        return web.json_response(model_card(state))
+        return json_response(model_card(state))
 
     app.router.add_post("/v1/completions", _handler(parse_completion, get_state))
     app.router.add_post("/v1/chat/completions", _handler(parse_chat, get_state))

@@ -32,6 +32,8 @@ import asyncio
 import dataclasses
 import functools
 import json
+import math
+import threading
 import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,12 +41,21 @@ from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
+from rollout.limits import ServerLimits
 from rollout.wire import finish_reason_json
 from slime_rl.types import GenerateOutput, GenerateRequest, SamplingParams
 
 
 class BadRequest(ValueError):
     """A malformed request: rendered as SGLang's 400 `{"object": "error", ...}` body."""
+
+    status = 400
+
+
+class TooManyRequests(BadRequest):
+    """The server is at its limit of requests in flight (429): retry later."""
+
+    status = 429
 
 
 # ---- sampling_params ----------------------------------------------------------------
@@ -70,6 +81,11 @@ _NEUTRAL_ONLY: dict[str, Callable[[Any], bool]] = {
     "stream_interval": lambda v: isinstance(v, int),
 }
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_TOP_LOGPROBS = 64  # top_logprobs_num: alternatives per position (responses grow with it)
+MAX_STOP_CHARS = 1024  # length of one stop string
+MAX_RID_CHARS = 256
+MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-6  # as SGLang: a temperature this small samples greedily (dividing by it overflows)
 
 
 @dataclass
@@ -88,8 +104,16 @@ def get_field(d: dict, key: str, kinds: tuple[type, ...], default: Any, where: s
     # bool is an int in Python; a JSON true is never a valid number here.
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise BadRequest(f"{where}.{key} must be {names}, got {value!r}")
+        raise BadRequest(f"{where}.{key} must be {names}, got {short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{where}.{key} must be a finite number, got {value!r}")
     return value
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters (error messages must stay small)."""
+    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _str_list(d: dict, key: str, where: str) -> list[str]:
@@ -100,7 +124,7 @@ def _str_list(d: dict, key: str, where: str) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return list(value)
-    raise BadRequest(f"{where}.{key} must be a string or a list of strings, got {value!r}")
+    raise BadRequest(f"{where}.{key} must be a string or a list of strings, got {short(value)}")
 
 
 def _int_list(d: dict, key: str, where: str) -> list[int]:
@@ -109,15 +133,16 @@ def _int_list(d: dict, key: str, where: str) -> list[int]:
         return []
     if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return list(value)
-    raise BadRequest(f"{where}.{key} must be a list of integers, got {value!r}")
+    raise BadRequest(f"{where}.{key} must be a list of integers, got {short(value)}")
 
 
 def parse_sampling(
-    d: Any, eos_token_id: int | None, where: str = "sampling_params"
+    d: Any, eos_token_id: int | None, where: str = "sampling_params", limits: ServerLimits = ServerLimits()
 ) -> tuple[SamplingParams, SamplingExtras]:
     """One sampling_params dict -> engine SamplingParams + response options.
 
-    The tokenizer's EOS id joins `stop_token_ids` unless `ignore_eos`.
+    The tokenizer's EOS id joins `stop_token_ids` unless `ignore_eos`. Numbers must be finite;
+    `n`, stop strings and stop ids are capped by `limits`; token ids are checked by the engine.
     """
     if d is None:
         d = {}
@@ -128,10 +153,10 @@ def parse_sampling(
             continue
         if key in _NEUTRAL_ONLY:
             if value is not None and not _NEUTRAL_ONLY[key](value):
-                raise BadRequest(f"{where}.{key}={value!r} is not supported by this server (embedded engine)")
+                raise BadRequest(f"{where}.{key}={short(value)} is not supported by this server (embedded engine)")
             continue
         hint = " (use sampling_seed)" if key == "seed" else ""
-        raise BadRequest(f"{where} has unknown key {key!r}{hint}; known keys: {', '.join(SAMPLING_KEYS)}")
+        raise BadRequest(f"{where} has unknown key {short(key)}{hint}; known keys: {', '.join(SAMPLING_KEYS)}")
     max_new = get_field(d, "max_new_tokens", (int,), DEFAULT_MAX_NEW_TOKENS, where)
     min_new = get_field(d, "min_new_tokens", (int,), 0, where)
     temperature = float(get_field(d, "temperature", (int, float), 1.0, where))
@@ -145,19 +170,29 @@ def parse_sampling(
         raise BadRequest(f"{where}.min_new_tokens must be in [0, max_new_tokens={max_new}], got {min_new}")
     if temperature < 0:
         raise BadRequest(f"{where}.temperature must be >= 0, got {temperature}")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
     if not 0 < top_p <= 1:
         raise BadRequest(f"{where}.top_p must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:
         raise BadRequest(f"{where}.top_k must be -1 (off) or >= 1, got {top_k}")
-    if n < 1:
-        raise BadRequest(f"{where}.n must be >= 1, got {n}")
+    if not 1 <= n <= limits.max_n:
+        raise BadRequest(f"{where}.n must be in [1, {limits.max_n}] (--max-n), got {n}")
+    if seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
+        raise BadRequest(f"{where}.sampling_seed must be in [0, 2**63 - n], got {seed}")
     stop_ids = _int_list(d, "stop_token_ids", where)
+    stops = _str_list(d, "stop", where)
+    for key, values in (("stop_token_ids", stop_ids), ("stop", stops)):
+        if len(values) > limits.max_stop:
+            raise BadRequest(f"{where}.{key} has {len(values)} entries; at most {limits.max_stop} (--max-stop)")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"{where}.stop strings must be at most {MAX_STOP_CHARS} characters")
     ignore_eos = get_field(d, "ignore_eos", (bool,), False, where)
     if eos_token_id is not None and not ignore_eos and eos_token_id not in stop_ids:
         stop_ids.append(eos_token_id)
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new, min_new_tokens=min_new,
-        stop_token_ids=stop_ids, stop=_str_list(d, "stop", where), seed=seed,
+        stop_token_ids=stop_ids, stop=stops, seed=seed,
     )
     extras = SamplingExtras(
         n=n,
@@ -220,15 +255,19 @@ def encode_text(tokenizer: Any, text: Any, where: str, add_special_tokens: bool 
     if not isinstance(text, str):
         raise BadRequest(f"{where} must be a string, got {type(text).__name__}")
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} is not valid Unicode (it holds a lone surrogate)") from None
+    try:
         ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    except ValueError as exc:
-        raise BadRequest(f"{where}: cannot tokenize: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a tokenizer's own error type; the text is the client's
+        raise BadRequest(f"{where}: cannot tokenize this text") from exc
     if not ids:
         raise BadRequest(f"{where} tokenizes to an empty prompt")
     return list(ids)
 
 
-def parse_prompts(body: dict, tokenizer: Any) -> tuple[list[list[int]], bool]:
+def parse_prompts(body: dict, tokenizer: Any, limits: ServerLimits = ServerLimits()) -> tuple[list[list[int]], bool]:
     """`text` or `input_ids` (exactly one) -> (token ids per prompt, is_batch)."""
     if body.get("input_embeds") is not None:
         raise BadRequest("input_embeds is not supported by this server; send text or input_ids")
@@ -239,27 +278,36 @@ def parse_prompts(body: dict, tokenizer: Any) -> tuple[list[list[int]], bool]:
         if isinstance(text, list):
             if not text:
                 raise BadRequest("text must not be an empty list")
+            check_batch(len(text), "text", limits)
             return [encode_text(tokenizer, t, f"text[{i}]") for i, t in enumerate(text)], True
         return [encode_text(tokenizer, text, "text")], False
     if isinstance(ids, list) and ids and all(isinstance(p, list) for p in ids):
+        check_batch(len(ids), "input_ids", limits)
         return [_token_ids(p, f"input_ids[{i}]") for i, p in enumerate(ids)], True
     return [_token_ids(ids, "input_ids")], False
+
+
+def check_batch(batch: int, key: str, limits: ServerLimits) -> None:
+    if batch > limits.max_batch_size:
+        raise BadRequest(f"{key} holds {batch} prompts; at most {limits.max_batch_size} per request "
+                         f"(--max-batch-size)")
 
 
 def make_rids(rid: Any, batch: int, is_batch: bool) -> list[str]:
     if rid is None:
         return [new_rid() for _ in range(batch)]
     if isinstance(rid, str):
-        if not rid:
-            raise BadRequest("rid must be a non-empty string")
+        if not 0 < len(rid) <= MAX_RID_CHARS:
+            raise BadRequest(f"rid must be a non-empty string of at most {MAX_RID_CHARS} characters")
         return [f"{rid}_{i}" for i in range(batch)] if is_batch else [rid]
-    if isinstance(rid, list) and all(isinstance(r, str) and r for r in rid):
+    if isinstance(rid, list) and all(isinstance(r, str) and 0 < len(r) <= MAX_RID_CHARS for r in rid):
         if len(rid) != batch:
             raise BadRequest(f"rid is a list of {len(rid)} ids but the batch has {batch} prompts")
         if len(set(rid)) != len(rid):
-            raise BadRequest(f"rid list has duplicates: {rid}")
+            raise BadRequest(f"rid list has duplicates: {short(rid)}")
         return list(rid)
-    raise BadRequest(f"rid must be a string or a list of strings, got {rid!r}")
+    raise BadRequest(f"rid must be a string or a list of strings (each 1..{MAX_RID_CHARS} characters), "
+                     f"got {short(rid)}")
 
 
 def build_items(
@@ -273,9 +321,10 @@ def build_items(
     top_logprobs_num: list[int],
     return_text_in_logprobs: bool = False,
     where: str = "sampling_params",
+    limits: ServerLimits = ServerLimits(),
 ) -> list[GenItem]:
     """Engine requests for each prompt, expanded n times (fresh rids, seeds s + j)."""
-    parsed = [parse_sampling(s, eos_token_id, where if len(sampling) == 1 else f"{where}[{i}]")
+    parsed = [parse_sampling(s, eos_token_id, where if len(sampling) == 1 else f"{where}[{i}]", limits)
               for i, s in enumerate(sampling)]
     if len(parsed) == 1:
         parsed = parsed * len(prompts)
@@ -283,14 +332,17 @@ def build_items(
     if len(ns) > 1:
         raise BadRequest(f"all sampling_params of a batch must share the same n, got {sorted(ns)}")
     n = ns.pop()
+    if len(prompts) * n > limits.max_queued_requests:
+        raise BadRequest(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} generations; at most "
+                         f"{limits.max_queued_requests} per request (--max-queued-requests)")
     items = []
     for i, (ids, (params, extras)) in enumerate(zip(prompts, parsed)):
         start, top = logprob_start_len[i], top_logprobs_num[i]
         if return_logprob[i] and not -1 <= start < len(ids):
             raise BadRequest(f"logprob_start_len must be -1 or in [0, {len(ids)}) for a {len(ids)}-token prompt, "
                              f"got {start}")
-        if top < 0:
-            raise BadRequest(f"top_logprobs_num must be >= 0, got {top}")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
         for j in range(n):
             seed = params.seed + j if n > 1 and params.seed is not None else params.seed
             copy = dataclasses.replace(params, stop_token_ids=list(params.stop_token_ids), stop=list(params.stop),
@@ -305,13 +357,14 @@ def build_items(
     return items
 
 
-def parse_generate(body: Any, tokenizer: Any, eos_token_id: int | None) -> ParsedGenerate:
+def parse_generate(body: Any, tokenizer: Any, eos_token_id: int | None,
+                   limits: ServerLimits = ServerLimits()) -> ParsedGenerate:
     """A /generate body -> engine requests. Unknown top-level fields are ignored (the router adds some)."""
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     if body.get("token_ids_logprob") is not None:
         raise BadRequest("token_ids_logprob is not supported by this server")
-    prompts, is_batch = parse_prompts(body, tokenizer)
+    prompts, is_batch = parse_prompts(body, tokenizer, limits)
     batch = len(prompts)
     sampling = body.get("sampling_params")
     if isinstance(sampling, list):
@@ -326,6 +379,7 @@ def parse_generate(body: Any, tokenizer: Any, eos_token_id: int | None) -> Parse
         logprob_start_len=_per_item(body, "logprob_start_len", (int,), -1, batch),
         top_logprobs_num=_per_item(body, "top_logprobs_num", (int,), 0, batch),
         return_text_in_logprobs=get_field(body, "return_text_in_logprobs", (bool,), False, "request"),
+        limits=limits,
     )
     return ParsedGenerate(items, single=not is_batch and len(items) == 1, stream=stream)
 
@@ -350,6 +404,8 @@ class Submission:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
         self._submitted: list[str] = []
+        self._mu = threading.Lock()  # `start` may run on a worker thread while the loop aborts
+        self._closed = False
 
     def _on_update(self, index: int, out: GenerateOutput) -> None:  # scheduler thread
         if not self.stream and out.finish_reason is None:
@@ -360,11 +416,15 @@ class Submission:
             pass
 
     def start(self) -> None:
-        """Submit every request; on a rejected one (ValueError), abort the others and re-raise."""
+        """Submit every request (from any thread); on a rejected one (ValueError), abort the others and
+        re-raise. After `abort_unfinished` nothing more is submitted."""
         try:
             for i, req in enumerate(self.requests):
-                self.engine.submit(req, on_update=functools.partial(self._on_update, i))
-                self._submitted.append(req.rid)
+                with self._mu:
+                    if self._closed:
+                        return
+                    self.engine.submit(req, on_update=functools.partial(self._on_update, i))
+                    self._submitted.append(req.rid)
         except BaseException:
             self.abort_unfinished()
             raise
@@ -391,7 +451,10 @@ class Submission:
             yield sorted(newest.items())
 
     def abort_unfinished(self) -> None:
-        for i, rid in enumerate(self._submitted):
+        with self._mu:
+            self._closed = True
+            submitted = list(self._submitted)
+        for i, rid in enumerate(submitted):
             if i not in self.final:
                 self.engine.abort(rid)
 
@@ -459,15 +522,57 @@ def generate_response(item: GenItem, out: GenerateOutput, tokenizer: Any = None)
 # ---- HTTP plumbing shared by the handler modules ----------------------------------------
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON (RFC 8259): a NaN or infinite float becomes null, never a bare `NaN`."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps)
+
+
 def error_response(message: str, status: int = 400) -> web.Response:
     """SGLang's validation-error body."""
-    return web.json_response({"object": "error", "message": message, "type": HTTPStatus(status).phrase,
-                              "param": None, "code": status}, status=status)
+    return json_response({"object": "error", "message": message, "type": HTTPStatus(status).phrase,
+                          "param": None, "code": status}, status=status)
 
 
 def engine_error_response(message: str) -> web.Response:
     """SGLang's body for a request the engine rejected (`{"error": {"message"}}`)."""
-    return web.json_response({"error": {"message": message}}, status=400)
+    return json_response({"error": {"message": message}}, status=400)
+
+
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a JSON number (non-finite numbers are not accepted)")
+
+
+def loads(raw: bytes) -> Any:
+    """Strict JSON: NaN / Infinity literals, invalid UTF-8 and too deep nesting are BadRequest."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("malformed JSON body: nested too deeply") from None
+    except BadRequest:
+        raise
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BadRequest(f"malformed JSON body: {exc}") from None
 
 
 async def read_json(request: web.Request, optional: bool = False) -> dict[str, Any]:
@@ -478,9 +583,12 @@ async def read_json(request: web.Request, optional: bool = False) -> dict[str, A
             return {}
         raise BadRequest(f"{request.path}: the request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"{request.path}: malformed JSON body: {exc}") from exc
+        if len(raw) <= INLINE_PARSE_BYTES:
+            body = loads(raw)
+        else:
+            body = await asyncio.get_running_loop().run_in_executor(None, loads, raw)
+    except BadRequest as exc:
+        raise BadRequest(f"{request.path}: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"{request.path}: the request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -494,7 +602,7 @@ def require(body: dict, key: str, kinds: tuple[type, ...], where: str) -> Any:
 
 def sse(obj: Any) -> bytes:
     """One server-sent event."""
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return b"data: " + dumps(obj).encode() + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

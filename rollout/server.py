@@ -4,29 +4,38 @@ Anything that talks to an SGLang server (our `rollout.client`, sglang-router
 0.3.2, OpenAI clients) talks to this one; field names and shapes follow
 SGLang's native HTTP API. Request parsing and response
 shaping live in `rollout.protocol`, OpenAI-compatible routes in
-`rollout.openai_api`.
+`rollout.openai_api`, weight routes in `rollout.weight_api`.
 
     app = create_app(engine, tokenizer, model_path=...)       # an aiohttp Application
     with BackgroundServer(engine, tokenizer) as server:        # its own event-loop thread
         requests.post(server.url + "/generate", ...)
-    slime-rl serve --model DIR --port 30000                    # a process (`serve_main`)
+    slime-rl serve --model DIR --port 30000                    # a process (rollout/serve.py)
 
 Concurrency: the engine's scheduler runs on its own thread; generation
-handlers only submit and await callbacks, and blocking work (weight loading,
-torch.load, collective receives, group rendezvous) runs in a thread pool, so
-the event loop keeps serving. Weight operations are serialized by one lock.
+handlers only submit and await callbacks. Request work that grows with the
+request (JSON parsing of large bodies, validation, submission, response
+shaping) runs in the `work` thread pool and blocking weight work (loading,
+torch.load, collective receives, group rendezvous) in the `executor` pool, so
+the event loop keeps answering `/health`. Weight operations are serialized by
+one lock.
 
-API key (when configured): the state-changing endpoints (`PROTECTED_PATHS`:
-weight updates and their commit/abort, shared-memory release, group
-init/destroy, pause/continue, flush, abort, weight version, memory
-release/resume) and `/weights_checksum` (it hashes every weight under the
-step lock) need `Authorization: Bearer <key>`; generation, info and health
-stay open so a router can probe and route without the key.
+Safety (README "Security"): no request can hurt another one.
+- Authentication: with `api_key`, every route but `/health` needs
+  `Authorization: Bearer <key>` (as SGLang); with `admin_api_key`, the
+  weight and control routes (`ADMIN_PATHS`) need that key instead, and it is
+  accepted on the other routes too.
+- Limits (`rollout.limits.ServerLimits`), checked before a request is queued:
+  body size (a larger one for weight routes), no compressed bodies, `n`,
+  prompts per request, stop sequences, engine requests in flight (429
+  beyond), header and body read timeouts.
+- Every malformed input is a 4xx naming the field; an unexpected error is a
+  500 whose body names no exception (the log has the traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -34,23 +43,29 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 import slime_rl
 from rollout import openai_api, weight_api
+from rollout.limits import ServerLimits
 from rollout.protocol import (
     SSE_DONE,
     BadRequest,
     Submission,
+    TooManyRequests,
+    dumps,
     engine_error_response,
     error_response,
     generate_response,
     get_field,
+    json_response,
     new_rid,
     parse_generate,
     read_json,
+    short,
     sse,
     start_sse,
 )
@@ -59,7 +74,7 @@ from slime_rl.types import GenerateRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
-PROTECTED_PATHS = frozenset({
+ADMIN_PATHS = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
     "/update_weights_from_shared_memory", "/release_shared_memory", "/commit_weight_update",
     "/abort_weight_update", "/weights_checksum",
@@ -67,7 +82,9 @@ PROTECTED_PATHS = frozenset({
     "/pause_generation", "/continue_generation", "/flush_cache", "/abort_request",
     "/release_memory_occupation", "/resume_memory_occupation",
 })
+OPEN_PATHS = frozenset({"/health"})  # a router or supervisor probes it without a key (as SGLang)
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this
 WEIGHT_UPDATE_TRANSPORTS = ["tensor", "distributed", "shared_memory", "disk"]
 FLUSHED_TEXT = ("Cache flushed.\nPlease check backend logs for more details. "
                 "(When there are running or waiting requests, the operation will not be performed.)\n")
@@ -83,10 +100,14 @@ class ServerState:
     tokenizer_path: str
     served_model_name: str
     api_key: str | None
-    executor: ThreadPoolExecutor
+    executor: ThreadPoolExecutor  # blocking weight work
+    work: ThreadPoolExecutor  # request parsing, submission and response shaping
+    admin_api_key: str | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
     weight_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     groups: dict[str, WeightGroup] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0  # engine requests admitted by `admit` and not finished
 
     @property
     def eos_token_id(self) -> int | None:
@@ -96,6 +117,33 @@ class ServerState:
         """Run a blocking call in the server's thread pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def off_loop(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run request work (parsing, submission, shaping) off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.work, functools.partial(fn, *args, **kwargs))
+
+    @contextlib.asynccontextmanager
+    async def admit(self, count: int) -> AsyncIterator[None]:
+        """Hold `count` of the `max_queued_requests` engine-request slots; TooManyRequests (429) when full."""
+        cap = self.limits.max_queued_requests
+        if self.in_flight + count > cap:
+            raise TooManyRequests(f"the server is busy: {self.in_flight} generations in flight, this request adds "
+                                  f"{count}, the limit is {cap} (--max-queued-requests); retry later")
+        self.in_flight += count
+        try:
+            yield
+        finally:
+            self.in_flight -= count
+
+    def keys_for(self, path: str) -> tuple[str, ...]:
+        """The keys any one of which opens `path` (empty: open)."""
+        if path in OPEN_PATHS:
+            return ()
+        if path in ADMIN_PATHS:
+            key = self.admin_api_key or self.api_key
+            return (key,) if key else ()
+        return tuple(k for k in (self.api_key, self.admin_api_key) if k) if self.api_key else ()
 
 
 STATE = web.AppKey("slime_rl_server_state", ServerState)
@@ -108,29 +156,62 @@ def get_state(request: web.Request) -> ServerState:
 # ---- middleware ------------------------------------------------------------------------
 
 
+def _bearer_matches(header: str, key: str) -> bool:
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way.
+    return hmac.compare_digest(header.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    key = request.app[STATE].api_key
-    if key and request.path in PROTECTED_PATHS:
+    keys = request.app[STATE].keys_for(request.path)
+    if keys:
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        if not any(_bearer_matches(given, key) for key in keys):
+            which = "admin api key" if request.path in ADMIN_PATHS and request.app[STATE].admin_api_key else "api key"
             why = "missing" if not given else "wrong"
-            return error_response(f"{request.path} needs 'Authorization: Bearer <api key>' ({why} header)", 401)
+            return error_response(f"{request.path} needs 'Authorization: Bearer <{which}>' ({why} header)", 401)
+    return await handler(request)
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Refuse compressed and oversized bodies before reading them; read the body within the timeout."""
+    limits = request.app[STATE].limits
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return error_response(f"{request.path}: compressed request bodies (Content-Encoding: {short(encoding, 40)}) "
+                              f"are not accepted; send the body uncompressed", 415)
+    weights = request.path in weight_api.PATHS
+    limit = limits.max_weight_body_bytes if weights else limits.max_body_bytes
+    flag = "--max-weight-body-mb" if weights else "--max-body-mb"
+    too_large = f"{request.path}: the request body exceeds {limit} bytes ({flag})"
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(too_large, 413)
+    if request.body_exists:
+        request = request.clone(client_max_size=limit)
+        try:
+            await asyncio.wait_for(request.read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            return error_response(f"{request.path}: the request body did not arrive within "
+                                  f"{limits.body_timeout_s} s (--body-timeout-s)", 408)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(too_large, 413)
     return await handler(request)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """No request may kill the server: validation errors -> 400, anything unexpected -> 500 (logged)."""
+    """No request may kill the server: validation errors -> 4xx with our message; anything unexpected ->
+    500 whose body names no exception (the traceback goes to the log)."""
     try:
         return await handler(request)
     except web.HTTPException:
         raise
     except BadRequest as exc:
-        return error_response(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the server must stay up
+        return error_response(str(exc), exc.status)
+    except Exception:  # noqa: BLE001 - the server must stay up
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(f"internal error in {request.method} {request.path}: {type(exc).__name__}: {exc}", 500)
+        return error_response(f"internal error in {request.method} {request.path}; see the server log", 500)
 
 
 # ---- generation -------------------------------------------------------------------------
@@ -138,31 +219,37 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 
 async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    parsed = parse_generate(await read_json(request), state.tokenizer, state.eos_token_id)
-    sub = Submission(state.engine, [item.request for item in parsed.items], stream=parsed.stream)
-    try:
-        sub.start()
-    except ValueError as exc:  # e.g. a prompt longer than the context (the message says both lengths)
-        return engine_error_response(str(exc))
-    try:
-        if parsed.stream:
-            resp = await start_sse(request)
+    body = await read_json(request)
+    parsed = await state.off_loop(parse_generate, body, state.tokenizer, state.eos_token_id, state.limits)
+    async with state.admit(len(parsed.items)):
+        sub = Submission(state.engine, [item.request for item in parsed.items], stream=parsed.stream)
+        try:
             try:
-                async for updates in sub.updates():
-                    for index, out in updates:
-                        chunk = generate_response(parsed.items[index], out, state.tokenizer)
-                        if not parsed.single:
-                            chunk["index"] = index
-                        await resp.write(sse(chunk))
-                await resp.write(SSE_DONE)
-            except ConnectionResetError:  # the client went away mid-stream
-                log.info("client of %s disconnected; aborting its requests", request.path)
-            return resp
-        outs = await sub.results()
-    finally:
-        sub.abort_unfinished()  # client went away (handler cancelled / write failed)
-    bodies = [generate_response(item, out, state.tokenizer) for item, out in zip(parsed.items, outs)]
-    return web.json_response(bodies[0] if parsed.single else bodies)
+                await state.off_loop(sub.start)
+            except ValueError as exc:  # e.g. a prompt longer than the context (the message says both lengths)
+                return engine_error_response(str(exc))
+            if parsed.stream:
+                resp = await start_sse(request)
+                try:
+                    async for updates in sub.updates():
+                        for index, out in updates:
+                            chunk = generate_response(parsed.items[index], out, state.tokenizer)
+                            if not parsed.single:
+                                chunk["index"] = index
+                            await resp.write(sse(chunk))
+                    await resp.write(SSE_DONE)
+                except ConnectionResetError:  # the client went away mid-stream
+                    log.info("client of %s disconnected; aborting its requests", request.path)
+                return resp
+            outs = await sub.results()
+        finally:
+            sub.abort_unfinished()  # client went away (handler cancelled / write failed)
+
+    def shape() -> str:
+        bodies = [generate_response(item, out, state.tokenizer) for item, out in zip(parsed.items, outs)]
+        return dumps(bodies[0] if parsed.single else bodies)
+
+    return web.Response(text=await state.off_loop(shape), content_type="application/json")
 
 
 # ---- request control --------------------------------------------------------------------
@@ -185,13 +272,13 @@ async def pause_generation(request: web.Request) -> web.Response:
         await state.blocking(state.engine.pause_generation, mode)
     except ValueError as exc:
         raise BadRequest(f"pause_generation: {exc}") from exc
-    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+    return json_response({"message": "Generation paused successfully.", "status": "ok"})
 
 
 async def continue_generation(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await state.blocking(state.engine.continue_generation)
-    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+    return json_response({"message": "Generation continued successfully.", "status": "ok"})
 
 
 async def flush_cache(request: web.Request) -> web.Response:
@@ -229,14 +316,14 @@ async def release_memory_occupation(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await _memory_tags(request)
     await state.blocking(state.engine.release_memory_occupation)
-    return web.json_response(None)
+    return json_response(None)
 
 
 async def resume_memory_occupation(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await _memory_tags(request)
     await state.blocking(state.engine.resume_memory_occupation)
-    return web.json_response(None)
+    return json_response(None)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -281,14 +368,14 @@ def model_info_dict(state: ServerState) -> dict[str, Any]:
 
 
 async def model_info(request: web.Request) -> web.Response:
-    return web.json_response(model_info_dict(request.app[STATE]))
+    return json_response(model_info_dict(request.app[STATE]))
 
 
 async def server_info(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = state.engine
     load = engine.load()
-    return web.json_response({
+    return json_response({
         **model_info_dict(state),
         "served_model_name": state.served_model_name, "tp_size": 1, "dp_size": 1,
         "load_balance_method": "round_robin", "disaggregation_mode": "null", **_settings(engine),
@@ -302,32 +389,42 @@ async def server_info(request: web.Request) -> web.Response:
 
 async def get_load(request: web.Request) -> web.Response:
     load = request.app[STATE].engine.load()
-    return web.json_response([{
+    return json_response([{
         "dp_rank": 0, "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"],
         "num_waiting_reqs": load["num_waiting_reqs"], "num_tokens": load["num_used_tokens"],
     }])
 
 
 async def get_weight_version(request: web.Request) -> web.Response:
-    return web.json_response({"weight_version": str(request.app[STATE].engine.get_weight_version())})
+    return json_response({"weight_version": str(request.app[STATE].engine.get_weight_version())})
 
 
 # ---- the application --------------------------------------------------------------------
 
 
 def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", tokenizer_path: str = "",
-               served_model_name: str | None = None, api_key: str | None = None) -> web.Application:
-    """The aiohttp application serving `engine` (owned by the caller: the app never closes it)."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=2**31)
+               served_model_name: str | None = None, api_key: str | None = None,
+               admin_api_key: str | None = None, limits: ServerLimits | None = None) -> web.Application:
+    """The aiohttp application serving `engine` (owned by the caller: the app never closes it).
+    An empty `api_key` / `admin_api_key` is refused: leave it None to serve without one."""
+    for name, key in (("api_key", api_key), ("admin_api_key", admin_api_key)):
+        if key is not None and not key.strip():
+            raise ValueError(f"{name} must be a non-empty string (None serves without one)")
+    limits = (limits or ServerLimits()).validate()
+    app = web.Application(middlewares=[error_middleware, auth_middleware, body_middleware],
+                          client_max_size=limits.max_weight_body_bytes)
     state = ServerState(engine, tokenizer, model_path, tokenizer_path or model_path,
-                        served_model_name or model_path or "default", api_key or None,
-                        ThreadPoolExecutor(max_workers=4, thread_name_prefix="slime-rl-server"))
+                        served_model_name or model_path or "default", api_key,
+                        ThreadPoolExecutor(max_workers=4, thread_name_prefix="slime-rl-weights"),
+                        ThreadPoolExecutor(max_workers=4, thread_name_prefix="slime-rl-requests"),
+                        admin_api_key=admin_api_key, limits=limits)
     app[STATE] = state
 
     async def cleanup(app: web.Application) -> None:
         for group in state.groups.values():
             group.destroy()
-        state.executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (state.executor, state.work):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app.on_cleanup.append(cleanup)
     r = app.router
@@ -350,9 +447,71 @@ def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", toke
     return app
 
 
+# ---- connections ------------------------------------------------------------------------
+
+
+class _HeaderDeadline(RequestHandler):
+    """A connection must complete each request's headers within `header_timeout_s` of its first byte
+    (or of connecting): half-sent requests are cut instead of holding a socket forever."""
+
+    __slots__ = ("header_timeout_s", "_deadline", "_armed_at_count")
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._deadline = None
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()
+        elif data and self._deadline is None:
+            self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._armed_at_count = self._request_count
+        self._deadline = self._loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = getattr(self, "_deadline", None), None
+        if deadline is not None:
+            deadline.cancel()
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._request_count == self._armed_at_count:
+            self.force_close()
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's low-level server, whose connections enforce the header deadline."""
+
+    header_timeout_s = 10.0
+
+    def __call__(self) -> RequestHandler:
+        handler = _HeaderDeadline(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout_s = self.header_timeout_s
+        return handler
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _GuardedServer
+        server.header_timeout_s = self._app[STATE].limits.header_timeout_s
+        return server
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, whose `finally` aborts its rids.
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    # auto_decompress off: a compressed body is refused (415), never inflated.
+    return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+                   keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False)
 
 
 class BackgroundServer:

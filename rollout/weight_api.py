@@ -39,8 +39,10 @@ runs on the old weights while a transfer is staged.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -49,7 +51,7 @@ from aiohttp import web
 
 from rollout import wire
 from rollout.shm import SharedMemoryMappings, shared_memory_path
-from rollout.protocol import BadRequest, get_field, read_json, require
+from rollout.protocol import BadRequest, get_field, json_response, read_json, require, short
 from slime_rl.buckets import bucket_layout, dtype_from_name, unpack_bucket
 from slime_rl.dist_group import WeightGroup, init_weight_group
 from slime_rl.types import WeightBucket
@@ -62,7 +64,7 @@ _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
 def weight_result(success: bool, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
+    return json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
 
 
 def parse_weight_version(value: Any, current: int, key: str = "weight_version") -> int:
@@ -154,19 +156,60 @@ async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Resp
     return await _stage_or_apply(state, body, "update_weights_from_tensor", transfer_id, payload)
 
 
+GROUP_INIT_GRACE_S = 5.0  # beyond the rendezvous timeout, before the handler gives up on the joining thread
+
+
 async def init_weights_update_group(state: ServerState, body: dict) -> web.Response:
-    """Join the trainer's group as rank `rank_offset` (blocks until every rank arrived)."""
+    """Join the trainer's group as rank `rank_offset` (blocks until every rank arrived, at most
+    `limits.group_init_timeout_s`: then the weight lock is released and the late group, if it ever
+    forms, is destroyed). The join runs on a daemon thread of its own, so a peer that never answers
+    holds neither a pool thread nor the process at exit."""
     where = "init_weights_update_group"
     name = get_field(body, "group_name", (str,), "weight_update_group", where)
     if name in state.groups:
-        raise BadRequest(f"weight group {name!r} already exists; destroy it first")
+        raise BadRequest(f"weight group {short(name)} already exists; destroy it first")
     on_gpu = torch.cuda.is_available() and torch.device(state.engine.device).type == "cuda"
-    group = await state.blocking(
-        init_weight_group,
-        require(body, "master_address", (str,), where), require(body, "master_port", (int,), where),
-        require(body, "rank_offset", (int,), where), require(body, "world_size", (int,), where),
-        backend=get_field(body, "backend", (str,), "nccl" if on_gpu else "gloo", where), group_name=name,
-    )
+    address = require(body, "master_address", (str,), where)
+    port = require(body, "master_port", (int,), where)
+    rank, world_size = require(body, "rank_offset", (int,), where), require(body, "world_size", (int,), where)
+    backend = get_field(body, "backend", (str,), "nccl" if on_gpu else "gloo", where)
+    if not 0 < port < 65536:
+        raise BadRequest(f"{where}.master_port must be in [1, 65535], got {port}")
+    if not 0 < rank < world_size:
+        raise BadRequest(f"{where}: rank_offset must be in [1, world_size) (the trainer is rank 0), got rank_offset "
+                         f"{rank} and world_size {world_size}")
+    timeout = state.limits.group_init_timeout_s
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:  # on the loop
+        if joined.cancelled():  # the handler gave up: a late group is nobody's
+            if error is None:
+                result.destroy()
+        elif error is not None:
+            joined.set_exception(error)
+        else:
+            joined.set_result(result)
+
+    def join() -> None:  # on the joining thread
+        try:
+            group = init_weight_group(address, port, rank, world_size, backend=backend, group_name=name,
+                                      timeout_s=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the handler
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, group, None)
+
+    threading.Thread(target=join, name=f"slime-rl-group-init:{name}", daemon=True).start()
+    try:
+        group = await asyncio.wait_for(joined, timeout + GROUP_INIT_GRACE_S)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"{where}: rank {rank} could not join group {short(name)} at {short(address)}:{port} "
+                         f"within {timeout} s (--group-init-timeout-s)") from None
+    except (RuntimeError, OSError) as exc:
+        log.warning("%s failed: %r", where, exc)
+        raise BadRequest(f"{where}: rank {rank} could not join group {short(name)} at {short(address)}:{port} "
+                         f"(timeout {timeout} s); the server log has the details") from None
     state.groups[name] = group
     return weight_result(True, "Succeeded to initialize custom process group.")
 
@@ -244,7 +287,7 @@ async def weights_checksum(state: ServerState, body: dict) -> web.Response:
     if names is not None and not all(isinstance(n, str) for n in names):
         raise BadRequest("weights_checksum.names must be a list of strings or null")
     checksums = await state.blocking(state.engine.weights_checksum, names)
-    return web.json_response({"success": True, "message": f"{len(checksums)} checksums.",
+    return json_response({"success": True, "message": f"{len(checksums)} checksums.",
                               "weight_version": str(state.engine.get_weight_version()), "algorithm": "sha256",
                               "checksums": checksums})
 
@@ -268,6 +311,7 @@ async def update_weight_version(state: ServerState, body: dict) -> web.Response:
     return weight_result(True, f"Weight version updated to {version}.", new_version=str(version))
 
 
+SHM_HANDLERS = ("/update_weights_from_shared_memory", "/release_shared_memory")
 HANDLERS: dict[str, Handler] = {
     "/update_weights_from_disk": update_weights_from_disk,
     "/update_weights_from_tensor": update_weights_from_tensor,
@@ -280,6 +324,7 @@ HANDLERS: dict[str, Handler] = {
     "/weights_checksum": weights_checksum,
 }
 GET_TOO = ("/weights_checksum",)  # also answered on GET (no body: every parameter)
+PATHS = frozenset(HANDLERS) | frozenset(SHM_HANDLERS)  # routes whose bodies may carry tensors
 
 
 def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerState]) -> None:
@@ -300,9 +345,13 @@ def add_routes(app: web.Application, get_state: Callable[[web.Request], ServerSt
                 body = await read_json(request, optional=True)
                 async with state.weight_lock:
                     return await handler(state, body)
-            except (BadRequest, ValueError, TypeError, OSError, RuntimeError) as exc:
+            except ValueError as exc:  # BadRequest and the engine's validation: our own messages
                 log.warning("%s failed: %s", request.path, exc)
                 return weight_result(False, f"{request.path}: {exc}")
+            except (TypeError, OSError, RuntimeError, asyncio.TimeoutError):  # transport or I/O failures
+                log.exception("%s failed", request.path)
+                return weight_result(False, f"{request.path} failed inside the server; the server log has the "
+                                            f"details")
 
         return endpoint
 

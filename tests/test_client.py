@@ -776,21 +776,25 @@ def test_flush_refused_while_busy_then_accepted(served, long_request):
 
 
 def test_api_key_is_sent_to_protected_endpoints(model_dir):
-    """Our server guards control endpoints with the key (generation stays open for routers)."""
+    """With a key, our server guards every route but /health (as SGLang); the client sends it everywhere."""
     with embedded_server(model_dir, api_key="sk-local") as (_, url):
         async def main():
             async with EngineClient(url, api_key="sk-local") as good, EngineClient(url, max_retries=3) as bad:
                 await good.apause_generation("abort")
                 await good.acontinue_generation()
                 flushed = await good.aflush_cache()
-                with pytest.raises(EngineError) as info:
-                    await bad.apause_generation("abort")
-                out = await bad.agenerate_one(req([1, 2, 3], rid="open", max_new_tokens=2, seed=0))
-                return flushed, info.value, out
+                out = await good.agenerate_one(req([1, 2, 3], rid="open", max_new_tokens=2, seed=0))
+                errors = []
+                for call in (bad.apause_generation("abort"), bad.agenerate_one(req([1, 2, 3], max_new_tokens=2))):
+                    with pytest.raises(EngineError) as info:
+                        await call
+                    errors.append(info.value)
+                return flushed, errors, out, await bad.ahealth()
 
-        flushed, err, out = run(main())
-    assert flushed is True and len(out.output_ids) >= 1
-    assert err.status == 401 and err.attempts == 1 and f"{url}/pause_generation" in str(err)
+        flushed, errors, out, healthy = run(main())
+    assert flushed is True and len(out.output_ids) >= 1 and healthy
+    for err, path in zip(errors, ("/pause_generation", "/generate")):
+        assert err.status == 401 and err.attempts == 1 and f"{url}{path}" in str(err)
 
 
 def test_sync_client_against_server(served, reference, model_dir):
