@@ -32,7 +32,7 @@ from rollout.protocol import (
     Submission,
     build_items,
     check_batch,
-    dumps,
+    dumps_items,
     encode_text,
     get_field,
     json_response,
@@ -310,7 +310,7 @@ async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> we
 
     def shape() -> str:
         choices = [final_choice(call, i, out, tok) for i, out in enumerate(outs)]
-        return dumps({**call.envelope(choices), "usage": usage(call, outs)})
+        return dumps_items(choices, {**call.envelope([]), "usage": usage(call, outs)}, "choices")
 
     return web.Response(text=await state.off_loop(shape), content_type="application/json")
 

@@ -57,6 +57,7 @@ from rollout.protocol import (
     Submission,
     TooManyRequests,
     dumps,
+    dumps_items,
     engine_error_response,
     error_response,
     generate_response,
@@ -85,6 +86,7 @@ ADMIN_PATHS = frozenset({
 OPEN_PATHS = frozenset({"/health"})  # a router or supervisor probes it without a key (as SGLang)
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this
+LINGER_S = 1.0
 WEIGHT_UPDATE_TRANSPORTS = ["tensor", "distributed", "shared_memory", "disk"]
 FLUSHED_TEXT = ("Cache flushed.\nPlease check backend logs for more details. "
                 "(When there are running or waiting requests, the operation will not be performed.)\n")
@@ -173,29 +175,36 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
     return await handler(request)
 
 
+def _refuse_body(message: str, status: int) -> web.Response:
+    """An error for a body that is not read (or not wholly): the connection closes after it."""
+    response = error_response(message, status)
+    response.force_close()
+    return response
+
+
 @web.middleware
 async def body_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     """Refuse compressed and oversized bodies before reading them; read the body within the timeout."""
     limits = request.app[STATE].limits
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):
-        return error_response(f"{request.path}: compressed request bodies (Content-Encoding: {short(encoding, 40)}) "
+        return _refuse_body(f"{request.path}: compressed request bodies (Content-Encoding: {short(encoding, 40)}) "
                               f"are not accepted; send the body uncompressed", 415)
     weights = request.path in weight_api.PATHS
     limit = limits.max_weight_body_bytes if weights else limits.max_body_bytes
     flag = "--max-weight-body-mb" if weights else "--max-body-mb"
     too_large = f"{request.path}: the request body exceeds {limit} bytes ({flag})"
     if request.content_length is not None and request.content_length > limit:
-        return error_response(too_large, 413)
+        return _refuse_body(too_large, 413)
     if request.body_exists:
         request = request.clone(client_max_size=limit)
         try:
             await asyncio.wait_for(request.read(), limits.body_timeout_s)
         except asyncio.TimeoutError:
-            return error_response(f"{request.path}: the request body did not arrive within "
+            return _refuse_body(f"{request.path}: the request body did not arrive within "
                                   f"{limits.body_timeout_s} s (--body-timeout-s)", 408)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(too_large, 413)
+            return _refuse_body(too_large, 413)
     return await handler(request)
 
 
@@ -247,7 +256,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
     def shape() -> str:
         bodies = [generate_response(item, out, state.tokenizer) for item, out in zip(parsed.items, outs)]
-        return dumps(bodies[0] if parsed.single else bodies)
+        return dumps(bodies[0]) if parsed.single else dumps_items(bodies)
 
     return web.Response(text=await state.off_loop(shape), content_type="application/json")
 
@@ -510,8 +519,10 @@ class _Runner(web.AppRunner):
 def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, whose `finally` aborts its rids.
     # auto_decompress off: a compressed body is refused (415), never inflated.
+    # lingering_time: after refusing a body, read (and drop) what the client still sends for at most
+    # this long, so it sees the answer instead of a reset, then close.
     return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
-                   keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False)
+                   keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False, lingering_time=LINGER_S)
 
 
 class BackgroundServer:

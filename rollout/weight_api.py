@@ -89,6 +89,11 @@ def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, 
         raise BadRequest(str(exc)) from exc
 
 
+def max_update_bytes(engine: Any) -> int:
+    """The most bytes one update may announce: the whole model twice over (fp32 tensors for a bf16 model)."""
+    return 2 * sum(p.numel() * p.element_size() for p in engine.model.parameters()) + 2**20
+
+
 def receive_tensors(group: WeightGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],
                     flattened: bool) -> list[tuple[str, torch.Tensor]] | WeightBucket:
     """Receive rank 0's broadcasts (blocking): one per tensor in order, or one flat buffer."""
@@ -223,9 +228,15 @@ async def update_weights_from_distributed(state: ServerState, body: dict) -> web
         raise BadRequest(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) must align")
     if not all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes):
         raise BadRequest("shapes must be lists of non-negative integers")
-    dtypes = [str(d) for d in dtypes]
-    for dtype in dtypes:
-        dtype_from_name(dtype)  # a bad dtype fails before any receive
+    if not all(isinstance(n, str) for n in names):
+        raise BadRequest(f"{where}.names must be a list of strings")
+    if not all(isinstance(d, str) for d in dtypes):
+        raise BadRequest(f"{where}.dtypes must be a list of dtype names such as 'bfloat16'")
+    _, nbytes = bucket_layout(names, dtypes, shapes)  # a bad dtype fails before any receive
+    cap = max_update_bytes(state.engine)
+    if nbytes > cap:
+        raise BadRequest(f"{where}: the announced tensors hold {nbytes} bytes, more than twice the model "
+                         f"({cap} bytes); refusing to allocate them")
     load_format = body.get("load_format")
     if load_format not in (None, "flattened_bucket"):
         raise BadRequest(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
