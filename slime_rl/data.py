@@ -131,14 +131,28 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRow]]:
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a stray non-UTF-8 byte is one bad line, not an error for the whole file.
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} of the line"
+                yield line_no, _BadRow("not_utf8", problem)
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield line_no, _BadRow("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            except RecursionError:
+                yield line_no, _BadRow("invalid_json", "invalid JSON: nested too deeply")
                 continue
             if not isinstance(row, dict):
                 yield line_no, _BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
