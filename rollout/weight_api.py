@@ -197,13 +197,17 @@ async def init_weights_update_group(state: ServerState, body: dict) -> web.Respo
             joined.set_result(result)
 
     def join() -> None:  # on the joining thread
+        group, error = None, None
         try:
             group = init_weight_group(address, port, rank, world_size, backend=backend, group_name=name,
                                       timeout_s=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the handler
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, group, None)
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, group, error)
+        except RuntimeError:  # the server stopped meanwhile: nobody will use this group
+            if group is not None:
+                group.destroy()
 
     threading.Thread(target=join, name=f"slime-rl-group-init:{name}", daemon=True).start()
     try:
