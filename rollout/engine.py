@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import numbers
 import os
 import threading
 import uuid
@@ -43,7 +45,7 @@ from rollout.kv_cache import PagedKVPool, bytes_per_token
 from rollout.model import DecoderLM, ModelConfig
 from rollout.radix_cache import RadixCache
 from rollout.sampling import row_uniforms
-from rollout.scheduler import Request, Scheduler
+from rollout.scheduler import Request, Scheduler, short_error
 from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,10 @@ class RequestHandle:
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
-            fn(out)
+            try:
+                fn(out)
+            except Exception:  # a waiter's callback (e.g. a closed event loop) must not fail the engine step
+                log.exception("done callback of request %s raised", self.rid)
 
 
 class EmbeddedEngine(EngineWeights):
@@ -102,9 +107,12 @@ class EmbeddedEngine(EngineWeights):
         enable_prefix_cache: bool = True,
         max_prefill_tokens: int = 8192,
         tokenizer=None,
+        reject_nonfinite_weights: bool = True,
     ):
         """`state_dict` in HF naming (all tensors required); None = random init from `seed`.
-        The KV pool holds `max_total_tokens` tokens, or as many as fit in `kv_cache_mb`."""
+        The KV pool holds `max_total_tokens` tokens, or as many as fit in `kv_cache_mb`.
+        `reject_nonfinite_weights`: every weight update (and `state_dict`) with a NaN / inf
+        value is refused with a ValueError naming the tensor."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if page_size < 1:
@@ -116,7 +124,7 @@ class EmbeddedEngine(EngineWeights):
         self.tokenizer = tokenizer
         self.model = DecoderLM(self.config, self.device, dtype).eval()
         self._lock = threading.RLock()  # one scheduler step or one control operation at a time
-        self._init_weights()
+        self._init_weights(reject_nonfinite_weights)
         if state_dict is None:
             self.model.init_random(seed)
         else:
@@ -153,13 +161,23 @@ class EmbeddedEngine(EngineWeights):
     # ---- submission ---------------------------------------------------------
 
     def _validate(self, r: GenerateRequest, where: str) -> None:
+        """Every field of `r` against its type and the model (a bad value must never reach a step)."""
+        sp = r.sampling
+        _check_types(r, where)
         try:
-            r.sampling.validate()
+            sp.validate()
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        if not math.isfinite(sp.temperature):
+            raise ValueError(f"{where}: temperature must be finite, got {sp.temperature}")
         n, vocab = len(r.input_ids), self.config.vocab_size
         if n == 0:
             raise ValueError(f"{where}: input_ids is empty")
+        bad_stops = [t for t in sp.stop_token_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise ValueError(f"{where}: stop_token_ids must be in [0, {vocab}) (vocab_size), got {bad_stops[:5]}")
+        if sp.seed is not None and not -(2**63) <= sp.seed < 2**64:
+            raise ValueError(f"{where}: seed must be in [-2**63, 2**64), got {sp.seed}")
         if n >= self.context_len:
             raise ValueError(f"{where}: prompt of {n} tokens does not fit the context limit of "
                              f"{self.context_len} tokens (max_position_embeddings); at most "
@@ -266,10 +284,11 @@ class EmbeddedEngine(EngineWeights):
                 try:
                     with torch.inference_mode():
                         sched.step()
-                except Exception:  # keep serving: fail what was running, log why
+                except Exception as exc:  # not one request's fault (scheduler.py): fail what was running
                     log.exception("engine step failed; aborting %d running requests", len(sched.running))
+                    error = f"engine step failed for every running request: {short_error(exc)}"
                     for r in list(sched.running):
-                        sched.finish(r, SampleStatus.ABORTED)
+                        sched.finish(r, SampleStatus.ABORTED, error)
 
     # ---- control --------------------------------------------------------------
     # Control calls never wait for a step in progress: they record what to do,
@@ -451,6 +470,39 @@ class EmbeddedEngine(EngineWeights):
             for b, s in enumerate(seqs):
                 out.append(lp_BT[b, starts[c + b] - 1 : len(s) - 1].cpu())
         return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy ints too; JSON true is no int
+
+
+def _check_types(r: GenerateRequest, where: str) -> None:
+    """The types of a request's fields (the HTTP layer parses JSON; Python callers may pass anything)."""
+    sp = r.sampling
+    checks = [
+        ("input_ids", isinstance(r.input_ids, list) and all(_is_int(t) for t in r.input_ids), "a list of ints"),
+        ("rid", r.rid is None or isinstance(r.rid, str), "a string or None"),
+        ("top_logprobs_num", _is_int(r.top_logprobs_num), "an int"),
+        ("logprob_start_len", _is_int(r.logprob_start_len), "an int"),
+        ("temperature", isinstance(sp.temperature, (int, float)) and not isinstance(sp.temperature, bool), "a number"),
+        ("top_p", isinstance(sp.top_p, (int, float)) and not isinstance(sp.top_p, bool), "a number"),
+        ("top_k", _is_int(sp.top_k), "an int"),
+        ("max_new_tokens", _is_int(sp.max_new_tokens), "an int"),
+        ("min_new_tokens", _is_int(sp.min_new_tokens), "an int"),
+        ("stop_token_ids", isinstance(sp.stop_token_ids, (list, tuple)) and all(_is_int(t) for t in sp.stop_token_ids),
+         "a list of ints"),
+        ("stop", isinstance(sp.stop, (list, tuple)) and all(isinstance(t, str) for t in sp.stop), "a list of strings"),
+        ("seed", sp.seed is None or _is_int(sp.seed), "an int or None"),
+    ]
+    for name, ok, kind in checks:
+        if not ok:
+            value = getattr(r, name) if hasattr(r, name) else getattr(sp, name)
+            raise ValueError(f"{where}: {name} must be {kind}, got {_preview(value)}")
+
+
+def _preview(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolve(fut: asyncio.Future, out: GenerateOutput) -> None:

@@ -15,10 +15,11 @@ import logging
 import os
 import threading
 import time
-from glob import glob
+from glob import escape as glob_escape, glob
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from slime_rl.buckets import tensor_sha256, unpack_bucket
@@ -28,31 +29,73 @@ log = logging.getLogger(__name__)
 
 
 def load_safetensors_dir(model_dir: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (single file or sharded)."""
+    """All tensors of an HF checkpoint directory (single file or sharded).
+
+    Anything wrong with the directory is a ValueError naming the file: a missing directory, an
+    index that is not JSON or has no `weight_map` of tensor name -> shard file, a shard named
+    outside the directory (absolute, `..`, or through a directory symlink that leads out), a file
+    that is not safetensors. A shard file itself may be a symlink (the HF hub cache links every
+    file of a snapshot to its blob store).
+    """
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model directory {model_dir!r} does not exist or is not a directory")
     index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(model_dir, s) for s in shards]
+    if os.path.lexists(index):
+        files = [_shard_path(model_dir, s) for s in _index_shards(index)]
     else:
-        files = sorted(glob(os.path.join(model_dir, "*.safetensors")))
+        files = sorted(glob(os.path.join(glob_escape(model_dir), "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        raise ValueError(f"no *.safetensors files in {model_dir!r}")
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        tensors.update(load_file(path, device="cpu"))
+        try:
+            tensors.update(load_file(path, device="cpu"))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot load {path!r} as safetensors: {exc}") from exc
     # Old checkpoints carry RoPE buffers; the engine computes its own.
     return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard file names of `model.safetensors.index.json`, checked to be a weight_map of str -> str."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {index!r} as JSON: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index!r} has no 'weight_map' object of tensor name -> shard file name")
+    return sorted(set(weight_map.values()))
+
+
+def _shard_path(model_dir: str, shard: str) -> str:
+    """model_dir/shard, refused (ValueError naming the shard) unless it lies inside model_dir."""
+    parts = shard.replace("\\", "/").split("/")
+    if not shard or os.path.isabs(shard) or ".." in parts or "\0" in shard:
+        raise ValueError(f"shard {shard!r} in the index of {model_dir!r} must be a file name relative "
+                         f"to the model directory, without '..'")
+    path = os.path.join(model_dir, shard)
+    root = os.path.realpath(model_dir)
+    parent = os.path.realpath(os.path.dirname(path))
+    if os.path.commonpath([root, parent]) != root:
+        raise ValueError(f"shard {shard!r} in the index of {model_dir!r} resolves outside the model directory "
+                         f"(to {parent!r})")
+    if not os.path.isfile(path):
+        raise ValueError(f"shard {shard!r} named in the index of {model_dir!r} is not a file there")
+    return path
 
 
 class EngineWeights:
     """Weight updates of an engine (see the module docstring for what the host provides)."""
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, reject_nonfinite: bool = True) -> None:
+        self.reject_nonfinite_weights = reject_nonfinite  # refuse NaN / inf in every update path
         self._params = dict(self.model.named_parameters())
         self._fused = _fused_groups(self.model)  # (module, fused attribute, HF names of its parts in order)
         self._key_of = {id(p): name for name, p in self._params.items()}
-        self._adopted = False  # parameters live in adopted buffers (possibly shared with other engines)
+        self._adopted: set[str] = set()  # parameters that live in adopted buffers (maybe shared, read-only)
         self._stage_lock = threading.Lock()  # guards the staged transfer only (see rollout/engine.py)
         self._staged_id: str | None = None
         self._staged: dict[str, torch.Tensor] = {}  # parameter key -> tensor to copy in at commit
@@ -80,10 +123,31 @@ class EngineWeights:
         self, named: Iterable[tuple[str, torch.Tensor]], full: bool
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Validate names and shapes of every tensor; (destination, source) pairs."""
+        named = list(named)
         keyed = [(self._param_key(name, src), src) for name, src in named]
         if full:
             self._check_complete((key for key, _ in keyed), "weight update")
+        self._check_finite(named)
         return [(self._params[key], src) for key, src in keyed]
+
+    def _check_finite(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """ValueError naming the first tensor with a NaN or inf (when `reject_nonfinite_weights`).
+
+        One read of each tensor (aminmax propagates NaN and shows +-inf; no mask as big as the
+        tensor) and one host sync per device, so a GPU update does not wait tensor by tensor."""
+        if not self.reject_nonfinite_weights:
+            return
+        flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, src in named:
+            if src.is_floating_point() and src.numel():
+                flags.setdefault(src.device, []).append((name, _all_finite(src)))
+        for items in flags.values():
+            ok = torch.stack([flag for _, flag in items]).tolist()
+            bad = [name for (name, _), good in zip(items, ok) if not good]
+            if bad:
+                raise ValueError(f"weight update: tensor {bad[0]!r} has NaN or inf values"
+                                 + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                                 + "; refused (reject_nonfinite_weights=True)")
 
     def _apply(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         with self._lock, torch.no_grad():
@@ -95,7 +159,7 @@ class EngineWeights:
     def _update(self, pairs, weight_version: int, flush_cache: bool, own: bool = True) -> None:
         with self._lock:
             self._apply_pending()  # a pause(abort) just before must finish its requests under the old version
-            if own and self._adopted and pairs:
+            if own and self._adopted and pairs:  # (a copy, not a write into an adopted buffer)
                 self._own_params()
                 pairs = [(self._params[self._key_of[id(dst)]], src) for dst, src in pairs]
             self._apply(pairs)
@@ -133,7 +197,9 @@ class EngineWeights:
         """
         if not isinstance(transfer_id, str) or not transfer_id:
             raise ValueError(f"transfer_id must be a non-empty string, got {transfer_id!r}")
-        keyed = [(self._param_key(name, src), src.detach()) for name, src in named_tensors]
+        named = [(name, src.detach()) for name, src in named_tensors]
+        keyed = [(self._param_key(name, src), src) for name, src in named]
+        self._check_finite(named)
         if copy:
             keyed = [(key, src.clone()) for key, src in keyed]
         with self._stage_lock:
@@ -199,11 +265,10 @@ class EngineWeights:
             for name, param in self._params.items():
                 if name not in fused_parts:
                     param.data = param.data.clone()
-        self._adopted = False
+        self._adopted = set()
 
     def _adopt(self, staged: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Make staged tensors the parameters (step lock held); returns the (param, src) pairs left to copy."""
-        self._adopted = True
         left = dict(staged)
         fused_parts = set()
         for module, attr, names in self._fused:
@@ -222,7 +287,27 @@ class EngineWeights:
             if name not in fused_parts and _same_layout(src, param):
                 param.data = src
                 del left[name]
+        # What is left to copy may sit in buffers adopted before (maybe read-only): new memory for those.
+        self._fresh_memory(self._adopted.intersection(left))
+        self._adopted = set(staged) - set(left)
         return [(self._params[name], src) for name, src in left.items()]
+
+    def _fresh_memory(self, names: Iterable[str]) -> None:
+        """New (uninitialized) memory for the parameters `names` (with every part of a fused tensor
+        that one of them is part of), which the commit then fills: a commit is complete."""
+        names = set(names)
+        for module, attr, parts in self._fused:
+            if names.intersection(parts):
+                own = torch.empty_like(getattr(module, attr))
+                setattr(module, attr, own)
+                row = 0
+                for name in parts:
+                    rows = self._params[name].shape[0]
+                    self._params[name].data = own[row: row + rows]
+                    row += rows
+                names.difference_update(parts)
+        for name in names:
+            self._params[name].data = torch.empty_like(self._params[name].data)
 
     def abort_weight_update(self, transfer_id: str | None = None) -> bool:
         """Drop the staged transfer (only if it is `transfer_id`, when given); True if one was dropped."""
@@ -247,6 +332,15 @@ class EngineWeights:
                              f" (a tied lm_head.weight is model.embed_tokens.weight)")
         with self._lock:
             return {name: tensor_sha256(self._params[name]) for name in keys}
+
+
+def _all_finite(src: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on src's device: no NaN / inf in src (non-empty, floating)."""
+    try:
+        lo, hi = torch.aminmax(src)
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8 kinds): through float32
+        return torch.isfinite(src.float()).all()
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def _fused_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, list[str]]]:

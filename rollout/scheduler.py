@@ -21,6 +21,12 @@ they wait to be re-prefilled from their tokens.
 Requests in the same admission round that share a long prefix which is not
 cached yet are not prefilled together: the later ones wait one step and then
 find the first one's prefix in the tree (see `_defer`).
+
+A forward or sampling error fails only the requests that cause it: the batch
+is rolled back and each request is run again alone (see `_run`); those that
+still fail finish ABORTED with the error. Re-running a request is safe: its
+forward writes K/V only into its own slots at positions [kv_len, num_tokens),
+computed from its own tokens and earlier K/V, so a rerun writes the same values.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class Request:
         n = len(self.req.input_ids)
         return self.out_ids[start - n :] if start >= n else self.req.input_ids[start:] + self.out_ids
 
-    def snapshot(self, status: SampleStatus | None, version: int) -> GenerateOutput:
+    def snapshot(self, status: SampleStatus | None, version: int, error: str | None = None) -> GenerateOutput:
         return GenerateOutput(
             rid=self.rid,
             output_ids=list(self.out_ids),
@@ -95,7 +101,42 @@ class Request:
             output_top_logprobs=None if self.out_top is None else [list(t) for t in self.out_top],
             input_logprobs=None if self.input_logprobs is None else list(self.input_logprobs),
             e2e_latency=time.perf_counter() - self.submit_time if status is not None else 0.0,
+            error=error,
         )
+
+
+@dataclass
+class _Progress:
+    """What one batch step changes in a request, saved so a failed step can be undone."""
+
+    kv_len: int
+    n_out: int
+    had_prompt_logprobs: bool
+
+    @classmethod
+    def of(cls, r: Request) -> "_Progress":
+        return cls(r.kv_len, len(r.out_ids), r.input_logprobs is not None)
+
+    def restore(self, r: Request) -> int:
+        """Undo the step in r; how many tokens it had appended."""
+        appended = len(r.out_ids) - self.n_out
+        r.kv_len = self.kv_len
+        for out in (r.out_ids, r.out_logprobs, r.out_versions, r.out_top):
+            if out is not None:
+                del out[self.n_out:]
+        if not self.had_prompt_logprobs:
+            r.input_logprobs = None
+        return appended
+
+
+class BatchFailure(RuntimeError):
+    """A batch step failed, yet each of its requests ran fine alone: no one request is to blame."""
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """One line for a client: the exception's type and message, no traceback."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Scheduler:
@@ -357,14 +398,14 @@ class Scheduler:
         self.waiting.insert(0, r)
         self.stats["retractions"] += 1
 
-    def finish(self, r: Request, status: SampleStatus) -> None:
+    def finish(self, r: Request, status: SampleStatus, error: str | None = None) -> None:
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
             self.waiting.remove(r)
         self.release(r)
         self.stats["finished"] += 1
-        r.finish_cb(r, r.snapshot(status, self.version))
+        r.finish_cb(r, r.snapshot(status, self.version, error))
 
     # ---- one iteration ------------------------------------------------------
 
@@ -385,6 +426,44 @@ class Scheduler:
             self._run(old, prefill=False)
 
     def _run(self, reqs: list[Request], prefill: bool) -> None:
+        """One forward + sample for `reqs`; on an error, each request again alone (module docstring)."""
+        saved = [_Progress.of(r) for r in reqs]
+        try:
+            self._run_batch(reqs, prefill)
+        except Exception as exc:
+            self._isolate(reqs, saved, prefill, exc)
+
+    def _isolate(self, reqs: list[Request], saved: list[_Progress], prefill: bool, exc: Exception) -> None:
+        """Roll back a failed batch step and rerun each request alone; finish the ones that still fail
+        ABORTED with their error. BatchFailure when none does (the batch as a whole is to blame)."""
+        kind = "prefill" if prefill else "decode"
+        if len(reqs) > 1:
+            log.warning("%s step of %d requests failed (%s); running each alone", kind, len(reqs), short_error(exc))
+        failed = passed = 0
+        for r, progress in zip(reqs, saved):
+            if r not in self.running:
+                continue  # it finished before the error
+            self.stats["generated_tokens"] -= progress.restore(r)
+            error = exc
+            if len(reqs) > 1:
+                try:
+                    self._run_batch([r], prefill)
+                    passed += 1
+                    continue
+                except Exception as alone:
+                    error = alone
+                    if r not in self.running:
+                        continue  # it finished, then something after its finish raised
+                    self.stats["generated_tokens"] -= progress.restore(r)
+            log.error("%s step of request %s failed; aborting it", kind, r.rid, exc_info=error)
+            failed += 1
+            self.finish(r, SampleStatus.ABORTED, f"engine error in the {kind} step of this request: "
+                                                 f"{short_error(error)}")
+        if passed and not failed:
+            raise BatchFailure(f"a {kind} step of {len(reqs)} requests failed, yet each ran alone: "
+                               f"{short_error(exc)}") from exc
+
+    def _run_batch(self, reqs: list[Request], prefill: bool) -> None:
         logits_BV = self.forward(reqs, prefill)
         self.sample_and_append(reqs, logits_BV)
         for r in reqs:

@@ -40,6 +40,8 @@ def finish_reason_json(out: GenerateOutput) -> dict[str, Any] | None:
         return {"type": "stop", "matched": out.matched_stop}
     if out.finish_reason == SampleStatus.TRUNCATED:
         return {"type": "length", "length": len(out.output_ids)}
+    if out.error is not None:  # the engine failed this request: SGLang's shape of an internal error
+        return {"type": "abort", "message": out.error, "status_code": 500, "err_type": "InternalServerError"}
     return {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
 
 

@@ -80,6 +80,7 @@ class GenerateOutput:
     output_top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) best first
     input_logprobs: list[float | None] | None = None  # prompt positions logprob_start_len..n-1
     e2e_latency: float = 0.0  # seconds from submit to finish
+    error: str | None = None  # why the engine aborted it (None for a plain abort / a normal finish)
 
 
 @dataclass
