@@ -233,11 +233,20 @@ def bucket_entries(metadata: Any) -> list[BucketEntry]:
     """Flattened-bucket metadata (`[{name, dtype, shape, offset}]`) as BucketEntry objects."""
     if not isinstance(metadata, list):
         raise ValueError(f"flattened_bucket metadata must be a list, got {type(metadata).__name__}")
-    try:
-        return [BucketEntry(str(m["name"]), str(m["dtype"]).removeprefix("torch."),
-                            tuple(int(d) for d in m["shape"]), int(m["offset"])) for m in metadata]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"flattened_bucket metadata entries need name, dtype, shape, offset: {exc!r}") from exc
+    return [_bucket_entry(m, i) for i, m in enumerate(metadata)]
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bucket_entry(m: Any, i: int) -> BucketEntry:
+    """One metadata entry: {"name": str, "dtype": str, "shape": [int >= 0, ...], "offset": int >= 0}."""
+    need = "an object with name (string), dtype (string), shape (list of integers >= 0) and offset (integer >= 0)"
+    if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("dtype"), str)
+            and isinstance(m.get("shape"), list) and all(_count(d) for d in m["shape"]) and _count(m.get("offset"))):
+        raise ValueError(f"flattened_bucket metadata[{i}] must be {need}")
+    return BucketEntry(m["name"], m["dtype"].removeprefix("torch."), tuple(m["shape"]), m["offset"])
 
 
 def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:

@@ -313,7 +313,8 @@ class EngineActor:
         import torch
 
         from rollout.engine import EmbeddedEngine
-        from rollout.server import TOKENIZER_FILES, BackgroundServer
+        from rollout.serve import TOKENIZER_FILES
+        from rollout.server import BackgroundServer
         from slime_rl.tokenizer import load_tokenizer
 
         torch.set_num_threads(threads)
