@@ -165,6 +165,7 @@ def _load(cfg: ServeConfig) -> tuple[Any, Any, str]:
             model_dir, device=cfg.device, dtype=DTYPES[cfg.dtype], max_batch_size=cfg.max_running_requests,
             seed=cfg.seed, max_total_tokens=cfg.max_total_tokens, page_size=cfg.page_size,
             enable_prefix_cache=not cfg.disable_radix_cache, tokenizer=tokenizer,
+            reject_nonfinite_weights=not cfg.allow_nonfinite_weights,
         )
     except Exception as exc:  # noqa: BLE001
         raise ServeConfigError(f"--model {model_dir}: cannot load: {_one_line(exc)}") from exc

@@ -211,6 +211,24 @@ def test_serve_with_a_junk_model_dir_is_one_line(capsys, tmp_path, case):
     assert err.startswith(f"slime-rl serve: --model {tmp_path}: cannot load: ") and expected.lower() in err.lower(), err
 
 
+def test_serve_flags_reach_the_engine(capsys, monkeypatch, junk_model):
+    from rollout.engine import EmbeddedEngine
+
+    seen: list[dict] = []
+
+    def from_pretrained(model_dir, **kwargs):
+        seen.append(kwargs)
+        raise ValueError("stop before serving")
+
+    monkeypatch.setattr(EmbeddedEngine, "from_pretrained", staticmethod(from_pretrained))
+    one_line_error(capsys, ["serve", "--model", str(junk_model), "--tokenizer", "char"])
+    one_line_error(capsys, ["serve", "--model", str(junk_model), "--tokenizer", "char", "--allow-nonfinite-weights",
+                            "--max-total-tokens", "64", "--page-size", "4", "--disable-radix-cache"])
+    assert seen[0]["reject_nonfinite_weights"] and seen[0]["enable_prefix_cache"]
+    assert not seen[1]["reject_nonfinite_weights"] and not seen[1]["enable_prefix_cache"]
+    assert (seen[1]["max_total_tokens"], seen[1]["page_size"]) == (64, 4)
+
+
 def test_unauthenticated_non_loopback_host_warns(capsys, junk_model):
     assert main(["serve", "--model", str(junk_model), "--host", "0.0.0.0", "--allow-unauthenticated"]) == 2
     warning, error = capsys.readouterr().err.strip().splitlines()  # the junk model stops it after the warning
