@@ -26,7 +26,7 @@ class ServerLimits:
     max_stop: int = 64  # stop strings, and stop token ids, per request
     max_queued_requests: int = 4096  # engine requests (prompts x n) in flight over all clients; 429 beyond
     header_timeout_s: float = 10.0  # a connection must send complete request headers within this
-    body_timeout_s: float = 60.0  # ... and its whole body within this once the headers arrived
+    body_timeout_s: float = 60.0  # a request must send its whole body within this once its headers arrived
     group_init_timeout_s: float = 60.0  # /init_weights_update_group gives up (and frees the weight lock) after this
 
     def validate(self) -> "ServerLimits":

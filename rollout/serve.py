@@ -12,6 +12,7 @@ cannot keep the process alive after SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -210,6 +211,13 @@ def serve_main(cfg: ServeConfig) -> int:
                          admin_api_key=cfg.admin_api_key, limits=cfg.limits)
         n_params = sum(p.numel() for p in engine.model.parameters())
         banner = f"model {model_dir}, {n_params} parameters, tokenizer {tokenizer_spec}"
+        # Everything loaded so far lives as long as the server: keep it out of the garbage collector's
+        # full passes, which hold the GIL (hundreds of ms over torch + transformers) and would stall /health.
+        gc.collect()
+        gc.freeze()
+        # Threads parsing or shaping large requests hand the GIL over every 1 ms instead of 5 ms, so the
+        # event loop waits little for it even when several of them are busy.
+        sys.setswitchinterval(0.001)
         code = asyncio.run(_serve_until_signal(app, cfg, banner))
     finally:
         closed = _close_within(engine, ENGINE_CLOSE_TIMEOUT_S)

@@ -521,7 +521,7 @@ def make_runner(app: web.Application) -> web.AppRunner:
     # auto_decompress off: a compressed body is refused (415), never inflated.
     # lingering_time: after refusing a body, read (and drop) what the client still sends for at most
     # this long, so it sees the answer instead of a reset, then close.
-    return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+    return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
                    keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False, lingering_time=LINGER_S)
 
 

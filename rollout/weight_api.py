@@ -161,7 +161,7 @@ async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Resp
     return await _stage_or_apply(state, body, "update_weights_from_tensor", transfer_id, payload)
 
 
-GROUP_INIT_GRACE_S = 5.0  # beyond the rendezvous timeout, before the handler gives up on the joining thread
+GROUP_INIT_GRACE_S = 2.0  # beyond the rendezvous timeout, before the handler gives up on the joining thread
 
 
 async def init_weights_update_group(state: ServerState, body: dict) -> web.Response:
