@@ -13,7 +13,7 @@ from SGLang's native HTTP API):
   endpoints, so with a router in `url` the workers must be listed there.
 
 Robustness: connection refused / reset, a connect-phase timeout and HTTP
-502/503/504 are retried with exponential backoff and jitter (`max_retries`
+429 (a server at its in-flight limit) and 502/503/504 are retried with exponential backoff and jitter (`max_retries`
 retries after the first attempt, the same body and rid each time); any other
 4xx/5xx raises `EngineError` at once with the server's message. Every error
 names the URL, the endpoint and the rid. `timeout_s` bounds each attempt.
@@ -53,7 +53,7 @@ from slime_rl.types import GenerateOutput, GenerateRequest
 
 T = TypeVar("T")
 
-RETRY_STATUSES = (502, 503, 504)
+RETRY_STATUSES = (429, 502, 503, 504)  # 429: refused before anything was queued
 _RETRY_EXCEPTIONS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
 PAUSE_MODES = ("abort", "in_place", "retract")
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"  # sglang-router's session-affinity header

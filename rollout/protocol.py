@@ -113,7 +113,9 @@ def get_field(d: dict, key: str, kinds: tuple[type, ...], default: Any, where: s
 
 def short(value: Any, limit: int = 80) -> str:
     """repr(value), cut to `limit` characters (error messages must stay small)."""
-    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, (list, dict)) and len(value) >= 50:
+        return f"<{type(value).__name__} of {len(value)}>"
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

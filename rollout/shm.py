@@ -28,11 +28,14 @@ import torch
 from rollout.protocol import BadRequest
 
 SHM_PREFIX = "slime_rl_wsync_"  # only files with this basename may be mapped
+PATH_MAX = 4096  # Linux's limit; longer paths are refused before they are echoed in a message
 
 
 def shared_memory_path(path: str) -> str:
     """`path` if its syntax names a weight-sync file (absolute, basename `SHM_PREFIX*`), else
     BadRequest saying why. The file itself is checked when `SharedMemoryMappings.get` opens it."""
+    if len(path) > PATH_MAX:
+        raise BadRequest(f"shared-memory path is longer than {PATH_MAX} characters")
     if not os.path.isabs(path):
         raise BadRequest(f"shared-memory path must be absolute, got {path!r}")
     if not os.path.basename(path).startswith(SHM_PREFIX) or "\0" in path:

@@ -32,6 +32,11 @@ FINISH_TYPES = {"length": SampleStatus.TRUNCATED, "stop": SampleStatus.COMPLETED
 ABORT_MESSAGE = "Request aborted (abort_request, pause_generation, weight update or client disconnect)."
 
 
+# What a client sees of an engine failure (GenerateOutput.error, with the exception, stays in the
+# process and its log: error bodies never carry internal exception text).
+ENGINE_ERROR_MESSAGE = "the engine failed on this request; the other requests go on (the server log has the details)"
+
+
 def finish_reason_json(out: GenerateOutput) -> dict[str, Any] | None:
     """`meta_info.finish_reason` of an output (None while it runs)."""
     if out.finish_reason is None:
@@ -41,7 +46,8 @@ def finish_reason_json(out: GenerateOutput) -> dict[str, Any] | None:
     if out.finish_reason == SampleStatus.TRUNCATED:
         return {"type": "length", "length": len(out.output_ids)}
     if out.error is not None:  # the engine failed this request: SGLang's shape of an internal error
-        return {"type": "abort", "message": out.error, "status_code": 500, "err_type": "InternalServerError"}
+        return {"type": "abort", "message": ENGINE_ERROR_MESSAGE, "status_code": 500,
+                "err_type": "InternalServerError"}
     return {"type": "abort", "message": ABORT_MESSAGE, "status_code": None, "err_type": None}
 
 

@@ -156,10 +156,11 @@ def test_response_mapping_extras():
 # ---- robustness against stubs ----------------------------------------------------------------
 
 
-def test_503_is_retried_then_succeeds():
+@pytest.mark.parametrize("status", [503, 429])  # 429: a server at its in-flight limit, nothing was queued
+def test_503_is_retried_then_succeeds(status):
     async def flaky(stub, request, body):
         if stub.count("/generate") <= 2:
-            return web.json_response({"error": {"message": "warming up"}}, status=503)
+            return web.json_response({"error": {"message": "warming up"}}, status=status)
         return await ok_handler(stub, request, body)
 
     async def main():

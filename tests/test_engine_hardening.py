@@ -88,8 +88,8 @@ def check_six_and_poison(outs, baseline, poison_tokens: int) -> None:
     assert all(o.finish_reason == SampleStatus.TRUNCATED and o.error is None for o in six)
     assert bad.finish_reason == SampleStatus.ABORTED and len(bad.output_ids) == poison_tokens
     assert "IndexError" in bad.error and "Traceback" not in bad.error and "\n" not in bad.error
-    assert wire.finish_reason_json(bad) == {"type": "abort", "message": bad.error, "status_code": 500,
-                                            "err_type": "InternalServerError"}
+    assert wire.finish_reason_json(bad) == {"type": "abort", "message": wire.ENGINE_ERROR_MESSAGE, "status_code": 500,
+                                            "err_type": "InternalServerError"}  # no exception text over HTTP
 
 
 # ---- one request's failure --------------------------------------------------------------------

@@ -382,7 +382,8 @@ class Fuzzer:
 
     def _valid_bodies(self) -> dict[str, list[Any]]:
         t, (name, tensor) = self.t, sorted(self.t.weights.items())[0]
-        chat = [{"role": "system", "content": "be terse"}, {"role": "user", "content": [{"type": "text", "text": "2+2"}]}]
+        chat = [{"role": "system", "content": "be terse"},
+                {"role": "user", "content": [{"type": "text", "text": "2+2"}]}]
         dist = {"names": [name], "dtypes": ["float32"], "shapes": [list(tensor.shape)], "group_name": "g",
                 "load_format": None, "weight_version": 1}
         return {
