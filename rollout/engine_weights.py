@@ -255,13 +255,7 @@ class EngineWeights:
             fused_parts = set()
             for module, attr, names in self._fused:
                 fused_parts.update(names)
-                own = getattr(module, attr).clone()
-                setattr(module, attr, own)
-                row = 0
-                for name in names:
-                    rows = self._params[name].shape[0]
-                    self._params[name].data = own[row: row + rows]
-                    row += rows
+                self._seat(module, attr, names, getattr(module, attr).clone())
             for name, param in self._params.items():
                 if name not in fused_parts:
                     param.data = param.data.clone()
@@ -276,12 +270,9 @@ class EngineWeights:
             joined = _back_to_back([left.get(n) for n in names], getattr(module, attr))
             if joined is None:
                 continue
-            setattr(module, attr, joined)
-            row = 0
+            self._seat(module, attr, names, joined)
             for name in names:
-                rows = left.pop(name).shape[0]
-                self._params[name].data = joined[row: row + rows]
-                row += rows
+                del left[name]
         for name, src in list(left.items()):
             param = self._params[name]
             if name not in fused_parts and _same_layout(src, param):
@@ -292,19 +283,22 @@ class EngineWeights:
         self._adopted = set(staged) - set(left)
         return [(self._params[name], src) for name, src in left.items()]
 
+    def _seat(self, module: torch.nn.Module, attr: str, names: list[str], fused: torch.Tensor) -> None:
+        """Make `fused` the module's fused tensor and the HF parameters `names` its row slices, in order."""
+        setattr(module, attr, fused)
+        row = 0
+        for name in names:
+            rows = self._params[name].shape[0]
+            self._params[name].data = fused[row: row + rows]
+            row += rows
+
     def _fresh_memory(self, names: Iterable[str]) -> None:
         """New (uninitialized) memory for the parameters `names` (with every part of a fused tensor
         that one of them is part of), which the commit then fills: a commit is complete."""
         names = set(names)
         for module, attr, parts in self._fused:
             if names.intersection(parts):
-                own = torch.empty_like(getattr(module, attr))
-                setattr(module, attr, own)
-                row = 0
-                for name in parts:
-                    rows = self._params[name].shape[0]
-                    self._params[name].data = own[row: row + rows]
-                    row += rows
+                self._seat(module, attr, parts, torch.empty_like(getattr(module, attr)))
                 names.difference_update(parts)
         for name in names:
             self._params[name].data = torch.empty_like(self._params[name].data)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from aiohttp import web
 
 from rollout.protocol import (
+    INLINE_PARSE_BYTES,
+    INLINE_SUBMIT,
     SSE_DONE,
     BadRequest,
     GenItem,
@@ -294,7 +296,7 @@ async def _run(request: web.Request, state: ServerState, call: OpenAICall) -> we
         sub = Submission(state.engine, [item.request for item in call.items], stream=call.stream)
         try:
             try:
-                await state.off_loop(sub.start)
+                await state.off_loop(sub.start, heavy=len(call.items) > INLINE_SUBMIT)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from exc
             if call.stream:
@@ -321,7 +323,8 @@ def _handler(parse: Callable[[ServerState, dict], OpenAICall], get_state: Callab
         if state.tokenizer is None:
             raise BadRequest(f"{request.path} needs a tokenizer and this server has none; use /generate with input_ids")
         body = await read_json(request)
-        return await _run(request, state, await state.off_loop(parse, state, body))
+        heavy = request.content_length is None or request.content_length > INLINE_PARSE_BYTES
+        return await _run(request, state, await state.off_loop(parse, state, body, heavy=heavy))
 
     return handler
 

@@ -569,6 +569,7 @@ def engine_error_response(message: str) -> web.Response:
 
 
 INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+INLINE_SUBMIT = 64  # a request with more engine requests than this is submitted off the event loop
 
 
 class _YieldingDecoder(json.JSONDecoder):

@@ -53,6 +53,8 @@ from rollout import openai_api, weight_api
 from rollout.limits import ServerLimits
 from rollout.protocol import (
     SSE_DONE,
+    INLINE_PARSE_BYTES,
+    INLINE_SUBMIT,
     BadRequest,
     Submission,
     TooManyRequests,
@@ -120,8 +122,11 @@ class ServerState:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
-    async def off_loop(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run request work (parsing, submission, shaping) off the event loop."""
+    async def off_loop(self, fn: Callable, *args: Any, heavy: bool = True, **kwargs: Any) -> Any:
+        """Run request work (parsing, submission, shaping) off the event loop; inline when not `heavy`
+        (small work costs less than the thread hop, and a small stream's first token is not delayed)."""
+        if not heavy:
+            return fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.work, functools.partial(fn, *args, **kwargs))
 
@@ -229,12 +234,13 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    parsed = await state.off_loop(parse_generate, body, state.tokenizer, state.eos_token_id, state.limits)
+    parsed = await state.off_loop(parse_generate, body, state.tokenizer, state.eos_token_id, state.limits,
+                                  heavy=request.content_length is None or request.content_length > INLINE_PARSE_BYTES)
     async with state.admit(len(parsed.items)):
         sub = Submission(state.engine, [item.request for item in parsed.items], stream=parsed.stream)
         try:
             try:
-                await state.off_loop(sub.start)
+                await state.off_loop(sub.start, heavy=len(parsed.items) > INLINE_SUBMIT)
             except ValueError as exc:  # e.g. a prompt longer than the context (the message says both lengths)
                 return engine_error_response(str(exc))
             if parsed.stream:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rollout.router import free_port, http_json
 from slime_rl.dist_group import init_weight_group
@@ -80,6 +80,21 @@ def launch_server(name: str, model_dir: Path, log_dir: Path, *extra_args: str) -
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     return ServerProc(name, f"http://127.0.0.1:{port}", proc, log_path)
+
+
+@contextlib.contextmanager
+def serving(engine: Any, tokenizer: Any = None, **app_kwargs: Any) -> Iterator[str]:
+    """An in-process `BackgroundServer(engine, tokenizer, **app_kwargs)`; yields its URL, then stops it
+    and closes the engine."""
+    from rollout.server import BackgroundServer
+
+    server = BackgroundServer(engine, tokenizer, **app_kwargs)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+        engine.close()
 
 
 def wait_healthy(server: ServerProc, deadline: float) -> None:

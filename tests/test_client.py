@@ -23,6 +23,7 @@ from aiohttp import web
 
 from rollout.client import EngineClient, EngineError
 from rollout.wire import generate_payload, parse_generate_response
+from server_procs import serving as serving_engine
 from slime_rl.buckets import pack_bucket, unpack_bucket
 from slime_rl.protocols import RolloutEngine
 from slime_rl.types import BucketEntry, GenerateRequest, SampleStatus, SamplingParams, WeightBucket
@@ -513,17 +514,11 @@ def reference(model_dir):
 @contextlib.contextmanager
 def embedded_server(model_dir: str, **app_kwargs):
     from rollout import EmbeddedEngine
-    from rollout.server import BackgroundServer
     from slime_rl.tokenizer import CharTokenizer
 
     engine = EmbeddedEngine.from_pretrained(model_dir, seed=0, tokenizer=CharTokenizer())
-    server = BackgroundServer(engine, CharTokenizer(), model_path=model_dir, **app_kwargs)
-    try:
-        server.start()
-        yield engine, server.url
-    finally:
-        server.stop()
-        engine.close()
+    with serving_engine(engine, CharTokenizer(), model_path=model_dir, **app_kwargs) as url:
+        yield engine, url
 
 
 @pytest.fixture

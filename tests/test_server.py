@@ -29,8 +29,7 @@ import pytest
 import torch
 
 from rollout.engine import EmbeddedEngine
-from rollout.server import BackgroundServer
-from server_procs import http, post, weight_group_with
+from server_procs import http, post, serving, weight_group_with
 from slime_rl.buckets import pack_bucket
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
@@ -121,13 +120,8 @@ class ObservedEngine:
 @contextlib.contextmanager
 def serve(tiny: Tiny, tokenizer: Any = TOK, **app_kwargs):
     engine = ObservedEngine(make_engine(tiny))
-    server = BackgroundServer(engine, tokenizer, model_path=tiny.model_dir, **app_kwargs)
-    try:
-        server.start()
-        yield engine, server.url
-    finally:
-        server.stop()
-        engine.close()
+    with serving(engine, tokenizer, model_path=tiny.model_dir, **app_kwargs) as url:
+        yield engine, url
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ import torch
 from rollout.engine import EmbeddedEngine
 from rollout.limits import ServerLimits
 from rollout.protocol import dumps
-from rollout.server import BackgroundServer, create_app
-from server_procs import START_TIMEOUT_S, http, launch_server, post, wait_healthy
+from rollout.server import create_app
+from server_procs import START_TIMEOUT_S, http, launch_server, post, serving, wait_healthy
 from slime_rl.dist_group import free_port
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
@@ -59,13 +59,8 @@ def tiny(tmp_path_factory) -> Tiny:
 @contextlib.contextmanager
 def serve(tiny: Tiny, **app_kwargs: Any) -> Iterator[tuple[EmbeddedEngine, str]]:
     engine = EmbeddedEngine(tiny.cfg, tiny.weights, seed=0, max_total_tokens=8192, tokenizer=TOK)
-    server = BackgroundServer(engine, TOK, model_path=str(tiny.model_dir), **app_kwargs)
-    try:
-        server.start()
-        yield engine, server.url
-    finally:
-        server.stop()
-        engine.close()
+    with serving(engine, TOK, model_path=str(tiny.model_dir), **app_kwargs) as url:
+        yield engine, url
 
 
 def raw_exchange(url: str, data: bytes, timeout: float = 10.0) -> bytes:
