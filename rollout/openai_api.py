@@ -25,25 +25,27 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
-from rollout.protocol import (
+from rollout.http_json import (
     INLINE_PARSE_BYTES,
     INLINE_SUBMIT,
     SSE_DONE,
     BadRequest,
-    GenItem,
-    Submission,
-    build_items,
-    check_batch,
     dumps_items,
-    encode_text,
     get_field,
     json_response,
-    make_rids,
-    output_text,
     read_json,
     require,
     sse,
     start_sse,
+)
+from rollout.protocol import (
+    GenItem,
+    Submission,
+    build_items,
+    check_batch,
+    encode_text,
+    make_rids,
+    output_text,
     token_text,
 )
 from slime_rl.types import GenerateOutput, SampleStatus

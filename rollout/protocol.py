@@ -1,6 +1,6 @@
 """SGLang's native /generate protocol on top of the embedded engine.
 
-Three jobs (and some plumbing), shared by the native and the OpenAI-compatible handlers:
+Three jobs, shared by the native and the OpenAI-compatible handlers:
 
 - parse a request body into engine `GenerateRequest`s (`parse_generate`,
   `build_items`, `parse_sampling`), raising `BadRequest` with a message that
@@ -8,8 +8,6 @@ Three jobs (and some plumbing), shared by the native and the OpenAI-compatible h
 - bridge engine callbacks (scheduler thread) onto the event loop
   (`Submission`);
 - shape `GenerateOutput`s into SGLang response objects (`generate_response`);
-- plus the HTTP plumbing every handler module shares (error bodies,
-  `read_json`, server-sent events).
 
 Field names and shapes follow SGLang's native HTTP API (/generate, the
 weight-update and control endpoints, server and model info). Departures from SGLang, all deliberate:
@@ -31,32 +29,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
-import json.scanner
-import math
 import threading
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, AsyncIterator, Callable
 
-from aiohttp import web
 
+from rollout.http_json import BadRequest, get_field, short
 from rollout.limits import ServerLimits
 from rollout.wire import finish_reason_json
 from slime_rl.types import GenerateOutput, GenerateRequest, SamplingParams
-
-
-class BadRequest(ValueError):
-    """A malformed request: rendered as SGLang's 400 `{"object": "error", ...}` body."""
-
-    status = 400
-
-
-class TooManyRequests(BadRequest):
-    """The server is at its limit of requests in flight (429): retry later."""
-
-    status = 429
 
 
 # ---- sampling_params ----------------------------------------------------------------
@@ -96,27 +78,6 @@ class SamplingExtras:
     n: int = 1
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
-
-
-def get_field(d: dict, key: str, kinds: tuple[type, ...], default: Any, where: str) -> Any:
-    value = d.get(key)
-    if value is None:
-        return default
-    # bool is an int in Python; a JSON true is never a valid number here.
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise BadRequest(f"{where}.{key} must be {names}, got {short(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRequest(f"{where}.{key} must be a finite number, got {value!r}")
-    return value
-
-
-def short(value: Any, limit: int = 80) -> str:
-    """repr(value), cut to `limit` characters (error messages must stay small)."""
-    if isinstance(value, (list, dict)) and len(value) >= 50:
-        return f"<{type(value).__name__} of {len(value)}>"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _str_list(d: dict, key: str, where: str) -> list[str]:
@@ -522,117 +483,3 @@ def generate_response(item: GenItem, out: GenerateOutput, tokenizer: Any = None)
     }
 
 
-# ---- HTTP plumbing shared by the handler modules ----------------------------------------
-
-
-def _finite(obj: Any) -> Any:
-    """`obj` with every non-finite float replaced by None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON (RFC 8259): a NaN or infinite float becomes null, never a bare `NaN`."""
-    try:
-        return json.dumps(obj, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(obj), allow_nan=False)
-
-
-def dumps_items(items: list[Any], around: dict[str, Any] | None = None, key: str = "") -> str:
-    """`dumps(items)` (or of `around` with `items` under `key`), one item per C call: a large response
-    never holds the GIL for longer than one item takes (the event loop keeps answering)."""
-    listed = "[" + ", ".join(dumps(item) for item in items) + "]"
-    if around is None:
-        return listed
-    return dumps({**around, key: None}).replace(f'"{key}": null', f'"{key}": {listed}', 1)
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=dumps)
-
-
-def error_response(message: str, status: int = 400) -> web.Response:
-    """SGLang's validation-error body."""
-    return json_response({"object": "error", "message": message, "type": HTTPStatus(status).phrase,
-                          "param": None, "code": status}, status=status)
-
-
-def engine_error_response(message: str) -> web.Response:
-    """SGLang's body for a request the engine rejected (`{"error": {"message"}}`)."""
-    return json_response({"error": {"message": message}}, status=400)
-
-
-INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
-INLINE_SUBMIT = 64  # a request with more engine requests than this is submitted off the event loop
-
-
-class _YieldingDecoder(json.JSONDecoder):
-    """json's own pure-Python scanner: slower than the C one (~10x), but it runs as bytecode, so the
-    thread parsing a large body hands the GIL back every switch interval and the event loop keeps
-    answering. The C scanner would hold the GIL for the whole body (~40 ms per MiB of small ints)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scan_once = json.scanner.py_make_scanner(self)
-
-
-_YIELDING = _YieldingDecoder()
-
-
-def loads(raw: bytes, yielding: bool = False) -> Any:
-    """JSON: invalid UTF-8 and too deep nesting are BadRequest. NaN / Infinity literals (and 1e999)
-    parse as floats so that `get_field` can refuse them naming the field: no number reaches the
-    engine without it. `yielding`: parse with the GIL-friendly scanner (for large bodies, off the loop)."""
-    try:
-        if yielding:
-            return _YIELDING.decode(raw.decode("utf-8"))
-        return json.loads(raw)
-    except RecursionError:
-        raise BadRequest("malformed JSON body: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise BadRequest(f"malformed JSON body: {exc}") from None
-
-
-async def read_json(request: web.Request, optional: bool = False) -> dict[str, Any]:
-    """The JSON-object body; an empty body is `{}` when `optional`."""
-    raw = await request.read()
-    if not raw.strip():
-        if optional:
-            return {}
-        raise BadRequest(f"{request.path}: the request body is empty; expected a JSON object")
-    try:
-        if len(raw) <= INLINE_PARSE_BYTES:
-            body = loads(raw)
-        else:
-            body = await asyncio.get_running_loop().run_in_executor(None, loads, raw, True)
-    except BadRequest as exc:
-        raise BadRequest(f"{request.path}: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"{request.path}: the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def require(body: dict, key: str, kinds: tuple[type, ...], where: str) -> Any:
-    if body.get(key) is None:
-        raise BadRequest(f"{where}: field {key!r} is required")
-    return get_field(body, key, kinds, None, where)
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event."""
-    return b"data: " + dumps(obj).encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-async def start_sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    return resp

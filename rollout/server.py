@@ -3,8 +3,10 @@
 Anything that talks to an SGLang server (our `rollout.client`, sglang-router
 0.3.2, OpenAI clients) talks to this one; field names and shapes follow
 SGLang's native HTTP API. Request parsing and response
-shaping live in `rollout.protocol`, OpenAI-compatible routes in
-`rollout.openai_api`, weight routes in `rollout.weight_api`.
+shaping live in `rollout.protocol`, JSON and error bodies in
+`rollout.http_json`, connection guards in `rollout.http_conn`,
+OpenAI-compatible routes in `rollout.openai_api`, weight routes in
+`rollout.weight_api`.
 
     app = create_app(engine, tokenizer, model_path=...)       # an aiohttp Application
     with BackgroundServer(engine, tokenizer) as server:        # its own event-loop thread
@@ -46,31 +48,33 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 import slime_rl
 from rollout import openai_api, weight_api
-from rollout.limits import ServerLimits
-from rollout.protocol import (
-    SSE_DONE,
+from rollout.http_conn import guarded_runner
+from rollout.http_json import (
     INLINE_PARSE_BYTES,
     INLINE_SUBMIT,
+    SSE_DONE,
     BadRequest,
-    Submission,
     TooManyRequests,
     dumps,
     dumps_items,
     engine_error_response,
     error_response,
-    generate_response,
     get_field,
     json_response,
-    new_rid,
-    parse_generate,
     read_json,
     short,
     sse,
     start_sse,
+)
+from rollout.limits import ServerLimits
+from rollout.protocol import (
+    Submission,
+    generate_response,
+    new_rid,
+    parse_generate,
 )
 from slime_rl.dist_group import WeightGroup
 from slime_rl.types import GenerateRequest, SamplingParams
@@ -87,8 +91,6 @@ ADMIN_PATHS = frozenset({
 })
 OPEN_PATHS = frozenset({"/health"})  # a router or supervisor probes it without a key (as SGLang)
 HEALTH_GENERATE_TIMEOUT_S = 20.0
-KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this
-LINGER_S = 1.0
 WEIGHT_UPDATE_TRANSPORTS = ["tensor", "distributed", "shared_memory", "disk"]
 FLUSHED_TEXT = ("Cache flushed.\nPlease check backend logs for more details. "
                 "(When there are running or waiting requests, the operation will not be performed.)\n")
@@ -462,73 +464,9 @@ def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", toke
     return app
 
 
-# ---- connections ------------------------------------------------------------------------
-
-
-class _HeaderDeadline(RequestHandler):
-    """A connection must complete each request's headers within `header_timeout_s` of its first byte
-    (or of connecting): half-sent requests are cut instead of holding a socket forever."""
-
-    __slots__ = ("header_timeout_s", "_deadline", "_armed_at_count")
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self._deadline = None
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        before = self._request_count
-        super().data_received(data)
-        if self._request_count != before:
-            self._disarm()
-        elif data and self._deadline is None:
-            self._arm()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._armed_at_count = self._request_count
-        self._deadline = self._loop.call_later(self.header_timeout_s, self._expire)
-
-    def _disarm(self) -> None:
-        deadline, self._deadline = getattr(self, "_deadline", None), None
-        if deadline is not None:
-            deadline.cancel()
-
-    def _expire(self) -> None:
-        self._deadline = None
-        if self._request_count == self._armed_at_count:
-            self.force_close()
-
-
-class _GuardedServer(web.Server):
-    """aiohttp's low-level server, whose connections enforce the header deadline."""
-
-    header_timeout_s = 10.0
-
-    def __call__(self) -> RequestHandler:
-        handler = _HeaderDeadline(self, loop=self._loop, **self._kwargs)
-        handler.header_timeout_s = self.header_timeout_s
-        return handler
-
-
-class _Runner(web.AppRunner):
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _GuardedServer
-        server.header_timeout_s = self._app[STATE].limits.header_timeout_s
-        return server
-
-
 def make_runner(app: web.Application) -> web.AppRunner:
-    # handler_cancellation: a client that disconnects cancels its handler, whose `finally` aborts its rids.
-    # auto_decompress off: a compressed body is refused (415), never inflated.
-    # lingering_time: after refusing a body, read (and drop) what the client still sends for at most
-    # this long, so it sees the answer instead of a reset, then close.
-    return _Runner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
-                   keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False, lingering_time=LINGER_S)
+    """The runner serving `app` with its connection guards (`rollout.http_conn`)."""
+    return guarded_runner(app, header_timeout_s=app[STATE].limits.header_timeout_s)
 
 
 class BackgroundServer:

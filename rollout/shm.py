@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from rollout.protocol import BadRequest
+from rollout.http_json import BadRequest
 
 SHM_PREFIX = "slime_rl_wsync_"  # only files with this basename may be mapped
 PATH_MAX = 4096  # Linux's limit; longer paths are refused before they are echoed in a message

@@ -51,7 +51,7 @@ from aiohttp import web
 
 from rollout import wire
 from rollout.shm import SharedMemoryMappings, shared_memory_path
-from rollout.protocol import BadRequest, get_field, json_response, read_json, require, short
+from rollout.http_json import BadRequest, get_field, json_response, read_json, require, short
 from slime_rl.buckets import bucket_layout, dtype_from_name, unpack_bucket
 from slime_rl.dist_group import WeightGroup, init_weight_group
 from slime_rl.types import WeightBucket

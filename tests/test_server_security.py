@@ -29,7 +29,7 @@ import torch
 
 from rollout.engine import EmbeddedEngine
 from rollout.limits import ServerLimits
-from rollout.protocol import dumps
+from rollout.http_json import dumps
 from rollout.server import create_app
 from server_procs import START_TIMEOUT_S, http, launch_server, post, serving, wait_healthy
 from slime_rl.dist_group import free_port

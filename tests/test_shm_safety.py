@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from rollout.engine import EmbeddedEngine
-from rollout.protocol import BadRequest
+from rollout.http_json import BadRequest
 from rollout.server import BackgroundServer
 from rollout.shm import SharedMemoryMappings, shared_memory_path
 from server_procs import post
