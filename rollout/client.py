@@ -38,6 +38,7 @@ is understood, not `--incremental-streaming-output`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import uuid
@@ -56,6 +57,7 @@ T = TypeVar("T")
 RETRY_STATUSES = (429, 502, 503, 504)  # 429: refused before anything was queued
 _RETRY_EXCEPTIONS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
 PAUSE_MODES = ("abort", "in_place", "retract")
+log = logging.getLogger(__name__)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"  # sglang-router's session-affinity header
 
 
@@ -246,36 +248,55 @@ class EngineClient(WeightCalls):
     async def astream(self, request: GenerateRequest, routing_key: str | None = None) -> AsyncIterator[GenerateOutput]:
         """Cumulative snapshots over SSE; the last one has finish_reason set.
 
-        Closing the iterator early closes the connection, which aborts the
-        request on the server.
+        A stream that ends without its final chunk (a worker died behind a router, a connection cut)
+        is a failure, not an end: the request is sent again (same rid and body, up to `max_retries`
+        times, with backoff), and only snapshots longer than the last one yielded are passed on, so
+        the caller sees one growing sequence. Closing the iterator early closes the connection, which
+        aborts the request on the server.
         """
         rid = request.rid or uuid.uuid4().hex
         key = routing_key if routing_key is not None else self.routing_key
         state = self._state()
-        loop = asyncio.get_running_loop()
-        async with state.semaphore:
-            resp = await self._open_stream(state.session, generate_payload(request, rid, stream=True), rid, key)
-            deadline = loop.time() + self.timeout_s
-            async with resp:
-                finished = False
-                while True:
-                    line = await self._read_line(resp, deadline, rid)
-                    data = line.decode("utf-8").strip()
-                    if not data.startswith("data:"):
-                        continue
-                    data = data[len("data:"):].strip()
-                    if data == "[DONE]" or finished:  # after the final chunk only [DONE] is left
-                        break
-                    chunk = parse_body(data)
-                    if isinstance(chunk, dict) and "error" in chunk:
-                        raise EngineError(f"{self.url}/generate (rid={rid}) failed mid-stream: {error_message(chunk)}",
-                                          url=self.url, endpoint="/generate", rid=rid)
-                    out = self._parse(chunk, request, rid, final=False)
-                    finished = out.finish_reason is not None
-                    yield out
-                if not finished:
-                    raise EngineError(f"{self.url}/generate (rid={rid}) stream ended without a finish_reason",
+        payload = generate_payload(request, rid, stream=True)
+        yielded = 0  # tokens in the longest snapshot passed on
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                log.warning("%s/generate (rid=%s): the stream ended without a finish_reason; sending it again "
+                            "(retry %d of %d)", self.url, rid, attempt, self.max_retries)
+                await asyncio.sleep(self._backoff(attempt))
+            async with state.semaphore:
+                async for out in self._stream_once(state.session, payload, request, rid, key):
+                    if out.finish_reason is not None or len(out.output_ids) > yielded:
+                        yielded = len(out.output_ids)
+                        yield out
+                    if out.finish_reason is not None:
+                        return
+        raise EngineError(f"{self.url}/generate (rid={rid}) stream ended without a finish_reason "
+                          f"({self.max_retries + 1} attempts)", url=self.url, endpoint="/generate", rid=rid,
+                          attempts=self.max_retries + 1)
+
+    async def _stream_once(self, session: aiohttp.ClientSession, payload: dict, request: GenerateRequest, rid: str,
+                           key: str | None) -> AsyncIterator[GenerateOutput]:
+        """The snapshots of one streaming attempt, until its final chunk, [DONE] or the end of the body."""
+        resp = await self._open_stream(session, payload, rid, key)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        async with resp:
+            while True:
+                line = await self._read_line(resp, deadline, rid)
+                data = line.decode("utf-8").strip()
+                if not data.startswith("data:"):
+                    continue
+                data = data[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                chunk = parse_body(data)
+                if isinstance(chunk, dict) and "error" in chunk:
+                    raise EngineError(f"{self.url}/generate (rid={rid}) failed mid-stream: {error_message(chunk)}",
                                       url=self.url, endpoint="/generate", rid=rid)
+                out = self._parse(chunk, request, rid, final=False)
+                yield out
+                if out.finish_reason is not None:  # after the final chunk only [DONE] is left
+                    return
 
     async def _read_line(self, resp: aiohttp.ClientResponse, deadline: float, rid: str) -> bytes:
         """One SSE line before the request's deadline; b"data: [DONE]" at EOF."""

@@ -310,36 +310,35 @@ async def flush_cache(request: web.Request) -> web.Response:
 # ---- memory and info -------------------------------------------------------------------
 
 
-MEMORY_TAGS = ("kv_cache", "weights")
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's; slime sends ["weights"] and ["kv_cache", "cuda_graph"]
 
 
-async def _memory_tags(request: web.Request) -> None:
-    """Check SGLang's `tags` (null = all); the embedded engine can release its KV cache, not its weights
-    (they stay resident so a weight sync can land while the trainer runs)."""
+async def _releases_kv(request: web.Request) -> bool:
+    """Check SGLang's `tags` (null = all); True when the KV cache is among them. The embedded engine
+    keeps its weights resident (so a weight sync can land while the trainer runs) and has no CUDA
+    graphs: those tags succeed and do nothing."""
     body = await read_json(request, optional=True)
     tags = get_field(body, "tags", (list,), None, request.path.lstrip("/"))
     if tags is None:
-        return
+        return True
     unknown = [t for t in tags if t not in MEMORY_TAGS]
     if unknown:
-        raise BadRequest(f"{request.path}: unknown tags {unknown}; allowed: {list(MEMORY_TAGS)} or null")
-    if "weights" in tags:
-        raise BadRequest(f"{request.path}: the embedded engine keeps its weights resident; only the "
-                         f"'kv_cache' tag (or null) can be released and resumed")
+        raise BadRequest(f"{request.path}: unknown tags {short(unknown)}; allowed: {list(MEMORY_TAGS)} or null")
+    return "kv_cache" in tags
 
 
 async def release_memory_occupation(request: web.Request) -> web.Response:
     """Free the KV cache pool (requests wait until resume); 200 with body null, as SGLang."""
     state = request.app[STATE]
-    await _memory_tags(request)
-    await state.blocking(state.engine.release_memory_occupation)
+    if await _releases_kv(request):
+        await state.blocking(state.engine.release_memory_occupation)
     return json_response(None)
 
 
 async def resume_memory_occupation(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    await _memory_tags(request)
-    await state.blocking(state.engine.resume_memory_occupation)
+    if await _releases_kv(request):
+        await state.blocking(state.engine.resume_memory_occupation)
     return json_response(None)
 
 
@@ -412,6 +411,38 @@ async def get_load(request: web.Request) -> web.Response:
     }])
 
 
+LOAD_SECTIONS = ("core", "memory", "spec", "lora", "disagg", "queues", "all")
+
+
+async def get_loads_v1(request: web.Request) -> web.Response:
+    """SGLang's `GET /v1/loads[?include=core,...][&dp_rank=N]`: one load snapshot per DP rank (this server
+    has one). slime polls it after `abort_request` until the worker is idle. Sections other than core
+    carry what the embedded engine has (memory: the KV pool); the rest are empty."""
+    state = request.app[STATE]
+    include = [s for part in request.query.getall("include", ["core"]) for s in part.split(",") if s]
+    unknown = [s for s in include if s not in LOAD_SECTIONS]
+    if unknown:
+        raise BadRequest(f"/v1/loads: unknown include sections {short(unknown)}; allowed: {list(LOAD_SECTIONS)}")
+    dp_rank = request.query.get("dp_rank")
+    if dp_rank is not None and not (dp_rank.isdigit() and len(dp_rank) < 6):
+        raise BadRequest(f"/v1/loads: dp_rank must be a non-negative integer, got {short(dp_rank)}")
+    load, stats, engine = state.engine.load(), state.engine.stats(), state.engine
+    total = load["max_total_num_tokens"]
+    snapshot: dict[str, Any] = {
+        "dp_rank": 0, "timestamp": time.time(),
+        "num_running_reqs": load["num_running_reqs"], "num_waiting_reqs": load["num_waiting_reqs"],
+        "num_used_tokens": load["num_used_tokens"], "num_total_tokens": total, "max_total_num_tokens": total,
+        "token_usage": load["num_used_tokens"] / total if total else 0.0,
+        "gen_throughput": 0.0, "cache_hit_rate": stats["cache_hit_rate"],
+        "utilization": load["num_running_reqs"] / engine.max_batch_size,
+        "max_running_requests": engine.max_batch_size,
+    }
+    if "memory" in include or "all" in include:
+        snapshot["memory"] = {"kv_cache_released": engine.is_memory_released(), "num_total_tokens": total}
+    loads = [snapshot] if dp_rank in (None, "0") else []
+    return json_response({"timestamp": snapshot["timestamp"], "dp_rank_count": 1, "loads": loads})
+
+
 async def get_weight_version(request: web.Request) -> web.Response:
     return json_response({"weight_version": str(request.app[STATE].engine.get_weight_version())})
 
@@ -457,7 +488,8 @@ def create_app(engine: Any, tokenizer: Any = None, *, model_path: str = "", toke
     for path, handler in [("/health", health), ("/health_generate", health_generate),
                           ("/model_info", model_info), ("/get_model_info", model_info),
                           ("/server_info", server_info), ("/get_server_info", server_info),
-                          ("/get_load", get_load), ("/get_weight_version", get_weight_version)]:
+                          ("/get_load", get_load), ("/v1/loads", get_loads_v1),
+                          ("/get_weight_version", get_weight_version)]:
         r.add_get(path, handler)
     weight_api.add_routes(app, get_state)
     openai_api.add_routes(app, get_state)

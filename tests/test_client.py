@@ -411,9 +411,10 @@ def test_stream_against_stub():
         if body["input_ids"] == [0]:
             await resp.write(sse(sglang_result(rid, [7], None)))
             await resp.write(sse({"error": {"message": "engine crashed"}}))
-        elif body["input_ids"] == [2]:
+        elif body["input_ids"] == [2] or body["input_ids"] == [3] and sum(b["rid"] == rid
+                                                                          for _, b, _ in stub.calls) < 3:
             await resp.write(sse(sglang_result(rid, [7], None)))
-            return resp  # the stream ends without a final chunk or [DONE]
+            return resp  # the stream ends without a final chunk or [DONE] (a worker died behind a router)
         else:
             for n in (1, 2, 3):
                 finish = {"type": "stop", "matched": 9} if n == 3 else None
@@ -429,9 +430,15 @@ def test_stream_against_stub():
                 with pytest.raises(EngineError, match="engine crashed"):
                     async for _ in client.astream(req([0], rid="e")):
                         pass
-                with pytest.raises(EngineError, match=r"rid=cut\).*without a finish_reason"):
+            async with EngineClient(stub.url, max_retries=2, **FAST) as client:
+                with pytest.raises(EngineError, match=r"rid=cut\).*without a finish_reason \(3 attempts\)"):
                     async for _ in client.astream(req([2], rid="cut")):
                         pass
+                cut_calls = stub.count("/generate")
+                # cut twice, then whole: one growing sequence, each snapshot passed on once
+                healed = [o async for o in client.astream(req([3], rid="heal"))]
+        assert cut_calls == 2 + 3 and stub.count("/generate") == cut_calls + 3
+        assert [o.output_ids for o in healed] == [[7], [7, 8], [7, 8, 9]] and healed[-1].finish_reason is not None
         assert [o.output_ids for o in snaps] == [[7], [7, 8], [7, 8, 9]]
         assert [o.finish_reason for o in snaps] == [None, None, SampleStatus.COMPLETED]
         assert snaps[-1].matched_stop == 9 and stub.calls[0][1]["stream"] is True

@@ -95,11 +95,16 @@ def test_memory_endpoints_and_client_fan_out(engine):
         base = engine.stats()["memory_releases"]
         assert post(url0 + "/release_memory_occupation", {"tags": ["kv_cache"]}) == (200, None)
         assert engine.is_memory_released()
-        status, body = post(url0 + "/resume_memory_occupation", {"tags": ["weights"]})
-        assert status == 400 and "weights resident" in body["message"] and engine.is_memory_released()
+        # slime's tags: weights stay resident and there are no CUDA graphs, so those succeed and do nothing
+        assert post(url0 + "/resume_memory_occupation", {"tags": ["weights"]}) == (200, None)
+        assert engine.is_memory_released()
+        assert post(url0 + "/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}) == (200, None)
+        assert not engine.is_memory_released()
+        assert post(url0 + "/release_memory_occupation", {"tags": ["weights"]}) == (200, None)
+        assert not engine.is_memory_released() and engine.stats()["memory_releases"] == base + 1
         status, body = post(url0 + "/resume_memory_occupation", {"tags": ["gpu_magic"]})
         assert status == 400 and "gpu_magic" in body["message"]
-        assert post(url0 + "/resume_memory_occupation", {"tags": None}) == (200, None)
+        assert post(url0 + "/resume_memory_occupation", {"tags": None}) == (200, None)  # already resumed: a no-op
         assert post(url1 + "/release_memory_occupation")[0] == 401  # protected by the api key
         with EngineClient(url0, control_urls=[url0, url1], api_key="k", max_retries=0) as client:
             client.release_memory_occupation()  # both servers front the same engine: one real release
