@@ -173,6 +173,9 @@ class EmbeddedEngine(EngineWeights):
         n, vocab = len(r.input_ids), self.config.vocab_size
         if n == 0:
             raise ValueError(f"{where}: input_ids is empty")
+        bad_bias = [t for t in sp.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            raise ValueError(f"{where}: logit_bias token ids must be in [0, {vocab}) (vocab_size), got {bad_bias[:5]}")
         bad_stops = [t for t in sp.stop_token_ids if not 0 <= t < vocab]
         if bad_stops:
             raise ValueError(f"{where}: stop_token_ids must be in [0, {vocab}) (vocab_size), got {bad_stops[:5]}")
@@ -209,6 +212,8 @@ class EmbeddedEngine(EngineWeights):
         req.handle = handle  # type: ignore[attr-defined]
         if r.top_logprobs_num > 0:
             req.out_top = []
+        if r.sampling.return_top_p_token_ids:
+            req.out_top_p = []
         return req, handle
 
     def submit(self, request: GenerateRequest, on_update: Callable[[GenerateOutput], None] | None = None) -> RequestHandle:
@@ -476,6 +481,10 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy ints too; JSON true is no int
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_types(r: GenerateRequest, where: str) -> None:
     """The types of a request's fields (the HTTP layer parses JSON; Python callers may pass anything)."""
     sp = r.sampling
@@ -493,6 +502,12 @@ def _check_types(r: GenerateRequest, where: str) -> None:
          "a list of ints"),
         ("stop", isinstance(sp.stop, (list, tuple)) and all(isinstance(t, str) for t in sp.stop), "a list of strings"),
         ("seed", sp.seed is None or _is_int(sp.seed), "an int or None"),
+        *((name, _is_number(getattr(sp, name)), "a number")
+          for name in ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")),
+        ("logit_bias", isinstance(sp.logit_bias, dict) and all(_is_int(k) and _is_number(v)
+                                                                for k, v in sp.logit_bias.items()),
+         "a dict of int token id -> number"),
+        ("return_top_p_token_ids", isinstance(sp.return_top_p_token_ids, bool), "a bool"),
     ]
     for name, ok, kind in checks:
         if not ok:

@@ -41,7 +41,7 @@ import torch
 from rollout.kv_cache import PagedKVPool, PagedView
 from rollout.model import DecoderLM
 from rollout.radix_cache import Node, RadixCache
-from rollout.sampling import SamplingTensors, sample
+from rollout.sampling import SamplingTensors, process_logits, sample
 from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class Request:
     out_logprobs: list[float] = field(default_factory=list)
     out_versions: list[int] = field(default_factory=list)
     out_top: list[list[tuple[int, float]]] | None = None
+    out_top_p: list[list[int]] | None = None  # kept ids per output token (return_top_p_token_ids)
     input_logprobs: list[float | None] | None = None
+    input_top: list[list[tuple[int, float]] | None] | None = None
     pages: list[int] = field(default_factory=list)
     tree_pages: int = 0  # leading pages owned by the radix tree (locked through `node`)
     node: Node | None = None
@@ -100,6 +102,8 @@ class Request:
             matched_stop=self.matched_stop,
             output_top_logprobs=None if self.out_top is None else [list(t) for t in self.out_top],
             input_logprobs=None if self.input_logprobs is None else list(self.input_logprobs),
+            input_top_logprobs=None if self.input_top is None else list(self.input_top),
+            top_p_token_ids=None if self.out_top_p is None else [list(t) for t in self.out_top_p],
             e2e_latency=time.perf_counter() - self.submit_time if status is not None else 0.0,
             error=error,
         )
@@ -121,11 +125,11 @@ class _Progress:
         """Undo the step in r; how many tokens it had appended."""
         appended = len(r.out_ids) - self.n_out
         r.kv_len = self.kv_len
-        for out in (r.out_ids, r.out_logprobs, r.out_versions, r.out_top):
+        for out in (r.out_ids, r.out_logprobs, r.out_versions, r.out_top, r.out_top_p):
             if out is not None:
                 del out[self.n_out:]
         if not self.had_prompt_logprobs:
-            r.input_logprobs = None
+            r.input_logprobs = r.input_top = None
         return appended
 
 
@@ -294,26 +298,35 @@ class Scheduler:
         return self.model.logits(last_BH).float()
 
     def _prompt_logprobs(self, r: Request, x_QH: torch.Tensor) -> None:
-        """logprob of prompt token t given t' < t, for t in [logprob_start_len, n); None at t = 0."""
+        """logprob of prompt token t given t' < t, for t in [logprob_start_len, n); None at t = 0.
+        With top_logprobs_num > 0 also the top tokens at those positions (None at t = 0)."""
         start, c = r.req.logprob_start_len, r.kv_len
         prompt = r.req.input_ids
         first = max(start, 1)
+        lead = [None] if start == 0 else []
         temp = r.req.sampling.temperature or 1.0
-        lp_TV = torch.log_softmax(self.model.logits(x_QH[first - 1 - c :]).float() / temp, -1)
+        lp_TV = torch.log_softmax(self.model.logits(x_QH[first - 1 - c :]).float() / temp, -1)[: len(prompt) - first]
         target = torch.tensor(prompt[first:], device=lp_TV.device)
-        values = lp_TV[: len(prompt) - first].gather(1, target.unsqueeze(1)).squeeze(1).tolist()
-        r.input_logprobs = ([None] if start == 0 else []) + values
+        values = lp_TV.gather(1, target.unsqueeze(1)).squeeze(1).tolist()
+        r.input_logprobs = lead + values
+        k = min(r.req.top_logprobs_num, lp_TV.shape[1])
+        if k > 0:
+            val_TK, ids_TK = lp_TV.topk(k, dim=-1) if lp_TV.shape[0] else (lp_TV[:, :0], lp_TV[:, :0].long())
+            r.input_top = lead + [list(zip(i, v)) for i, v in zip(ids_TK.tolist(), val_TK.tolist())]
 
     def sample_and_append(self, reqs: list[Request], logits_BV: torch.Tensor) -> None:
+        """Penalties and bias, then sampling (rollout/sampling.py has the order); one token per request."""
         dev, B = self.device, len(reqs)
         params = [r.req.sampling for r in reqs]
+        process_logits(logits_BV, params, [r.out_ids for r in reqs])
         for b, r in enumerate(reqs):  # stop tokens are masked until min_new_tokens
             sp = params[b]
             if sp.stop_token_ids and len(r.out_ids) < sp.min_new_tokens:
                 logits_BV[b, torch.tensor(sp.stop_token_ids, device=dev)] = float("-inf")
         st = SamplingTensors.from_params(params, self.cfg.vocab_size, dev)
         u_B = torch.tensor([r.uniforms[len(r.out_ids)] for r in reqs], dtype=torch.float64)
-        tok_B, lp_B = sample(logits_BV, st, u_B)
+        kept: dict[int, list[int]] = {}
+        tok_B, lp_B = sample(logits_BV, st, u_B, [r.out_top_p is not None for r in reqs], kept)
         tops = self._top_logprobs(reqs, logits_BV, st)
         for b, (r, tok, lp) in enumerate(zip(reqs, tok_B.tolist(), lp_B.tolist())):
             r.out_ids.append(tok)
@@ -321,6 +334,8 @@ class Scheduler:
             r.out_versions.append(self.version)
             if r.out_top is not None:
                 r.out_top.append(tops[b])
+            if r.out_top_p is not None:
+                r.out_top_p.append(kept[b])
         self.stats["generated_tokens"] += B
 
     def _top_logprobs(self, reqs, logits_BV, st) -> dict[int, list[tuple[int, float]]]:
@@ -465,6 +480,14 @@ class Scheduler:
 
     def _run_batch(self, reqs: list[Request], prefill: bool) -> None:
         logits_BV = self.forward(reqs, prefill)
+        scored = [r for r in reqs if r.max_new == 0]  # prefill-only scoring: no token to sample
+        for r in scored:
+            self.finish(r, SampleStatus.TRUNCATED)
+        if scored:
+            keep = [b for b, r in enumerate(reqs) if r.max_new > 0]
+            reqs, logits_BV = [reqs[b] for b in keep], logits_BV[keep]
+            if not reqs:
+                return
         self.sample_and_append(reqs, logits_BV)
         for r in reqs:
             status = self.finished_status(r)

@@ -7,6 +7,7 @@ trainer never re-tokenizes model output.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings (need an engine tokenizer)
     seed: int | None = None  # None = draw from the engine's generator (SGLang: sampling_seed)
+    # SGLang's logit processors (rollout/sampling.py has their order and semantics)
+    min_p: float = 0.0  # [0, 1]: drop tokens below min_p * the most likely token's probability
+    frequency_penalty: float = 0.0  # [-2, 2]: minus penalty * count of the token in the output
+    presence_penalty: float = 0.0  # [-2, 2]: minus penalty once the token is in the output
+    repetition_penalty: float = 1.0  # (0, 2]: output tokens' logits divided (> 0) / multiplied (< 0) by it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    return_top_p_token_ids: bool = False  # report each position's kept set (slime's top-p replay)
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -37,10 +45,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        bad = [v for v in self.logit_bias.values() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"logit_bias values must be finite, got {bad[:3]}")
+
+    @property
+    def penalized(self) -> bool:
+        """Any output-token penalty active (the sampler then needs the output counts)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -79,6 +102,8 @@ class GenerateOutput:
     matched_stop: int | str | None = None  # the stop token id or stop string that ended it
     output_top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) best first
     input_logprobs: list[float | None] | None = None  # prompt positions logprob_start_len..n-1
+    input_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # same positions; None at position 0
+    top_p_token_ids: list[list[int]] | None = None  # per output token: the ids it was sampled among
     e2e_latency: float = 0.0  # seconds from submit to finish
     error: str | None = None  # why the engine aborted it (None for a plain abort / a normal finish)
 
