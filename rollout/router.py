@@ -57,6 +57,16 @@ FAST_FAILURE_FLAGS: dict[str, Any] = {
     "shutdown-grace-period-secs": 2,
     "log-level": "warn",
 }
+# Router settings by workload: `policy` + sglang-router flags (benchmarks/bench_routing_rl.py measures them).
+# "rl": session affinity on the X-SMG-Routing-Key that EngineClient sends per group / conversation, new keys
+# on the least-loaded worker. cache_aware with its default thresholds sends every conversation that
+# starts with a shared system prompt to one worker (the prompt always matches more than 30 % and the
+# balance threshold, 64 requests in flight, is never reached); "cache_aware_rl" balances early instead.
+ROUTER_SETTINGS: dict[str, dict[str, Any]] = {
+    "rl": {"policy": "manual", "flags": {"assignment-mode": "min_load"}},
+    "cache_aware_rl": {"policy": "cache_aware",
+                       "flags": {"balance-abs-threshold": 2, "balance-rel-threshold": 1.1}},
+}
 _POLL_S = 0.1  # how often start()/add_worker()/remove_worker() re-read the router's state
 
 

@@ -1,0 +1,161 @@
+"""Benchmark: router settings for RL rollouts — multi-turn conversations that share a long system prompt.
+
+    .venv/bin/python benchmarks/bench_routing_rl.py [--servers 3 --conversations 24 --turns 4 --out PATH]
+
+The RL case sglang-router's defaults get wrong: every conversation starts with
+the same 200-token system prompt. `cache_aware` follows the longest cached
+prefix when it covers more than `--cache-threshold` (0.3) of the prompt, and
+the shared system prompt always does, so every first turn — and with it every
+conversation — goes to the worker that saw the system prompt first; load
+balancing only starts once a worker has `--balance-abs-threshold` (64) more
+requests in flight than another, which a rollout of this size never reaches.
+
+Settings compared side by side (same servers, caches flushed before each run):
+
+- `cache_aware (defaults)`: what `rollout/router.py` passed before (policy
+  cache_aware, sglang-router's default thresholds);
+- `cache_aware (rl)`: `ROUTER_SETTINGS["cache_aware_rl"]` — balance as soon as
+  loads differ by 2 requests and 10 %;
+- `manual (rl)`: `ROUTER_SETTINGS["rl"]`, what jobs use — session affinity on
+  the `X-SMG-Routing-Key` header that `EngineClient` sends per conversation
+  (group), new keys placed on the least-loaded worker (`--assignment-mode
+  min_load`): a conversation stays where its KV is, and conversations spread;
+- `round_robin`, the no-affinity reference.
+
+Reported per run: cached/prompt tokens (sum of meta_info.cached_tokens over
+prompt_tokens), the largest share of requests one worker served, affinity
+(the share of later turns served by the same worker as the turn before).
+Target for the RL settings: cached/prompt >= 0.8 and no worker above half of
+the requests. Writes JSON to --out (default benchmarks/results/routing_rl.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_routing import _version, launch_servers, make_model, stop_servers  # noqa: E402
+from rollout.client import ROUTING_KEY_HEADER  # noqa: E402
+from rollout.router import ROUTER_SETTINGS, start_router  # noqa: E402
+from slime_rl.tokenizer import CharTokenizer  # noqa: E402
+
+CONFIGS = {  # name: (policy, sglang-router flags, send a routing key per conversation)
+    "cache_aware (defaults)": ("cache_aware", {}, False),
+    "cache_aware (rl)": (ROUTER_SETTINGS["cache_aware_rl"]["policy"], ROUTER_SETTINGS["cache_aware_rl"]["flags"],
+                         False),
+    "manual (rl)": (ROUTER_SETTINGS["rl"]["policy"], ROUTER_SETTINGS["rl"]["flags"], True),
+    "round_robin": ("round_robin", {}, False),
+}
+
+
+async def run_workload(router_url: str, args: argparse.Namespace, vocab: int, keyed: bool) -> dict:
+    """Every conversation's turns through the router, conversations interleaved per round."""
+    rng = random.Random(args.seed)
+    system = [rng.randrange(3, vocab) for _ in range(args.system_len)]
+    prompts = [system + [rng.randrange(3, vocab) for _ in range(args.user_len)] for _ in range(args.conversations)]
+    users = [[[rng.randrange(3, vocab) for _ in range(args.user_len)] for _ in range(args.turns)]
+             for _ in range(args.conversations)]
+    orders = [rng.sample(range(args.conversations), args.conversations) for _ in range(args.turns)]
+    history: list[list[tuple[str, int, int]]] = [[] for _ in prompts]
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def one(conv: int) -> None:
+            headers = {ROUTING_KEY_HEADER: f"conversation-{conv}"} if keyed else {}
+            async with session.post(router_url + "/generate", headers=headers,
+                                    json={"input_ids": prompts[conv], "sampling_params": sampling}) as resp:
+                out = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise RuntimeError(f"conversation {conv}: POST {router_url}/generate -> {resp.status}: {out}")
+            meta = out["meta_info"]
+            history[conv].append((meta["weight_version"], meta["prompt_tokens"], meta["cached_tokens"]))
+            prompts[conv] = prompts[conv] + out["output_ids"] + users[conv][len(history[conv]) - 1]
+
+        t0 = time.perf_counter()
+        for order in orders:
+            await asyncio.gather(*(one(conv) for conv in order))
+        wall_s = time.perf_counter() - t0
+    prompt = sum(p for turns in history for _, p, _ in turns)
+    cached = sum(c for turns in history for _, _, c in turns)
+    served = Counter(server for turns in history for server, _, _ in turns)
+    pairs = [(a[0], b[0]) for turns in history for a, b in zip(turns, turns[1:])]
+    requests = sum(served.values())
+    return {"cached_tokens": cached, "prompt_tokens": prompt, "cached_ratio": cached / prompt,
+            "requests_per_worker": dict(sorted(served.items())), "max_worker_share": max(served.values()) / requests,
+            "affinity": sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0, "requests": requests,
+            "wall_s": wall_s}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--servers", type=int, default=3)
+    p.add_argument("--conversations", type=int, default=24)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-len", type=int, default=200, help="tokens of the system prompt every conversation shares")
+    p.add_argument("--user-len", type=int, default=24, help="tokens in each user message")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routing_rl.json"))
+    args = p.parse_args(argv)
+    longest = args.system_len + args.turns * (args.max_new_tokens + args.user_len)
+    vocab = CharTokenizer().vocab_size
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_routing_rl_") as tmp:
+        make_model(Path(tmp) / "model", max_positions=max(512, 1 << longest.bit_length()))
+        servers = launch_servers(args.servers, Path(tmp) / "model", Path(tmp))
+        try:
+            for name in args.configs:
+                policy, flags, keyed = CONFIGS[name]
+                with start_router([url for url, _ in servers], policy=policy, extra_args=flags) as router:
+                    if type(router).__name__ != "SGLangRouter":
+                        raise RuntimeError("sglang-router did not start (see the warning above)")
+                    flushed = router.flush_cache()
+                    if flushed.get("workers_flushed") != args.servers:
+                        raise RuntimeError(f"flush_cache through {router.url} failed: {flushed}")
+                    result = asyncio.run(run_workload(router.url, args, vocab, keyed))
+                runs.append({"config": name, "policy": policy, "flags": flags, "routing_key": keyed, **result})
+                print(f"  {name:24s} cached/prompt {result['cached_ratio']:.3f}  max worker share "
+                      f"{result['max_worker_share']:.2f}  affinity {result['affinity']:.2f}", flush=True)
+        finally:
+            stop_servers(servers)
+
+    print(f"\n{'settings':24s} {'cached/prompt':>13s} {'max share':>9s} {'affinity':>8s}  requests per worker")
+    for r in runs:
+        print(f"{r['config']:24s} {r['cached_ratio']:13.3f} {r['max_worker_share']:9.2f} {r['affinity']:8.2f}  "
+              f"{list(r['requests_per_worker'].values())}")
+    rl = next((r for r in runs if r["config"] == "manual (rl)"), None)
+    met = rl is not None and rl["cached_ratio"] >= 0.8 and rl["max_worker_share"] <= 0.5
+    print(f"target (RL settings: cached/prompt >= 0.8, no worker above 0.5 of the requests): "
+          f"{'met' if met else 'NOT met'}")
+    result = {
+        "benchmark": "routing_rl", "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs,
+        "target": {"cached_ratio_min": 0.8, "max_worker_share_max": 0.5}, "target_met": met,
+        "env": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                "sglang_router": _version("sglang-router"), "aiohttp": aiohttp.__version__},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
