@@ -1,36 +1,57 @@
 """A weight-broadcast process group that lives beside (not inside) torch.distributed's default group.
 
 The trainer (rank 0) and one or more rollout servers (ranks `rank_offset ..`)
-meet at `master_address:master_port`: rank 0 hosts a `TCPStore` there, the
-others connect to it, and every rank builds a `ProcessGroupGloo` (CPU) or
-`ProcessGroupNCCL` (CUDA) directly on a `PrefixStore(group_name, store)`.
-Nothing is registered with `torch.distributed.init_process_group`, so a
-trainer that already has its own default group (torchrun, Megatron) can join
-as well, and one process can hold several such groups under different names.
+form the group exactly as SGLang and slime do (SGLang
+`python/sglang/srt/utils/common.py::init_custom_process_group`, called by
+`ModelRunner.init_weights_update_group` / `weight_updater.py` with
+`init_method="tcp://ADDR:PORT"`; OpenRLHF and verl carry the same copy):
+
+1. `rendezvous("tcp://ADDR:PORT", rank, world_size, timeout=...)`: rank 0 hosts
+   the TCPStore and waits there for every rank; then `store.set_timeout`;
+2. `PrefixStore(group_name, store)` (the name itself, no "/");
+3. `_new_process_group_helper(world_size, rank, [], backend, prefix_store,
+   group_name=group_name, backend_options=None, timeout=...)`, which adds its own
+   `"{group_name}/"` and `"{device}/"` prefixes (gloo: "cpu/", nccl: "cuda/") and
+   syncs a sequence number through the store;
+4. `_world.pg_group_ranks[pg] = {i: i for i in range(world_size)}`.
+
+No warm-up collective: the first collective is the first weight broadcast.
+With an empty rank list the helper builds a top-level group and needs no default
+group (torch 2.13: it reads the default group only for sub-groups or when one is
+initialized with a bound device), so a server without torch.distributed joins too.
+
+The helper registers the group by name in torch's process-wide registry, so a
+second rank of the SAME group in the same process (a trainer and an in-process
+engine, as tests run them) cannot use it; that rank builds the identical backend
+directly on the identical store prefixes (`_same_keys_backend`), which the peers
+cannot tell apart. Groups of different names coexist (weight_sync uses one per PP
+stage). `destroy()` calls `destroy_process_group(pg)` for helper-built groups.
 
 Usage, on every rank (the trainer calls it with rank=0):
 
     group = init_weight_group("10.0.0.1", 29600, rank, world_size, backend="gloo")
     group.broadcast(tensor_on_the_right_device, src=0)   # in place on receivers
     group.destroy()
-
-Note: real SGLang builds its side with torch's private `_new_process_group_helper`,
-whose store-key layout differs by torch version; this module pairs with itself
-(our server and our trainer), not with a real SGLang server.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 BACKENDS = ("gloo", "nccl")
+_DEVICE_PREFIX = {"gloo": "cpu", "nccl": "cuda"}  # the first device of torch's BackendConfig map per backend
+
+# Group names this process registered with torch through the helper (name -> holders), guarded by _LOCK.
+_LOCK = threading.Lock()
+_REGISTERED: dict[str, int] = {}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,15 +59,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -61,6 +73,7 @@ class WeightGroup:
     master_port: int
     _pg: Any = field(repr=False)
     _store: Any = field(repr=False)  # keeps the TCPStore (the server, on rank 0) alive
+    _registered: bool = field(default=False, repr=False)  # built by torch's helper: destroy through torch
 
     @property
     def device(self) -> torch.device:
@@ -87,11 +100,56 @@ class WeightGroup:
     def destroy(self) -> None:
         """Release the backend (idempotent)."""
         pg, self._pg, self._store = self._pg, None, None
-        if pg is not None and hasattr(pg, "shutdown"):
-            try:
+        if pg is None:
+            return
+        try:
+            if self._registered:
+                dist.destroy_process_group(pg)
+            else:
                 pg.shutdown()
-            except RuntimeError:  # already torn down on the other side
-                pass
+        except (RuntimeError, ValueError):  # already torn down on the other side
+            pass
+        finally:
+            if self._registered:
+                _release_name(self.group_name)
+
+
+def _claim_name(group_name: str) -> bool:
+    """True if this rank may build the group through torch's helper (the name is free in this process)."""
+    with _LOCK:
+        if group_name in _REGISTERED or group_name in c10d._world.pg_names.values():
+            return False
+        _REGISTERED[group_name] = 1
+        return True
+
+
+def _release_name(group_name: str) -> None:
+    with _LOCK:
+        _REGISTERED.pop(group_name, None)
+
+
+def _tcp_url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    return f"tcp://{host}:{port}"
+
+
+def _same_keys_backend(prefix_store: Any, rank: int, world_size: int, backend: str, group_name: str,
+                       timeout: timedelta) -> Any:
+    """What `_new_process_group_helper` builds for one backend, without registering it with torch:
+    the same store prefixes ("{group_name}/" then "{device}/" over `prefix_store`) and the same
+    sequence-number handshake, so the other ranks see exactly the keys the helper writes."""
+    store = dist.PrefixStore(f"{_DEVICE_PREFIX[backend]}/", dist.PrefixStore(f"{group_name}/", prefix_store))
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
+        opts._timeout = timeout
+        opts.global_ranks_in_group = []
+        opts.group_name = group_name
+        pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    pg._set_sequence_number_for_group()
+    return pg
 
 
 def init_weight_group(
@@ -103,40 +161,39 @@ def init_weight_group(
     group_name: str = "weight_update_group",
     timeout_s: float = 60,
 ) -> WeightGroup:
-    """Join (rank > 0) or host (rank 0) the group; blocks until all `world_size` ranks arrived."""
+    """Join (rank > 0) or host (rank 0) the group as SGLang does; blocks until every rank reached the
+    store (rank 0) and, for gloo, until the group is connected. NCCL connects on the first broadcast."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if not group_name:
         raise ValueError("group_name must be a non-empty string")
+    if backend == "nccl" and (not dist.is_nccl_available() or not torch.cuda.is_available()):
+        raise ValueError("backend 'nccl' needs a CUDA build of torch and a visible GPU; use 'gloo'")
     timeout = timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(
-            master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
-            wait_for_workers=False,
-        )
+        store, rank, world_size = next(dist.rendezvous(_tcp_url(master_address, int(master_port)), rank, world_size,
+                                                       timeout=timeout))
+        store.set_timeout(timeout)
     except Exception as exc:  # noqa: BLE001 - re-raised with the address that failed
         raise RuntimeError(
             f"weight group {group_name!r}: rank {rank} could not reach the store at "
             f"{master_address}:{master_port} within {timeout_s} s: {exc}"
         ) from exc
-    prefix_store = dist.PrefixStore(f"{group_name}/", store)
-    if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = timeout
-        # Stay on the loopback interface for a loopback master: the default device
-        # resolves the hostname, which may name an interface the peer cannot reach.
-        host = "127.0.0.1" if _is_loopback(master_address) else ""
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        pg = dist.ProcessGroupGloo(prefix_store, rank, world_size, opts)
-    else:
-        if not hasattr(dist, "ProcessGroupNCCL") or not torch.cuda.is_available():
-            raise ValueError("backend 'nccl' needs a CUDA build of torch and a visible GPU; use 'gloo'")
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        pg = dist.ProcessGroupNCCL(prefix_store, rank, world_size, opts)
-    group = WeightGroup(group_name, rank, world_size, backend, master_address, int(master_port), pg, store)
-    # A first collective makes every rank wait for the others (the constructor may be lazy).
-    group.broadcast(torch.zeros(1, device=group.device), src=0)
-    return group
+    prefix_store = dist.PrefixStore(group_name, store)
+    registered = _claim_name(group_name)
+    try:
+        if registered:
+            pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), prefix_store,
+                                                   group_name=group_name, backend_options=None, timeout=timeout)
+            c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+        else:
+            pg = _same_keys_backend(prefix_store, rank, world_size, backend, group_name, timeout)
+    except Exception as exc:
+        if registered:
+            _release_name(group_name)
+        raise RuntimeError(f"weight group {group_name!r}: rank {rank} could not connect the {backend} group at "
+                           f"{master_address}:{master_port} within {timeout_s} s: {exc}") from exc
+    return WeightGroup(group_name, rank, world_size, backend, master_address, int(master_port), pg, store,
+                       registered)
