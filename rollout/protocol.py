@@ -14,11 +14,21 @@ weight-update and control endpoints, server and model info). Departures from SGL
 
 - `n > 1`: every copy gets a fresh uuid rid (as SGLang); with a
   `sampling_seed` s, copy j samples with seed s + j so the n samples differ.
-- Sampling keys that SGLang knows but this engine does not implement
-  (min_p, penalties, grammars, logit_bias, ...) are accepted only at their
-  neutral value; anything else is a 400 that says it is unsupported.
+- Every sampling knob is implemented (rollout/sampling.py: SGLang's order and
+  semantics of penalties, min_p, logit_bias) or refused with a 400 naming it:
+  grammars (`regex`, `json_schema`, `ebnf`, `structural_tag`, a non-empty
+  `stop_regex`) are not implemented; `custom_params` may hold only
+  `return_top_p_token_ids` (there are no custom logit processors, so a
+  top-level `custom_logit_processor` is refused too). Nothing is silently ignored.
+- `custom_params: {"return_top_p_token_ids": true}` (slime's top-p replay)
+  returns `meta_info.top_p_token_ids` and `meta_info.top_p_token_offsets` as
+  slime's patched SGLang does: base64 of little-endian int32 arrays, the kept
+  ids of output token i at ids[offsets[i]:offsets[i + 1]] (best first, the
+  sampled one among them), len(offsets) = completion_tokens + 1.
+- `max_new_tokens: 0` is prefill-only scoring (finish_reason length 0);
+  `input_top_logprobs` come with `top_logprobs_num > 0` and `logprob_start_len >= 0`.
 - `meta_info.output_weight_versions` (weight version per output token) is our
-  extension; `input_top_logprobs` is never produced.
+  extension.
 - `text` prompts are tokenized with `add_special_tokens=True` (what SGLang's
   HF tokenizer call does); the tokenizer's EOS id joins `stop_token_ids`
   unless `ignore_eos`.
@@ -27,8 +37,10 @@ weight-update and control endpoints, server and model info). Departures from SGL
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
+import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -45,24 +57,22 @@ from slime_rl.types import GenerateOutput, GenerateRequest, SamplingParams
 
 SAMPLING_KEYS = (
     "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
-    "ignore_eos", "n", "sampling_seed", "skip_special_tokens", "no_stop_trim",
+    "ignore_eos", "n", "sampling_seed", "skip_special_tokens", "no_stop_trim", "min_p", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "logit_bias", "custom_params",
 )
 # Known to SGLang, not implemented here: accepted only at these neutral values (None is always fine).
 _NEUTRAL_ONLY: dict[str, Callable[[Any], bool]] = {
-    "min_p": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "presence_penalty": lambda v: v == 0,
-    "repetition_penalty": lambda v: v == 1,
     "json_schema": lambda v: False,
     "regex": lambda v: False,
     "ebnf": lambda v: False,
     "structural_tag": lambda v: False,
     "stop_regex": lambda v: v == [] or v == "",
-    "logit_bias": lambda v: v == {},
-    "custom_params": lambda v: v == {},
-    "spaces_between_special_tokens": lambda v: isinstance(v, bool),
-    "stream_interval": lambda v: isinstance(v, int),
+    "spaces_between_special_tokens": lambda v: isinstance(v, bool),  # detokenization detail
+    "stream_interval": lambda v: isinstance(v, int),  # every step streams here
 }
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex")
+CUSTOM_PARAMS = ("return_top_p_token_ids",)  # the only custom_params key (no custom logit processors)
+MAX_LOGIT_BIAS = 1024  # entries of one logit_bias
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_TOP_LOGPROBS = 64  # top_logprobs_num: alternatives per position (responses grow with it)
 MAX_STOP_CHARS = 1024  # length of one stop string
@@ -117,7 +127,8 @@ def parse_sampling(
             continue
         if key in _NEUTRAL_ONLY:
             if value is not None and not _NEUTRAL_ONLY[key](value):
-                raise BadRequest(f"{where}.{key}={short(value)} is not supported by this server (embedded engine)")
+                why = " (constrained decoding is not implemented)" if key in GRAMMAR_KEYS else ""
+                raise BadRequest(f"{where}.{key}={short(value)} is not supported by this server{why}")
             continue
         hint = " (use sampling_seed)" if key == "seed" else ""
         raise BadRequest(f"{where} has unknown key {short(key)}{hint}; known keys: {', '.join(SAMPLING_KEYS)}")
@@ -156,7 +167,8 @@ def parse_sampling(
         stop_ids.append(eos_token_id)
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new, min_new_tokens=min_new,
-        stop_token_ids=stop_ids, stop=stops, seed=seed,
+        stop_token_ids=stop_ids, stop=stops, seed=seed, logit_bias=_logit_bias(d, where),
+        return_top_p_token_ids=_custom_params(d, where), **_processors(d, where),
     )
     extras = SamplingExtras(
         n=n,
@@ -164,6 +176,44 @@ def parse_sampling(
         no_stop_trim=get_field(d, "no_stop_trim", (bool,), False, where),
     )
     return sampling, extras
+
+
+def _processors(d: dict, where: str) -> dict[str, float]:
+    """min_p and the penalties, range-checked (SGLang's ranges)."""
+    out = {name: float(get_field(d, name, (int, float), default, where))
+           for name, default in (("min_p", 0.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+                                 ("repetition_penalty", 1.0))}
+    if not 0 <= out["min_p"] <= 1:
+        raise BadRequest(f"{where}.min_p must be in [0, 1], got {out['min_p']}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2 <= out[name] <= 2:
+            raise BadRequest(f"{where}.{name} must be in [-2, 2], got {out[name]}")
+    if not 0 < out["repetition_penalty"] <= 2:
+        raise BadRequest(f"{where}.repetition_penalty must be in (0, 2], got {out['repetition_penalty']}")
+    return out
+
+
+def _logit_bias(d: dict, where: str) -> dict[int, float]:
+    """{"token id": bias} -> {id: bias}; ids are checked against the vocab by the engine."""
+    bias = get_field(d, "logit_bias", (dict,), {}, where)
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"{where}.logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise BadRequest(f"{where}.logit_bias keys must be token ids (strings of digits), got {short(key)}")
+        out[int(key)] = float(get_field(bias, key, (int, float), 0.0, f"{where}.logit_bias"))
+    return out
+
+
+def _custom_params(d: dict, where: str) -> bool:
+    """custom_params may only ask for the top-p kept ids (slime's top-p replay)."""
+    params = get_field(d, "custom_params", (dict,), {}, where)
+    for key in params:
+        if key not in CUSTOM_PARAMS:
+            raise BadRequest(f"{where}.custom_params key {short(key)} is not supported by this server "
+                             f"(no custom logit processors); supported: {', '.join(CUSTOM_PARAMS)}")
+    return bool(get_field(params, "return_top_p_token_ids", (bool,), False, f"{where}.custom_params"))
 
 
 # ---- /generate request -----------------------------------------------------------------
@@ -310,7 +360,7 @@ def build_items(
         for j in range(n):
             seed = params.seed + j if n > 1 and params.seed is not None else params.seed
             copy = dataclasses.replace(params, stop_token_ids=list(params.stop_token_ids), stop=list(params.stop),
-                                       seed=seed)
+                                       logit_bias=dict(params.logit_bias), seed=seed)
             request = GenerateRequest(
                 list(ids), copy, rid=rids[i] if n == 1 else new_rid(),
                 top_logprobs_num=top if return_logprob[i] else 0,
@@ -328,6 +378,8 @@ def parse_generate(body: Any, tokenizer: Any, eos_token_id: int | None,
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     if body.get("token_ids_logprob") is not None:
         raise BadRequest("token_ids_logprob is not supported by this server")
+    if body.get("custom_logit_processor") is not None:
+        raise BadRequest("custom_logit_processor is not supported by this server (no custom logit processors)")
     prompts, is_batch = parse_prompts(body, tokenizer, limits)
     batch = len(prompts)
     sampling = body.get("sampling_params")
@@ -467,11 +519,27 @@ def meta_info(item: GenItem, out: GenerateOutput, tokenizer: Any = None) -> dict
         if start >= 0:
             meta["input_token_logprobs"] = _triples(out.input_logprobs or [], item.request.input_ids[start:], tok)
         if item.request.top_logprobs_num > 0:
-            meta["output_top_logprobs"] = [
-                [[lp, int(t), token_text(tok, t)] for t, lp in position]
-                for position in (out.output_top_logprobs or [])
-            ]
+            meta["output_top_logprobs"] = _top_lists(out.output_top_logprobs or [], tok)
+            if start >= 0:
+                meta["input_top_logprobs"] = _top_lists(out.input_top_logprobs or [], tok)
+    if out.top_p_token_ids is not None:
+        meta["top_p_token_ids"], meta["top_p_token_offsets"] = top_p_arrays(out.top_p_token_ids)
     return meta
+
+
+def _top_lists(positions: list, tok: Any) -> list:
+    return [None if position is None else [[lp, int(t), token_text(tok, t)] for t, lp in position]
+            for position in positions]
+
+
+def top_p_arrays(kept: list[list[int]]) -> tuple[str, str]:
+    """Kept ids per output token -> (ids, offsets) as base64 little-endian int32 (slime's patched SGLang)."""
+    ids = [t for position in kept for t in position]
+    offsets = [0]
+    for position in kept:
+        offsets.append(offsets[-1] + len(position))
+    return (base64.b64encode(struct.pack(f"<{len(ids)}i", *ids)).decode("ascii"),
+            base64.b64encode(struct.pack(f"<{len(offsets)}i", *offsets)).decode("ascii"))
 
 
 def generate_response(item: GenItem, out: GenerateOutput, tokenizer: Any = None) -> dict[str, Any]:

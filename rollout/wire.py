@@ -20,6 +20,7 @@ import base64
 import io
 import json
 import pickle
+import struct
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -64,6 +65,14 @@ def generate_payload(req: GenerateRequest, rid: str, stream: bool = False) -> di
         sampling["stop"] = list(s.stop)
     if s.seed is not None:
         sampling["sampling_seed"] = s.seed  # SGLang has no "seed" key; unknown keys fail there
+    for name, neutral in (("min_p", 0.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+                          ("repetition_penalty", 1.0)):
+        if getattr(s, name) != neutral:  # only non-default knobs: older servers need not know them
+            sampling[name] = getattr(s, name)
+    if s.logit_bias:
+        sampling["logit_bias"] = {str(t): float(v) for t, v in s.logit_bias.items()}
+    if s.return_top_p_token_ids:
+        sampling["custom_params"] = {"return_top_p_token_ids": True}
     payload: dict[str, Any] = {
         "input_ids": list(req.input_ids), "sampling_params": sampling, "rid": rid, "return_logprob": True,
     }
@@ -74,6 +83,25 @@ def generate_payload(req: GenerateRequest, rid: str, stream: bool = False) -> di
     if stream:
         payload["stream"] = True
     return payload
+
+
+def _int32_array(value: Any) -> list[int]:
+    """A meta_info int array: base64 of little-endian int32 (SGLang with slime's patch) or a JSON list."""
+    if isinstance(value, str):
+        raw = base64.b64decode(value.encode("ascii"))
+        return list(struct.unpack(f"<{len(raw) // 4}i", raw))
+    return [int(v) for v in value]
+
+
+def _top_p_kept(meta: dict, rid: str) -> list[list[int]]:
+    """meta_info top_p_token_ids / top_p_token_offsets -> the kept ids of each output token."""
+    if meta.get("top_p_token_ids") is None or meta.get("top_p_token_offsets") is None:
+        raise ValueError(f"rid {rid}: return_top_p_token_ids was asked for but meta_info has no "
+                         f"top_p_token_ids / top_p_token_offsets (a stock SGLang server ignores it)")
+    ids, offsets = _int32_array(meta["top_p_token_ids"]), _int32_array(meta["top_p_token_offsets"])
+    if not offsets or offsets[0] != 0 or offsets[-1] != len(ids):
+        raise ValueError(f"rid {rid}: top_p_token_offsets {offsets[:5]}... do not cover {len(ids)} ids")
+    return [ids[a:b] for a, b in zip(offsets, offsets[1:])]
 
 
 def weight_version_int(value: Any) -> int:
@@ -108,6 +136,8 @@ def parse_generate_response(body: Any, req: GenerateRequest, rid: str, *, final:
     versions = meta.get("output_weight_versions")
     top = meta.get("output_top_logprobs") if req.top_logprobs_num > 0 else None
     inputs = meta.get("input_token_logprobs") if req.logprob_start_len >= 0 else None
+    input_top = meta.get("input_top_logprobs") if req.logprob_start_len >= 0 and req.top_logprobs_num > 0 else None
+    kept = _top_p_kept(meta, rid) if req.sampling.return_top_p_token_ids else None
     return GenerateOutput(
         rid=str(meta.get("id", rid)),
         output_ids=output_ids,
@@ -122,6 +152,10 @@ def parse_generate_response(body: Any, req: GenerateRequest, rid: str, *, final:
             [(int(t[1]), float(t[0])) for t in position or []] for position in top
         ],
         input_logprobs=None if inputs is None else [None if t[0] is None else float(t[0]) for t in inputs],
+        input_top_logprobs=None if input_top is None else [
+            None if position is None else [(int(t[1]), float(t[0])) for t in position] for position in input_top
+        ],
+        top_p_token_ids=kept,
         e2e_latency=float(meta.get("e2e_latency") or 0.0),
     )
 
