@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -149,7 +150,9 @@ async def _stage_or_apply(state: ServerState, body: dict, where: str, transfer_i
 
 async def update_weights_from_disk(state: ServerState, body: dict) -> web.Response:
     path = require(body, "model_path", (str,), "update_weights_from_disk")
-    return await _apply(state, body, "update_weights_from_disk", state.engine.update_weights_from_disk, path)
+    response = await _apply(state, body, "update_weights_from_disk", state.engine.update_weights_from_disk, path)
+    state.model_path = os.path.abspath(path)  # /model_info names what is served now (as SGLang)
+    return response
 
 
 async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Response:

@@ -428,7 +428,8 @@ def test_update_weights_from_disk(served, tiny, tmp_path):
     new_dir = save_hf_checkpoint(tmp_path / "new", tiny.cfg, tiny.new_weights, TOK)
     status, res = post(url + "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": 5})
     assert status == 200 and res["success"] is True and res["message"].endswith("Weight version updated to 5.")
-    assert http("GET", url + "/get_model_info")[1]["weight_version"] == "5"
+    info = http("GET", url + "/get_model_info")[1]
+    assert info["weight_version"] == "5" and info["model_path"] == str(new_dir)  # names what is served now
     assert_serves_weights(url, tiny, tiny.new_weights, "5")
 
 
