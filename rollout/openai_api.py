@@ -9,8 +9,29 @@ validation, engine bridge and stop-trimming; shapes per the reference
   without adding special tokens (the template carries them).
 - `max_tokens` defaults to 16 for completions; for chat `max_completion_tokens`
   wins over `max_tokens` and, when neither is given, generation runs to the
-  context limit. `seed` maps to SGLang's `sampling_seed`.
-- Not supported (400): `echo`, `tools`, a `response_format` other than text.
+  context limit. A prompt plus `max_tokens` beyond the context is a 400 with
+  SGLang's message ("Requested token count exceeds the model's maximum
+  context length ..."), not clamped. `seed` maps to SGLang's `sampling_seed`.
+- Sampling knobs go to the same implementation as /generate's
+  (rollout/sampling.py): `temperature, top_p, top_k, min_p, frequency_penalty,
+  presence_penalty, repetition_penalty, logit_bias` (token id strings ->
+  [-100, 100]), `min_tokens, stop, stop_token_ids, ignore_eos, no_stop_trim,
+  skip_special_tokens, n, seed`.
+- `echo=true` (completions): each choice's text starts with the prompt text
+  (the prompt string, or the decoded ids); with `logprobs`, the prompt tokens'
+  logprobs come first (the first one null), as SGLang's serving_completions.
+- `continue_final_message=true` (chat): the last message must be the
+  assistant's; the template is applied to the messages before it with the
+  generation prompt, and that message's text is appended unclosed, so the
+  model continues it (SGLang's serving_chat does the same).
+- Refused with a 400 naming the key: `regex`, `json_schema`, `ebnf`,
+  `stop_regex`, a `response_format` other than text (constrained decoding is
+  not implemented), `tools`, `suffix`, `best_of` > 1, `chat_template_kwargs`,
+  and any key not listed here. Ignored, because OpenAI clients routinely send
+  them and they do not change the tokens: `user`, `metadata`, `store`,
+  `service_tier`, `parallel_tool_calls`, `tool_choice` ("none" / "auto"
+  without tools), `separate_reasoning`, `stream_reasoning`, `return_hidden_states`
+  (false only), `lora_path` (null only).
 - Streaming sends deltas; text that could be the start of a stop string (or an
   incomplete UTF-8 character) is held back until the next token decides.
 - Both endpoints need a tokenizer (400 otherwise).
@@ -27,6 +48,7 @@ from aiohttp import web
 
 from rollout.http_json import (
     INLINE_PARSE_BYTES,
+    short,
     INLINE_SUBMIT,
     SSE_DONE,
     BadRequest,
@@ -58,8 +80,56 @@ FINISH_REASONS = {SampleStatus.COMPLETED: "stop", SampleStatus.TRUNCATED: "lengt
 _SAMPLING_FIELDS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "n": "n", "stop": "stop", "seed": "sampling_seed",
     "min_tokens": "min_new_tokens", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
-    "no_stop_trim": "no_stop_trim", "skip_special_tokens": "skip_special_tokens",
+    "no_stop_trim": "no_stop_trim", "skip_special_tokens": "skip_special_tokens", "min_p": "min_p",
+    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+    "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias",
+    # refused by the native parser (constrained decoding is not implemented), named there
+    "regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf", "stop_regex": "stop_regex",
 }
+_COMMON_KEYS = {*_SAMPLING_FIELDS, "model", "stream", "stream_options", "max_tokens", "logprobs", "rid",
+                "response_format"}
+_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "echo", "suffix", "best_of"}
+_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                             "continue_final_message", "chat_template_kwargs"}
+# Sent routinely by OpenAI clients, no effect on the tokens: ignored when they hold these values.
+_IGNORED: dict[str, Callable[[Any], bool]] = {
+    "user": lambda v: True, "metadata": lambda v: True, "store": lambda v: True, "service_tier": lambda v: True,
+    "parallel_tool_calls": lambda v: True, "separate_reasoning": lambda v: True, "stream_reasoning": lambda v: True,
+    "return_hidden_states": lambda v: v is False, "lora_path": lambda v: False,
+}
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range for logit_bias values
+
+
+def _check_keys(body: dict, known: set[str]) -> None:
+    for key, value in body.items():
+        if key in known or value is None:
+            continue
+        if key in _IGNORED and _IGNORED[key](value):
+            continue
+        if key in _IGNORED:
+            raise BadRequest(f"{key}={short(value)} is not supported by this server")
+        raise BadRequest(f"unknown key {short(key)}; this server knows: {', '.join(sorted(known | set(_IGNORED)))}")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise BadRequest(f"response_format={short(response_format)} is not supported by this server (only text; "
+                         f"constrained decoding is not implemented)")
+    bias = body.get("logit_bias")
+    if isinstance(bias, dict):
+        for key, value in bias.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_LOGIT_BIAS_VALUE:
+                raise BadRequest(f"logit_bias[{short(key)}] must be in [-100, 100], got {value}")
+
+
+def _check_context(state: ServerState, prompts: list[list[int]], max_tokens: int) -> None:
+    """SGLang's refusal (tokenizer_manager) of a prompt + max_tokens beyond the context."""
+    context = state.engine.context_len
+    for ids in prompts:
+        if len(ids) + max_tokens > context:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {context} tokens. "
+                f"You requested a total of {len(ids) + max_tokens} tokens: {len(ids)} tokens from the input "
+                f"messages and {max_tokens} tokens for the completion. Please reduce the number of tokens in "
+                f"the input messages or the completion to fit within the limit.")
 
 
 @dataclass
@@ -73,6 +143,7 @@ class OpenAICall:
     stream: bool = False
     include_usage: bool = False
     top_logprobs: int | None = None  # None = no logprobs
+    echo: list[str] | None = None  # completions echo: the prompt text of each prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -88,24 +159,32 @@ class OpenAICall:
 
 
 def _build(state: ServerState, body: dict, chat: bool, prompts: list[list[int]], is_batch: bool,
-           max_tokens: int | None, top_logprobs: int | None) -> OpenAICall:
+           max_tokens: int | None, top_logprobs: int | None, echo: list[str] | None = None) -> OpenAICall:
     sampling = {native: body[key] for key, native in _SAMPLING_FIELDS.items() if body.get(key) is not None}
+    if max_tokens is not None:
+        _check_context(state, prompts, max_tokens)
     sampling["max_new_tokens"] = state.engine.context_len if max_tokens is None else max_tokens
     batch = len(prompts)
+    prompt_logprobs = echo is not None and top_logprobs is not None
     items = build_items(
         prompts, [sampling], make_rids(body.get("rid"), batch, is_batch), state.eos_token_id,
-        return_logprob=[top_logprobs is not None] * batch, logprob_start_len=[-1] * batch,
+        return_logprob=[top_logprobs is not None] * batch, logprob_start_len=[0 if prompt_logprobs else -1] * batch,
         top_logprobs_num=[top_logprobs or 0] * batch, where="request", limits=state.limits,
     )
     options = get_field(body, "stream_options", (dict,), {}, "request")
     model = body.get("model") if isinstance(body.get("model"), str) else state.served_model_name
     return OpenAICall(chat, items, len(items) // batch, model, get_field(body, "stream", (bool,), False, "request"),
-                      bool(options.get("include_usage")), top_logprobs)
+                      bool(options.get("include_usage")), top_logprobs, echo)
 
 
 def parse_completion(state: ServerState, body: dict) -> OpenAICall:
-    if body.get("echo"):
-        raise BadRequest("echo is not supported by this server")
+    _check_keys(body, _COMPLETION_KEYS)
+    if body.get("suffix"):
+        raise BadRequest("suffix is not supported by this server")
+    best_of = get_field(body, "best_of", (int,), 1, "request")
+    if best_of != 1:
+        raise BadRequest(f"best_of={best_of} is not supported by this server (use n)")
+    echo = get_field(body, "echo", (bool,), False, "request")
     prompt = require(body, "prompt", (str, list), "completions")
     is_batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
     if isinstance(prompt, str):
@@ -120,7 +199,11 @@ def parse_completion(state: ServerState, body: dict) -> OpenAICall:
     if logprobs is not None and logprobs < 0:
         raise BadRequest(f"logprobs must be >= 0, got {logprobs}")
     max_tokens = get_field(body, "max_tokens", (int,), 16, "request")
-    return _build(state, body, False, prompts, is_batch, max_tokens, logprobs)
+    texts = None
+    if echo:
+        raw = prompt if is_batch else [prompt]
+        texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(raw, prompts)]
+    return _build(state, body, False, prompts, is_batch, max_tokens, logprobs, texts)
 
 
 def _ids(value: Any, where: str) -> list[int]:
@@ -148,20 +231,30 @@ def _message_text(message: Any, i: int) -> dict[str, str]:
 
 
 def parse_chat(state: ServerState, body: dict) -> OpenAICall:
+    _check_keys(body, _CHAT_KEYS)
     if body.get("tools"):
         raise BadRequest("tools are not supported by this server")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise BadRequest(f"response_format {response_format!r} is not supported by this server (only text)")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise BadRequest(f"tool_choice={short(body.get('tool_choice'))} is not supported by this server (no tools)")
+    if body.get("chat_template_kwargs"):
+        raise BadRequest("chat_template_kwargs is not supported by this server")
     messages = require(body, "messages", (list,), "chat")
     if not messages:
         raise BadRequest("messages must not be empty")
+    messages = [_message_text(m, i) for i, m in enumerate(messages)]
+    prefix = ""
+    if get_field(body, "continue_final_message", (bool,), False, "request"):
+        if messages[-1]["role"] != "assistant":
+            raise BadRequest(f"continue_final_message needs the last message to be the assistant's, "
+                             f"got role {short(messages[-1]['role'])}")
+        prefix, messages = messages[-1]["content"], messages[:-1]
     try:
-        text = state.tokenizer.apply_chat_template([_message_text(m, i) for i, m in enumerate(messages)],
-                                                   add_generation_prompt=True)
+        text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as exc:
         raise BadRequest(f"messages: cannot apply the chat template: {exc}") from exc
     prompt = encode_text(state.tokenizer, text, "messages", add_special_tokens=False)
+    if prefix:  # the final assistant message, unclosed: the model continues it
+        prompt += encode_text(state.tokenizer, prefix, "messages[-1].content", add_special_tokens=False)
     max_tokens = get_field(body, "max_completion_tokens", (int,), None, "request")
     if max_tokens is None:
         max_tokens = get_field(body, "max_tokens", (int,), None, "request")
@@ -175,19 +268,31 @@ def parse_chat(state: ServerState, body: dict) -> OpenAICall:
 # ---- response shaping -------------------------------------------------------------------
 
 
-def completion_logprobs(call: OpenAICall, item: GenItem, out: GenerateOutput, tok: Any, start: int) -> dict[str, Any]:
-    """Legacy completions logprobs for output tokens [start:]; text offsets follow the visible
-    completion text (a skipped special token adds nothing)."""
+def completion_logprobs(call: OpenAICall, index: int, out: GenerateOutput, tok: Any, start: int) -> dict[str, Any]:
+    """Legacy completions logprobs for output tokens [start:] (with echo and start 0, the prompt
+    tokens first); text offsets follow the visible text (a skipped special token adds nothing)."""
+    item = call.items[index]
+    echo = call.echo[index // call.n] if call.echo is not None and start == 0 else None
     ids = out.output_ids[start:]
-    tokens = [token_text(tok, t) for t in ids]
+    lps = list(out.output_logprobs[start:])
+    tops = (out.output_top_logprobs or [])[start:] if call.top_logprobs else [None] * len(ids)
     offset = len(tok.decode(out.output_ids[:start], skip_special_tokens=item.skip_special_tokens))
     offsets = []
-    for t in ids:
+    if echo is not None:
+        prompt = item.request.input_ids
+        offsets, at = [], 0
+        for t in prompt:
+            offsets.append(at)
+            at += len(tok.decode([t], skip_special_tokens=item.skip_special_tokens))
+        offset = len(echo)
+        ids, lps = prompt + ids, list(out.input_logprobs or [None] * len(prompt)) + lps
+        in_tops = out.input_top_logprobs if call.top_logprobs else None
+        tops = list(in_tops or [None] * len(prompt)) + list(tops)
+    for t in ids[len(offsets):]:
         offsets.append(offset)
         offset += len(tok.decode([t], skip_special_tokens=item.skip_special_tokens))
-    tops = (out.output_top_logprobs or [])[start:] if call.top_logprobs else [None] * len(tokens)
     return {
-        "text_offset": offsets, "token_logprobs": list(out.output_logprobs[start:]), "tokens": tokens,
+        "text_offset": offsets, "token_logprobs": lps, "tokens": [token_text(tok, t) for t in ids],
         "top_logprobs": [None if pos is None else {token_text(tok, t): lp for t, lp in pos} for pos in tops],
     }
 
@@ -212,11 +317,13 @@ def _logprobs(call: OpenAICall, index: int, out: GenerateOutput, tok: Any, start
         return None
     if call.chat:
         return chat_logprobs(call, out, tok, start)
-    return completion_logprobs(call, call.items[index], out, tok, start)
+    return completion_logprobs(call, index, out, tok, start)
 
 
 def final_choice(call: OpenAICall, index: int, out: GenerateOutput, tok: Any) -> dict[str, Any]:
     text = output_text(call.items[index], out, tok)
+    if call.echo is not None:
+        text = call.echo[index // call.n] + text
     choice: dict[str, Any] = {"index": index}
     if call.chat:
         choice["message"] = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}
@@ -269,7 +376,8 @@ class DeltaState:
         if call.chat:
             choice["delta"] = {"content": delta_text} if self.started else {"role": "assistant", "content": delta_text}
         else:
-            choice["text"] = delta_text
+            echo = call.echo[index // call.n] if call.echo is not None and not self.started else ""
+            choice["text"] = echo + delta_text
         choice.update(logprobs=logprobs, finish_reason=FINISH_REASONS[out.finish_reason] if final else None,
                       matched_stop=out.matched_stop if final else None)
         self.text, self.tokens, self.started = self.text + delta_text, len(out.output_ids), True
