@@ -14,11 +14,13 @@ Payloads:
   (one TP rank) of `torch.save(obj)` bytes, loaded with `weights_only=True`,
   or of a CUDA-IPC pickle as real SGLang takes it (see `rollout.wire`);
   obj is a list of (name, tensor) pairs, or with `load_format="flattened_bucket"`
-  a dict `{"flattened_tensor": uint8 tensor, "metadata": [{name, dtype, shape, offset}]}`.
+  SGLang's dict `{"flattened_tensor": 1-D tensor, "metadata": [FlattenedTensorMetadata]}`
+  or ours `{"flattened_tensor": uint8 tensor, "metadata": [{name, dtype, shape, offset}]}`.
 - `/update_weights_from_distributed`: rank 0 broadcasts one tensor per name
-  in order, or with `load_format="flattened_bucket"` ONE uint8 buffer laid out
-  exactly as `slime_rl.buckets.pack_bucket` lays out the listed tensors
-  (in order, offsets aligned to `buckets.ALIGN` bytes).
+  in order, or with `load_format="flattened_bucket"` ONE flat buffer laid out
+  as SGLang lays it out (`slime_rl.buckets.dense_layout`: the listed tensors'
+  bytes back to back, no padding; a single-dtype bucket may be sent in that dtype).
+  Groups form as SGLang forms them (`slime_rl.dist_group`).
 - `/update_weights_from_shared_memory` (ours): `{"path", "metadata"}`, a file the
   trainer created (normally under /dev/shm, basename `slime_rl_wsync_*`) holding
   a bucket in the same layout. The server maps it once per path (MAP_SHARED,
@@ -53,7 +55,7 @@ from aiohttp import web
 from rollout import wire
 from rollout.shm import SharedMemoryMappings, shared_memory_path
 from rollout.http_json import BadRequest, get_field, json_response, read_json, require, short
-from slime_rl.buckets import bucket_layout, dtype_from_name, unpack_bucket
+from slime_rl.buckets import bucket_layout, dense_layout, dtype_from_name, unpack_bucket
 from slime_rl.dist_group import WeightGroup, init_weight_group
 from slime_rl.types import WeightBucket
 
@@ -99,7 +101,7 @@ def receive_tensors(group: WeightGroup, names: list[str], dtypes: list[str], sha
                     flattened: bool) -> list[tuple[str, torch.Tensor]] | WeightBucket:
     """Receive rank 0's broadcasts (blocking): one per tensor in order, or one flat buffer."""
     if flattened:
-        entries, nbytes = bucket_layout(names, dtypes, shapes)
+        entries, nbytes = dense_layout(names, dtypes, shapes)
         buffer = group.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=group.device), src=0)
         return WeightBucket(buffer, entries)
     return [(name, group.broadcast(torch.empty(shape, dtype=dtype_from_name(dtype), device=group.device), src=0))
@@ -239,12 +241,13 @@ async def update_weights_from_distributed(state: ServerState, body: dict) -> web
         raise BadRequest(f"{where}.names must be a list of strings")
     if not all(isinstance(d, str) for d in dtypes):
         raise BadRequest(f"{where}.dtypes must be a list of dtype names such as 'bfloat16'")
-    _, nbytes = bucket_layout(names, dtypes, shapes)  # a bad dtype fails before any receive
+    load_format = body.get("load_format")
+    layout = dense_layout if load_format == "flattened_bucket" else bucket_layout
+    _, nbytes = layout(names, dtypes, shapes)  # a bad dtype (or SGLang-unaligned tensor) fails before any receive
     cap = max_update_bytes(state.engine)
     if nbytes > cap:
         raise BadRequest(f"{where}: the announced tensors hold {nbytes} bytes, more than twice the model "
                          f"({cap} bytes); refusing to allocate them")
-    load_format = body.get("load_format")
     if load_format not in (None, "flattened_bucket"):
         raise BadRequest(f"load_format must be null or 'flattened_bucket', got {load_format!r}")
     name = get_field(body, "group_name", (str,), "weight_update_group", where)

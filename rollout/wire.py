@@ -26,17 +26,14 @@ import io
 import json
 import pickle
 import struct
-import sys
-import threading
-import types
-from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
 import torch.multiprocessing  # noqa: F401 - registers the CUDA-IPC tensor reductions with ForkingPickler
 
+from slime_rl.buckets import (SGLANG_METADATA, FlattenedTensorMetadata, dumps_sglang, sglang_bucket,
+                              sglang_named_tensors)
 from slime_rl.types import BucketEntry, GenerateOutput, GenerateRequest, SampleStatus, WeightBucket
 
 FINISH_TYPES = {"length": SampleStatus.TRUNCATED, "stop": SampleStatus.COMPLETED, "abort": SampleStatus.ABORTED}
@@ -243,133 +240,6 @@ def encode_cuda_ipc_payload(tensors: list[tuple[str, torch.Tensor]] | WeightBuck
         raise ValueError(f"CUDA IPC payloads carry CUDA tensors only; {cpu[:3]} are on another device "
                          f"(use encode_tensor_payload)")
     return base64.b64encode(dumps_sglang(obj)).decode("ascii")
-
-
-# ---- SGLang's flattened buckets -------------------------------------------------------------
-# sglang/srt/weight_sync/tensor_bucket.py: `FlattenedTensorBucket(named_tensors)` concatenates the
-# flattened tensors; `reconstruct_tensors` slices [start_idx:end_idx] of `flattened_tensor` in ITS
-# elements. Up to 2025 the tensors were concatenated as they are (`torch.cat` promotes mixed dtypes;
-# a slice is reshaped, then `.to(meta.dtype)`); current SGLang (0.5.2x, `supports_multi_dtypes`)
-# concatenates their bytes (`flatten().view(torch.uint8)`, offsets in bytes, a slice is
-# `.view(meta.dtype).reshape(shape)`). Both read a single-dtype bucket in that dtype with element
-# offsets, which is what `sglang_bucket` writes (mixed dtypes: the current byte layout).
-SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
-SGLANG_METADATA = (SGLANG_BUCKET_MODULE, "FlattenedTensorMetadata")
-_FIELDS = ("name", "shape", "dtype", "start_idx", "end_idx", "numel")
-
-
-@dataclass
-class FlattenedTensorMetadata:
-    """Stand-in for SGLang's class of that name (same fields); pickles under SGLang's module path."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-    def __setstate__(self, state: Any) -> None:  # what unpickling may set: the six fields, nothing else
-        if not isinstance(state, dict) or set(state) != set(_FIELDS):
-            raise ValueError(f"{SGLANG_METADATA[1]} state must hold exactly the fields {', '.join(_FIELDS)}")
-        self.__dict__.update(state)
-
-
-FlattenedTensorMetadata.__module__ = SGLANG_BUCKET_MODULE
-_PICKLE_LOCK = threading.Lock()
-
-
-@contextmanager
-def _sglang_class_importable():
-    """Pickling names a class by module; while SGLang is not imported, lend it ours for the dump."""
-    with _PICKLE_LOCK:
-        if SGLANG_BUCKET_MODULE in sys.modules:
-            yield
-            return
-        parts = SGLANG_BUCKET_MODULE.split(".")
-        lent = [name for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if name not in sys.modules]
-        for name in lent:  # pickle imports the top package first
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules[SGLANG_BUCKET_MODULE].FlattenedTensorMetadata = FlattenedTensorMetadata
-        try:
-            yield
-        finally:
-            for name in lent:
-                del sys.modules[name]
-
-
-def _metadata_class() -> type:
-    """SGLang's class when SGLang is imported in this process (its pickles must then name it), else ours."""
-    module = sys.modules.get(SGLANG_BUCKET_MODULE)
-    return getattr(module, SGLANG_METADATA[1], FlattenedTensorMetadata) if module else FlattenedTensorMetadata
-
-
-def sglang_bucket(flat: torch.Tensor, entries: list[BucketEntry]) -> dict[str, Any]:
-    """SGLang's bucket dict over our byte-offset bucket buffer `flat` (uint8, no copy): one dtype ->
-    the buffer in that dtype with element offsets (gaps between tensors are never read); mixed dtypes ->
-    the uint8 buffer with byte offsets (current SGLang)."""
-    dtypes = {e.dtype for e in entries}
-    dtype = _dtype(next(iter(dtypes))) if len(dtypes) == 1 else torch.uint8
-    if dtype != torch.uint8 and (flat.numel() % dtype.itemsize or any(e.offset % dtype.itemsize for e in entries)):
-        dtype = torch.uint8
-    cls, meta = _metadata_class(), []
-    for e in entries:
-        numel = 1
-        for d in e.shape:
-            numel *= int(d)
-        if dtype != torch.uint8:
-            start = e.offset // dtype.itemsize
-        else:
-            start, numel = e.offset, numel * _dtype(e.dtype).itemsize
-        meta.append(cls(name=e.name, shape=torch.Size(e.shape), dtype=_dtype(e.dtype), start_idx=start,
-                        end_idx=start + numel, numel=numel))
-    return {"flattened_tensor": flat.view(dtype), "metadata": meta}
-
-
-def dumps_sglang(obj: Any) -> bytes:
-    """ForkingPickler bytes of an object holding `sglang_bucket` metadata (as SGLang's sender pickles)."""
-    with _sglang_class_importable():
-        return bytes(ForkingPickler.dumps(obj))
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-def sglang_named_tensors(flat: Any, metadata: list[Any]) -> list[tuple[str, torch.Tensor]]:
-    """SGLang's `FlattenedTensorBucket.reconstruct_tensors`, both generations (see above), each entry
-    checked first (ValueError naming it): views of `flat`, copies only for promoted (mixed-dtype) buckets."""
-    if not isinstance(flat, torch.Tensor) or flat.dim() != 1:
-        raise ValueError("flattened_bucket: flattened_tensor must be a 1-D tensor")
-    out = []
-    for i, m in enumerate(metadata):
-        shape = getattr(m, "shape", None)
-        shape = tuple(shape) if isinstance(shape, (tuple, list)) else None
-        ints = [getattr(m, k, None) for k in ("start_idx", "end_idx", "numel")]
-        if not (isinstance(m, FlattenedTensorMetadata) and isinstance(m.name, str) and isinstance(m.dtype, torch.dtype)
-                and shape is not None and all(_count(d) for d in shape) and all(_count(v) for v in ints)
-                and m.start_idx + m.numel == m.end_idx <= flat.numel()):
-            raise ValueError(f"flattened_bucket metadata[{i}] must be a FlattenedTensorMetadata with name, shape, "
-                             f"dtype and 0 <= start_idx <= end_idx = start_idx + numel <= {flat.numel()}")
-        piece = flat[m.start_idx:m.end_idx]
-        size = 1
-        for d in shape:
-            size *= d
-        if flat.dtype == m.dtype or (flat.dtype != torch.uint8 and m.numel == size):
-            if m.numel != size:
-                raise ValueError(f"flattened_bucket metadata[{i}] ({m.name!r}): numel {m.numel} != shape {shape}")
-            t = piece.reshape(shape)
-            t = t if t.dtype == m.dtype else t.to(m.dtype)  # SGLang before 0.5: promoted by torch.cat
-        elif flat.dtype == torch.uint8 and m.numel == size * m.dtype.itemsize and m.start_idx % m.dtype.itemsize == 0:
-            t = piece.view(m.dtype).reshape(shape)
-        else:
-            raise ValueError(f"flattened_bucket metadata[{i}] ({m.name!r}): {m.numel} {flat.dtype} elements cannot "
-                             f"hold {m.dtype} of shape {shape}")
-        out.append((m.name, t))
-    return out
 
 
 # Every global a ForkingPickler pickle of CUDA tensors (in a list of pairs or a bucket dict of plain

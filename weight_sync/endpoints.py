@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slime_rl.buckets import dtype_from_name
+from slime_rl.buckets import dense_layout, dtype_from_name
 from slime_rl.dist_group import WeightGroup, init_weight_group
 from slime_rl import ops
 from slime_rl.types import BucketEntry
@@ -86,9 +86,11 @@ class LocalEndpoint:
                                                      backend=backend, group_name=group_name, timeout_s=600)
 
     def stage_distributed(self, entries: list[BucketEntry], nbytes: int, group_name: str, transfer_id: str) -> None:
+        """Receive one bucket in SGLang's dense layout (what the sender broadcasts, whatever `nbytes` it has here)."""
         group = self._groups[group_name]
-        buffer = group.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=group.device), src=0)
-        self.stage_tensors(_entries_views(buffer, entries), transfer_id)
+        dense, size = dense_layout([e.name for e in entries], [e.dtype for e in entries], [e.shape for e in entries])
+        buffer = group.broadcast(torch.empty(size, dtype=torch.uint8, device=group.device), src=0)
+        self.stage_tensors(_entries_views(buffer, dense), transfer_id)
 
     def destroy_group(self, group_name: str) -> None:
         group = self._groups.pop(group_name, None)

@@ -19,13 +19,16 @@ Transports:
 - "broadcast": one process group per PP stage between the stage's sending
   rank (TP rank 0 of DP replica 0, group rank 0) and every engine; buckets are
   gathered on the sender and broadcast (`/update_weights_from_distributed`,
-  `load_format="flattened_bucket"`); gloo on CPU, NCCL on GPU. Works across
-  hosts.
+  `load_format="flattened_bucket"`) in SGLang's dense layout
+  (`buckets.dense_buffer`), so real SGLang servers and ours receive the same
+  bytes; the groups form as SGLang forms them (`slime_rl.dist_group`); gloo on
+  CPU, NCCL on GPU. Works across hosts.
 - "disk": every stage writes its buckets as safetensors files, the driver
   adds the index, engines load the directory (`/update_weights_from_disk`).
   Needs a filesystem both sides see; the always-works fallback.
 - "cuda_ipc": colocated on GPUs: the sender fills a CUDA bucket and passes its
-  IPC handle (`/update_weights_from_tensor`); the engine stages views of the
+  IPC handle in SGLang's flattened-bucket dict (`/update_weights_from_tensor`,
+  read by SGLang and by our server alike); the engine stages views of the
   trainer's memory, so the buffers live until the commit and are then
   released.
 - "local": trainer and engine in the driver process (reference backend +
@@ -49,7 +52,7 @@ import torch
 
 from slime_rl.dist_group import WeightGroup, free_port, init_weight_group
 from weight_sync.endpoints import SyncError, map_shared_file
-from slime_rl.buckets import dtype_from_name, tensor_sha256
+from slime_rl.buckets import dense_buffer, dtype_from_name, dumps_sglang, sglang_bucket, tensor_sha256
 from weight_sync.sender import (TensorSource, Timer, bucket_views, gather_shards, gather_stage_buckets,
                                 write_stage_buckets)
 
@@ -110,7 +113,8 @@ def run_on_rank(source, spec: RankSpec) -> dict:
         return write_stage_buckets(source, spec.plan, buffers)
     if spec.kind == "broadcast":
         group = _GROUPS.get(spec.groups[source.stage]["group_name"]) if _sender(source) else None
-        return gather_stage_buckets(source, spec.plan, lambda bucket, buf: group.broadcast(buf, src=0))
+        return gather_stage_buckets(source, spec.plan,
+                                    lambda bucket, buf: group.broadcast(dense_buffer(buf, bucket.entries()), src=0))
     if spec.kind == "disk":
         return gather_stage_buckets(source, spec.plan, lambda bucket, buf: _save_bucket(bucket, buf, spec.directory))
     if spec.kind == "cuda_ipc":
@@ -156,19 +160,9 @@ def _save_bucket(bucket, buffer_u8: torch.Tensor, directory: str) -> None:
 
 
 def ipc_payload(bucket, buffer_u8: torch.Tensor) -> str:
-    """The `/update_weights_from_tensor` blob of one CUDA bucket: a pickle of its IPC handle + metadata."""
-    import io
-
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing.reductions as reductions
-
-    reductions.init_reductions()  # CUDA tensors pickle as IPC handles
-
-    meta = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset} for e in bucket.entries()]
-    out = io.BytesIO()
-    ForkingPickler(out).dump({"flattened_tensor": buffer_u8, "metadata": meta})
-    return base64.b64encode(out.getvalue()).decode("ascii")
+    """The `/update_weights_from_tensor` blob of one CUDA bucket: a pickle of its IPC handle in SGLang's
+    flattened-bucket dict (`buckets.sglang_bucket`: the buffer itself, no copy)."""
+    return base64.b64encode(dumps_sglang(sglang_bucket(buffer_u8, bucket.entries()))).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------- driver half
