@@ -187,7 +187,8 @@ def test_generate_single_prompt_shape_and_engine_parity(served, reference):
     assert status == 200 and isinstance(res, dict), res
     assert set(res) == {"text", "output_ids", "meta_info"}
     meta = res["meta_info"]
-    assert set(meta) == META_KEYS | {"output_token_logprobs", "input_token_logprobs", "output_top_logprobs"}
+    assert set(meta) == META_KEYS | {"output_token_logprobs", "input_token_logprobs", "output_top_logprobs",
+                            "input_top_logprobs"}
     prompt = TOK.encode("12+34=", add_special_tokens=True)
     ref = ref_generate(reference, prompt, 8, top=2)
     ids = res["output_ids"]
@@ -509,7 +510,7 @@ def test_openai_completions(served, tiny):
                                                 "seed": 4})
     assert status == 200 and [c["index"] for c in res["choices"]] == [0, 1, 2, 3]
     assert res["usage"]["prompt_tokens"] == len(TOK.encode("1+", True)) + len(TOK.encode("2+3", True))
-    assert post(url + "/v1/completions", {"model": "x", "prompt": "1", "echo": True})[0] == 400
+    assert post(url + "/v1/completions", {"model": "x", "prompt": "1", "suffix": "x"})[0] == 400  # echo works (test_sampling_knobs)
 
 
 def test_openai_chat_completions_and_models(served, tiny):
@@ -562,7 +563,7 @@ BAD = [
     ("negative max_new_tokens", {"input_ids": [5], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
     ("wrong type", {"input_ids": [5], "sampling_params": {"temperature": "hot"}}, "temperature"),
     ("bool as int", {"input_ids": [5], "sampling_params": {"top_k": True}}, "top_k"),
-    ("unsupported", {"input_ids": [5], "sampling_params": {"min_p": 0.5}}, "not supported"),
+    ("unsupported", {"input_ids": [5], "sampling_params": {"regex": "a+"}}, "not supported"),
     ("rid list length", {"input_ids": [[5], [6]], "rid": ["a"]}, "rid"),
     ("logprob_start_len", {"input_ids": [5, 6], "return_logprob": True, "logprob_start_len": 2}, "logprob_start_len"),
     ("stream wrong type", {"input_ids": [5], "stream": "yes"}, "stream"),
