@@ -49,6 +49,7 @@ from typing import Any, AsyncIterator, Callable
 
 from rollout.http_json import BadRequest, get_field, short
 from rollout.limits import ServerLimits
+from rollout.versions import WeightVersions
 from rollout.wire import finish_reason_json
 from slime_rl.types import GenerateOutput, GenerateRequest, SamplingParams
 
@@ -499,15 +500,22 @@ def _triples(logprobs: list, ids: list[int], tokenizer: Any) -> list[list]:
     return [[lp, int(t), token_text(tokenizer, t)] for lp, t in zip(logprobs, ids)]
 
 
-def meta_info(item: GenItem, out: GenerateOutput, tokenizer: Any = None) -> dict[str, Any]:
-    """SGLang meta_info (+ output_weight_versions); e2e_latency only once finished."""
+_INTEGER_VERSIONS = WeightVersions()  # no labels: every version is its integer
+
+
+def meta_info(item: GenItem, out: GenerateOutput, tokenizer: Any = None,
+              versions: WeightVersions | None = None) -> dict[str, Any]:
+    """SGLang meta_info (+ output_weight_versions, the integer version of each token); e2e_latency only
+    once finished. `versions` names the versions (string labels; integers when None)."""
+    versions = versions or _INTEGER_VERSIONS
     meta = {
         "id": item.rid,
         "finish_reason": finish_reason_json(out),
         "prompt_tokens": out.prompt_tokens or len(item.request.input_ids),
         "completion_tokens": len(out.output_ids),
         "cached_tokens": out.cached_tokens,
-        "weight_version": str(out.weight_version),
+        "weight_version": versions.label(out.weight_version),
+        "weight_versions": versions.spans(out.output_versions),
         "output_weight_versions": list(out.output_versions),
     }
     if out.finish_reason is not None:
@@ -542,12 +550,13 @@ def top_p_arrays(kept: list[list[int]]) -> tuple[str, str]:
             base64.b64encode(struct.pack(f"<{len(offsets)}i", *offsets)).decode("ascii"))
 
 
-def generate_response(item: GenItem, out: GenerateOutput, tokenizer: Any = None) -> dict[str, Any]:
+def generate_response(item: GenItem, out: GenerateOutput, tokenizer: Any = None,
+                      versions: WeightVersions | None = None) -> dict[str, Any]:
     """One /generate result object (also one streaming chunk: cumulative, finish_reason null until the end)."""
     return {
         "text": output_text(item, out, tokenizer),
         "output_ids": list(out.output_ids),
-        "meta_info": meta_info(item, out, tokenizer),
+        "meta_info": meta_info(item, out, tokenizer, versions),
     }
 
 

@@ -76,6 +76,7 @@ from rollout.protocol import (
     new_rid,
     parse_generate,
 )
+from rollout.versions import WeightVersions
 from slime_rl.dist_group import WeightGroup
 from slime_rl.types import GenerateRequest, SamplingParams
 
@@ -114,6 +115,7 @@ class ServerState:
     groups: dict[str, WeightGroup] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # engine requests admitted by `admit` and not finished
+    versions: WeightVersions = field(default_factory=WeightVersions)  # SGLang's string versions <-> ordinals
 
     @property
     def eos_token_id(self) -> int | None:
@@ -250,7 +252,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 try:
                     async for updates in sub.updates():
                         for index, out in updates:
-                            chunk = generate_response(parsed.items[index], out, state.tokenizer)
+                            chunk = generate_response(parsed.items[index], out, state.tokenizer, state.versions)
                             if not parsed.single:
                                 chunk["index"] = index
                             await resp.write(sse(chunk))
@@ -263,7 +265,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             sub.abort_unfinished()  # client went away (handler cancelled / write failed)
 
     def shape() -> str:
-        bodies = [generate_response(item, out, state.tokenizer) for item, out in zip(parsed.items, outs)]
+        bodies = [generate_response(item, out, state.tokenizer, state.versions)
+                  for item, out in zip(parsed.items, outs)]
         return dumps(bodies[0]) if parsed.single else dumps_items(bodies)
 
     return web.Response(text=await state.off_loop(shape), content_type="application/json")
@@ -377,7 +380,7 @@ def model_info_dict(state: ServerState) -> dict[str, Any]:
     engine = state.engine
     return {
         "model_path": state.model_path, "tokenizer_path": state.tokenizer_path, "is_generation": True,
-        "preferred_sampling_params": None, "weight_version": str(engine.get_weight_version()),
+        "preferred_sampling_params": None, "weight_version": state.versions.label(engine.get_weight_version()),
         "has_image_understanding": False, "has_audio_understanding": False,
         "model_type": engine.config.model_type, "architectures": list(engine.hf_config.get("architectures") or []),
     }
@@ -444,7 +447,8 @@ async def get_loads_v1(request: web.Request) -> web.Response:
 
 
 async def get_weight_version(request: web.Request) -> web.Response:
-    return json_response({"weight_version": str(request.app[STATE].engine.get_weight_version())})
+    state = request.app[STATE]
+    return json_response({"weight_version": state.versions.label(state.engine.get_weight_version())})
 
 
 # ---- the application --------------------------------------------------------------------

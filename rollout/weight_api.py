@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import torch
 from aiohttp import web
 
-from rollout import wire
+from rollout import versions, wire
 from rollout.shm import SharedMemoryMappings, shared_memory_path
 from rollout.http_json import BadRequest, get_field, json_response, read_json, require, short
 from slime_rl.buckets import bucket_layout, dense_layout, dtype_from_name, unpack_bucket
@@ -70,18 +70,18 @@ def weight_result(success: bool, message: str, **extra: Any) -> web.Response:
     return json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
 
 
-def parse_weight_version(value: Any, current: int, key: str = "weight_version") -> int:
-    """An int or integer-like string; None keeps `current`."""
+def parse_weight_version(state: ServerState | None, value: Any, current: int, key: str = "weight_version") -> int:
+    """The engine's integer version for a request's `key` (None keeps `current`): an int, an integer-like
+    string, or any other string label (rollout.versions). With `state` None the value is only checked."""
     if value is None:
         return current
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and _INT_RE.match(value.strip()):
-        return int(value.strip())
-    raise BadRequest(
-        f"{key} must be an integer or an integer-like string (this server uses integer weight versions), "
-        f"got {value!r}"
-    )
+    try:
+        if state is None:
+            versions.check(value, key)
+            return current
+        return state.versions.ordinal(value, key)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def decode_tensor_payload(serialized: Any, load_format: Any) -> list[tuple[str, torch.Tensor]] | WeightBucket:
@@ -115,14 +115,14 @@ Handler = Callable[["ServerState", dict], Awaitable[web.Response]]
 
 async def _apply(state: ServerState, body: dict, where: str, update: Callable, payload: Any) -> web.Response:
     """Abort if asked, then run the engine update."""
-    version = parse_weight_version(body.get("weight_version"), state.engine.get_weight_version())
+    version = parse_weight_version(state, body.get("weight_version"), state.engine.get_weight_version())
     flush = get_field(body, "flush_cache", (bool,), True, where)
     if get_field(body, "abort_all_requests", (bool,), False, where):
         await state.blocking(state.engine.abort, None)
     await state.blocking(update, payload, version, flush_cache=flush)
     message = "Succeeded to update model weights."
     if body.get("weight_version") is not None:
-        message += f" Weight version updated to {version}."
+        message += f" Weight version updated to {state.versions.label(version)}."
     return weight_result(True, message, num_paused_requests=0)
 
 
@@ -160,7 +160,7 @@ async def update_weights_from_disk(state: ServerState, body: dict) -> web.Respon
 async def update_weights_from_tensor(state: ServerState, body: dict) -> web.Response:
     transfer_id = _transfer_id(body, "update_weights_from_tensor")
     if transfer_id is None:
-        parse_weight_version(body.get("weight_version"), 0)  # a bad version fails before the work
+        parse_weight_version(None, body.get("weight_version"), 0)  # a bad version fails before the work
     payload = await state.blocking(decode_tensor_payload, body.get("serialized_named_tensors"),
                                    body.get("load_format"))
     return await _stage_or_apply(state, body, "update_weights_from_tensor", transfer_id, payload)
@@ -255,7 +255,7 @@ async def update_weights_from_distributed(state: ServerState, body: dict) -> web
         raise BadRequest(f"no weight group {name!r}; call /init_weights_update_group first")
     transfer_id = _transfer_id(body, where)
     if transfer_id is None:
-        parse_weight_version(body.get("weight_version"), 0)
+        parse_weight_version(None, body.get("weight_version"), 0)
     payload = await state.blocking(receive_tensors, state.groups[name], names, dtypes, shapes,
                                    load_format == "flattened_bucket")
     return await _stage_or_apply(state, body, where, transfer_id, payload)
@@ -268,7 +268,7 @@ async def update_weights_from_shared_memory(mappings: SharedMemoryMappings, stat
     entries = wire.bucket_entries(require(body, "metadata", (list,), where))
     transfer_id = _transfer_id(body, where)
     if transfer_id is None:
-        parse_weight_version(body.get("weight_version"), 0)
+        parse_weight_version(None, body.get("weight_version"), 0)
     buffer = await state.blocking(mappings.get, path)
     return await _stage_or_apply(state, body, where, transfer_id, WeightBucket(buffer, entries))
 
@@ -283,7 +283,7 @@ async def commit_weight_update(state: ServerState, body: dict) -> web.Response:
     """Apply the staged transfer (engine.commit_weights); any failure drops the staging."""
     where = "commit_weight_update"
     transfer_id = require(body, "transfer_id", (str,), where)
-    version = parse_weight_version(require(body, "weight_version", (int, str), where), 0)
+    version = parse_weight_version(state, require(body, "weight_version", (int, str), where), 0)
     flush = get_field(body, "flush_cache", (bool,), True, where)
     expected = get_field(body, "expected_tensors", (int,), None, where)
     adopt = get_field(body, "adopt", (bool,), False, where)
@@ -292,8 +292,8 @@ async def commit_weight_update(state: ServerState, body: dict) -> web.Response:
     result = await state.blocking(state.engine.commit_weights, transfer_id, version, flush_cache=flush,
                                   expected_tensors=expected, adopt=adopt)
     return weight_result(True, f"Succeeded to commit weight update {transfer_id!r} ({result['num_tensors']} "
-                               f"tensors). Weight version updated to {version}.",
-                         **result, weight_version=str(version))
+                               f"tensors). Weight version updated to {state.versions.label(version)}.",
+                         **result, weight_version=state.versions.label(version))
 
 
 async def abort_weight_update(state: ServerState, body: dict) -> web.Response:
@@ -309,7 +309,8 @@ async def weights_checksum(state: ServerState, body: dict) -> web.Response:
         raise BadRequest("weights_checksum.names must be a list of strings or null")
     checksums = await state.blocking(state.engine.weights_checksum, names)
     return json_response({"success": True, "message": f"{len(checksums)} checksums.",
-                              "weight_version": str(state.engine.get_weight_version()), "algorithm": "sha256",
+                              "weight_version": state.versions.label(state.engine.get_weight_version()),
+                              "algorithm": "sha256",
                               "checksums": checksums})
 
 
@@ -324,12 +325,13 @@ async def destroy_weights_update_group(state: ServerState, body: dict) -> web.Re
 
 async def update_weight_version(state: ServerState, body: dict) -> web.Response:
     where = "update_weight_version"
-    version = parse_weight_version(require(body, "new_version", (str, int), where), 0, key="new_version")
+    version = parse_weight_version(state, require(body, "new_version", (str, int), where), 0, key="new_version")
     if get_field(body, "abort_all_requests", (bool,), True, where):
         await state.blocking(state.engine.abort, None)
     # An empty update stamps the version without touching weights or the cache.
     await state.blocking(state.engine.update_weights_from_tensors, [], version, flush_cache=False)
-    return weight_result(True, f"Weight version updated to {version}.", new_version=str(version))
+    label = state.versions.label(version)
+    return weight_result(True, f"Weight version updated to {label}.", new_version=label)
 
 
 SHM_HANDLERS = ("/update_weights_from_shared_memory", "/release_shared_memory")

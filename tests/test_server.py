@@ -42,7 +42,7 @@ KV_TOKENS = 4096  # small KV pools: several engines live at once
 LONG = 120  # max_new_tokens of a request that must still be running when aborted / paused
 REPO = Path(__file__).resolve().parents[1]
 META_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
-             "output_weight_versions", "e2e_latency"}
+             "weight_versions", "output_weight_versions", "e2e_latency"}
 
 
 # ---- model, engines, servers ---------------------------------------------------------------
@@ -423,8 +423,8 @@ def test_update_weights_from_disk(served, tiny, tmp_path):
     _, url = served
     status, res = post(url + "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
     assert status == 400 and res["success"] is False and "missing" in res["message"]
-    status, res = post(url + "/update_weights_from_disk", {"model_path": tiny.model_dir, "weight_version": "v5"})
-    assert status == 400 and res["success"] is False and "integer" in res["message"]
+    status, res = post(url + "/update_weights_from_disk", {"model_path": tiny.model_dir, "weight_version": ["v5"]})
+    assert status == 400 and res["success"] is False and "weight_version" in res["message"]
     assert http("GET", url + "/get_weight_version")[1] == {"weight_version": "0"}  # failures change nothing
     new_dir = save_hf_checkpoint(tmp_path / "new", tiny.cfg, tiny.new_weights, TOK)
     status, res = post(url + "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": 5})
@@ -510,7 +510,8 @@ def test_openai_completions(served, tiny):
                                                 "seed": 4})
     assert status == 200 and [c["index"] for c in res["choices"]] == [0, 1, 2, 3]
     assert res["usage"]["prompt_tokens"] == len(TOK.encode("1+", True)) + len(TOK.encode("2+3", True))
-    assert post(url + "/v1/completions", {"model": "x", "prompt": "1", "suffix": "x"})[0] == 400  # echo works (test_sampling_knobs)
+    # (echo works: test_sampling_knobs)
+    assert post(url + "/v1/completions", {"model": "x", "prompt": "1", "suffix": "x"})[0] == 400
 
 
 def test_openai_chat_completions_and_models(served, tiny):
@@ -698,3 +699,26 @@ def test_serve_subprocess(tiny):
     bad = subprocess.run([sys.executable, "-m", "slime_rl", "serve", "--model", str(Path(tiny.model_dir) / "nope")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--model" in bad.stderr and "not a directory" in bad.stderr
+
+
+def test_string_weight_versions_keep_integer_ordinals_and_report_spans(served, tiny):
+    """SGLang's versions are strings ("endpoint-v1"); tokens keep integer ordinals for staleness arithmetic."""
+    engine, url = served
+    gen = {"input_ids": [5, 6], "sampling_params": greedy(3, ignore_eos=True)}
+    _, before = post(url + "/generate", gen)
+    assert before["meta_info"]["weight_versions"] == [{"version": "0", "start": 0, "end": 3}]
+    for label, ordinal in (("endpoint-v1", 1), ("7", 7), ("endpoint-v2", 8), ("endpoint-v1", 1)):
+        status, res = post(url + "/update_weight_version", {"new_version": label})
+        assert status == 200 and res["new_version"] == label and engine.get_weight_version() == ordinal
+        assert http("GET", url + "/get_model_info")[1]["weight_version"] == label
+        _, out = post(url + "/generate", gen)
+        meta = out["meta_info"]
+        assert meta["weight_version"] == label and meta["output_weight_versions"] == [ordinal] * 3
+        assert meta["weight_versions"] == [{"version": label, "start": 0, "end": 3}]
+    status, res = post(url + "/update_weights_from_disk", {"model_path": tiny.model_dir, "weight_version": "disk-v3"})
+    assert status == 200 and res["message"].endswith("Weight version updated to disk-v3.")
+    assert engine.get_weight_version() == 9
+    assert http("GET", url + "/get_weight_version")[1] == {"weight_version": "disk-v3"}
+    for bad in ("", " ", "x" * 300, 10**20, True):
+        status, res = post(url + "/update_weight_version", {"new_version": bad})
+        assert status == 400 and "new_version" in res["message"], bad
