@@ -26,7 +26,6 @@ import io
 import json
 import pickle
 import struct
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
