@@ -722,3 +722,34 @@ def test_string_weight_versions_keep_integer_ordinals_and_report_spans(served, t
     for bad in ("", " ", "x" * 300, 10**20, True):
         status, res = post(url + "/update_weight_version", {"new_version": bad})
         assert status == 400 and "new_version" in res["message"], bad
+
+
+def test_v1_loads_reports_idle_after_abort_all(served):
+    """slime polls GET /v1/loads?include=core after abort_request{abort_all} until the worker is idle."""
+    engine, url = served
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(apost(session, url + "/generate",
+                                             {"input_ids": [5], "sampling_params": greedy(LONG, ignore_eos=True)}))
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: engine.wait_for(lambda: any(n > 0 for n in engine.tokens.values())))
+            async with session.get(url + "/v1/loads?include=core") as resp:
+                busy = await resp.json()
+            await apost(session, url + "/abort_request", {"abort_all": True})
+            await task
+            async with session.get(url + "/v1/loads", params={"include": "core,memory"}) as resp:
+                idle = await resp.json()
+            return busy, idle
+
+    busy, idle = asyncio.run(main())
+    assert busy["dp_rank_count"] == 1 and len(busy["loads"]) == 1
+    snap = busy["loads"][0]
+    assert snap["dp_rank"] == 0 and snap["num_running_reqs"] + snap["num_waiting_reqs"] == 1
+    assert snap["max_total_num_tokens"] == KV_TOKENS and 0 <= snap["token_usage"] <= 1 and "memory" not in snap
+    snap = idle["loads"][0]
+    assert snap["num_running_reqs"] == snap["num_waiting_reqs"] == 0 and snap["memory"]["kv_cache_released"] is False
+    assert http("GET", url + "/v1/loads?dp_rank=1")[1]["loads"] == []
+    for query in ("include=everything", "dp_rank=-1", "dp_rank=x"):
+        status, res = http("GET", url + "/v1/loads?" + query)
+        assert status == 400 and "/v1/loads" in res["message"], query
