@@ -9,6 +9,8 @@ trainer's HF export, and logprobs are compared on a fixed batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import queue
 import subprocess
@@ -23,10 +25,12 @@ import torch
 
 from rollout import EmbeddedEngine
 from rollout.client import EngineClient
-from server_procs import START_TIMEOUT_S, launch_server, wait_healthy
+from server_procs import START_TIMEOUT_S, ServerProc, launch_server, wait_healthy
+from rollout.router import http_json
 from slime_rl import algorithms
 from slime_rl.buckets import tensor_sha256
 from slime_rl.config import SyncConfig
+from slime_rl.dist_group import free_port
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import GenerateRequest, Sample, SampleStatus, SamplingParams, TrainBatch
@@ -144,6 +148,73 @@ def test_megatron_tp2pp2_into_two_servers_over_every_transport(weights, clients)
                 assert all(c.weights_checksum()[c.url] == exported for c in clients)
             finally:
                 sync.close()
+
+
+# ---- Megatron TP2 into an SGLang-style server (issue 17) -------------------------------------------
+
+@contextlib.contextmanager
+def sglang_style_server(tmp_path: Path):
+    """tests/sglang_style_server.py (SGLang's routes and receive sequence, no staging) in a subprocess."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(HF_CONFIG))
+    port = free_port()
+    log_path = tmp_path / "sglang_style.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "sglang_style_server.py"), "--port", str(port),
+                                 "--config", str(config), "--dtype", "float32"], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = ServerProc("sglang_style", f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        wait_healthy(server, time.monotonic() + START_TIMEOUT_S)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pp", [1, 2])
+def test_megatron_tp2_broadcast_into_an_sglang_style_server(pp, weights, tmp_path):
+    """Our Megatron TP2 (x PP 1 or 2) trainer's broadcast transport drives a server that speaks only SGLang's protocol
+    (no staging keys in /server_info; SGLang's group rendezvous and dense flattened buckets): the sync pauses
+    it, sends every bucket with load_format "flattened_bucket" and no transfer_id, stamps the version with
+    /update_weight_version, and the received tensors equal the trainer's HF export bit for bit."""
+    from training.megatron import MegatronBackend, MegatronSettings, ModelSettings
+
+    with sglang_style_server(tmp_path) as server, \
+            MegatronBackend(HF_CONFIG, weights, OPT, MegatronSettings(model=ModelSettings(tp=2, pp=pp)),
+                            num_ranks=2 * pp) as trainer:
+        train_once(trainer, make_batch())
+        client = EngineClient(server.url, max_retries=0)
+        sync = WeightSync(trainer, [client], SyncConfig(transport="broadcast", bucket_mb=SMALL_BUCKETS_MB))
+        try:
+            assert sync.endpoints[0].staging is False and sync.dtype == "float32"
+            assert len(sync.plan.buckets) > 4 and sync.plan.pp_size == pp
+            metrics = sync.push(1)
+            assert metrics["sync/paused_s"] >= metrics["sync/stage_s"] > 0
+            assert client.get_weight_version() == 1
+            exported = {n: tensor_sha256(t) for n, t in trainer.hf_state_dict().items()}
+            assert set(exported) == set(weights)  # untied: lm_head is exported and sent
+            status, received = http_json("GET", server.url + "/received_sha256")
+            assert status == 200 and received == exported
+            assert exported != {n: tensor_sha256(t) for n, t in weights.items()}  # the step changed them
+        finally:
+            sync.close()
+        _, log = http_json("GET", server.url + "/requests_log")
+    routes = [r for r, _ in log]
+    updates = [b for r, b in log if r == "/update_weights_from_distributed"]
+    assert routes[0] == "/pause_generation"  # paused before the group forms: buckets apply as they arrive
+    assert routes[-1 - pp:] == ["/continue_generation"] + ["/destroy_weights_update_group"] * pp  # close() leaves
+    assert routes.count("/init_weights_update_group") == pp and len(updates) == len(sync.plan.buckets)
+    assert all(b["load_format"] == "flattened_bucket" and "transfer_id" not in b for b in updates)
+    groups = [b["group_name"] for r, b in log if r == "/init_weights_update_group"]  # one group per PP stage
+    stage_group = {int(g.rsplit("_pp", 1)[1]): g for g in groups}
+    assert sorted(stage_group) == list(range(pp))
+    assert [b["group_name"] for b in updates] == [stage_group[b.stage] for b in sync.plan.buckets]  # stage order
+    assert sorted(b["group_name"] for r, b in log if r == "/destroy_weights_update_group") == sorted(groups)
+    assert sum(len(b["names"]) for b in updates) == len(weights)
+    assert routes.index("/update_weight_version") > max(i for i, r in enumerate(routes)
+                                                        if r == "/update_weights_from_distributed")
 
 
 # ---- the transport contract (reference trainer: this process is the sender) ---------------------
