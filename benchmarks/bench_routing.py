@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -55,6 +56,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rollout.client import ROUTING_KEY_HEADER  # noqa: E402
 from rollout.router import free_port, http_json, start_router  # noqa: E402
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config  # noqa: E402
 from slime_rl.tokenizer import CharTokenizer  # noqa: E402
@@ -111,10 +113,14 @@ def stop_servers(servers: list[tuple[str, subprocess.Popen]]) -> None:
             proc.wait()
 
 
-async def run_workload(router_url: str, args: argparse.Namespace, vocab: int) -> dict:
-    """Every conversation's turns through the router; returns per-turn (server, prompt, cached) records."""
+async def run_workload(router_url: str, args: argparse.Namespace, vocab: int, keyed: bool = False) -> dict:
+    """Every conversation's turns through the router; returns per-turn (server, prompt, cached) records.
+
+    With `args.system_len` > 0 every first prompt starts with the same system prompt of that many tokens;
+    `keyed` sends a routing key per conversation (`X-SMG-Routing-Key`, as EngineClient does per group)."""
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(args.conversations)]
+    system = [rng.randrange(3, vocab) for _ in range(getattr(args, "system_len", 0))]
+    prompts = [system + [rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(args.conversations)]
     users = [[[rng.randrange(3, vocab) for _ in range(args.user_len)] for _ in range(args.turns)]
              for _ in range(args.conversations)]
     orders = [rng.sample(range(args.conversations), args.conversations) for _ in range(args.turns)]
@@ -123,7 +129,8 @@ async def run_workload(router_url: str, args: argparse.Namespace, vocab: int) ->
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def one(conv: int) -> None:
-            async with session.post(router_url + "/generate",
+            headers = {ROUTING_KEY_HEADER: f"conversation-{conv}"} if keyed else {}
+            async with session.post(router_url + "/generate", headers=headers,
                                     json={"input_ids": prompts[conv], "sampling_params": sampling}) as resp:
                 out = await resp.json(content_type=None)
                 if resp.status != 200:
@@ -139,10 +146,13 @@ async def run_workload(router_url: str, args: argparse.Namespace, vocab: int) ->
     prompt = sum(p for turns in history for _, p, _ in turns)
     cached = sum(c for turns in history for _, _, c in turns)
     pairs = [(a[0], b[0]) for turns in history for a, b in zip(turns, turns[1:])]
+    served = Counter(server for turns in history for server, _, _ in turns)
+    requests = sum(served.values())
     return {"cached_tokens": cached, "prompt_tokens": prompt, "cached_ratio": cached / prompt,
             "affinity": sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0,
             "first_turn_servers": sorted({turns[0][0] for turns in history}), "wall_s": wall_s,
-            "requests": sum(len(t) for t in history)}
+            "requests": requests, "requests_per_worker": dict(sorted(served.items())),
+            "max_worker_share": max(served.values()) / requests}
 
 
 def expected_ratio(args: argparse.Namespace) -> float:

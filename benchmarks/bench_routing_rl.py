@@ -36,11 +36,8 @@ import asyncio
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
-import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -49,8 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_routing import _version, launch_servers, make_model, stop_servers  # noqa: E402
-from rollout.client import ROUTING_KEY_HEADER  # noqa: E402
+from bench_routing import _version, launch_servers, make_model, run_workload, stop_servers  # noqa: E402
 from rollout.router import ROUTER_SETTINGS, start_router  # noqa: E402
 from slime_rl.tokenizer import CharTokenizer  # noqa: E402
 
@@ -63,44 +59,6 @@ CONFIGS = {  # name: (policy, sglang-router flags, send a routing key per conver
 }
 
 
-async def run_workload(router_url: str, args: argparse.Namespace, vocab: int, keyed: bool) -> dict:
-    """Every conversation's turns through the router, conversations interleaved per round."""
-    rng = random.Random(args.seed)
-    system = [rng.randrange(3, vocab) for _ in range(args.system_len)]
-    prompts = [system + [rng.randrange(3, vocab) for _ in range(args.user_len)] for _ in range(args.conversations)]
-    users = [[[rng.randrange(3, vocab) for _ in range(args.user_len)] for _ in range(args.turns)]
-             for _ in range(args.conversations)]
-    orders = [rng.sample(range(args.conversations), args.conversations) for _ in range(args.turns)]
-    history: list[list[tuple[str, int, int]]] = [[] for _ in prompts]
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-
-        async def one(conv: int) -> None:
-            headers = {ROUTING_KEY_HEADER: f"conversation-{conv}"} if keyed else {}
-            async with session.post(router_url + "/generate", headers=headers,
-                                    json={"input_ids": prompts[conv], "sampling_params": sampling}) as resp:
-                out = await resp.json(content_type=None)
-                if resp.status != 200:
-                    raise RuntimeError(f"conversation {conv}: POST {router_url}/generate -> {resp.status}: {out}")
-            meta = out["meta_info"]
-            history[conv].append((meta["weight_version"], meta["prompt_tokens"], meta["cached_tokens"]))
-            prompts[conv] = prompts[conv] + out["output_ids"] + users[conv][len(history[conv]) - 1]
-
-        t0 = time.perf_counter()
-        for order in orders:
-            await asyncio.gather(*(one(conv) for conv in order))
-        wall_s = time.perf_counter() - t0
-    prompt = sum(p for turns in history for _, p, _ in turns)
-    cached = sum(c for turns in history for _, _, c in turns)
-    served = Counter(server for turns in history for server, _, _ in turns)
-    pairs = [(a[0], b[0]) for turns in history for a, b in zip(turns, turns[1:])]
-    requests = sum(served.values())
-    return {"cached_tokens": cached, "prompt_tokens": prompt, "cached_ratio": cached / prompt,
-            "requests_per_worker": dict(sorted(served.items())), "max_worker_share": max(served.values()) / requests,
-            "affinity": sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0, "requests": requests,
-            "wall_s": wall_s}
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", type=int, default=3)
@@ -108,12 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-len", type=int, default=200, help="tokens of the system prompt every conversation shares")
     p.add_argument("--user-len", type=int, default=24, help="tokens in each user message")
+    p.add_argument("--prompt-len", type=int, default=24, help="tokens of the first user message (after the system "
+                   "prompt)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routing_rl.json"))
     args = p.parse_args(argv)
-    longest = args.system_len + args.turns * (args.max_new_tokens + args.user_len)
+    longest = args.system_len + args.prompt_len + args.turns * (args.max_new_tokens + args.user_len)
     vocab = CharTokenizer().vocab_size
 
     runs = []
