@@ -104,7 +104,12 @@ class AlgorithmConfig:
     eps_clip_high: float = 0.2
     kl_coef: float = 0.0  # > 0 keeps a reference model and adds the k3 KL term
     kl_type: Literal["k1", "k2", "k3"] = "k3"
-    loss_agg: Literal["token", "sequence"] = "token"
+    # token (= token_mean), sequence (= seq_mean_token_mean), seq_mean_token_sum, constant (Dr. GRPO:
+    # divided by loss_agg_len, the generation budget); see algorithms/batch.py token_loss_weights
+    loss_agg: Literal["token", "sequence", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                      "constant"] = "token"
+    loss_agg_len: int | None = None  # constant aggregation's length; None = rollout.max_new_tokens
+    dual_clip_c: float | None = None  # dual-clip: a negative advantage's loss is capped at -A * c (c > 1)
     scale_adv_by_std: bool = True
     adv_eps: float = 1e-6
     entropy_coef: float = 0.0
@@ -298,6 +303,10 @@ class JobConfig:
             ("algorithm.eps_clip_low", 0 <= self.algorithm.eps_clip_low < 1, "in [0, 1)"),
             ("algorithm.eps_clip_high", self.algorithm.eps_clip_high >= 0, ">= 0"),
             ("algorithm.kl_coef", self.algorithm.kl_coef >= 0, ">= 0"),
+            ("algorithm.dual_clip_c", self.algorithm.dual_clip_c is None or self.algorithm.dual_clip_c > 1,
+             "> 1 (or null: off)"),
+            ("algorithm.loss_agg_len", self.algorithm.loss_agg_len is None or self.algorithm.loss_agg_len >= 1,
+             ">= 1 (or null: rollout.max_new_tokens)"),
             ("reward.timeout_s", self.reward.timeout_s > 0, "> 0"),
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
             ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),

@@ -96,7 +96,13 @@ def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
     samples = [s for g in groups for s in g]
     flat_adv = [adv for g in advantages for adv in g]
     return algorithms.build_train_batch(samples, flat_adv, run.tokenizer.pad_token_id, loss_agg=a.loss_agg,
-                                        temperature=run.cfg.rollout.temperature or 1.0)
+                                        temperature=run.cfg.rollout.temperature or 1.0,
+                                        constant_len=loss_agg_len(run))
+
+
+def loss_agg_len(run: Run) -> int:
+    """The constant of `loss_agg: constant` (Dr. GRPO): the configured length, else the generation budget."""
+    return run.cfg.algorithm.loss_agg_len or run.cfg.rollout.max_new_tokens
 
 
 def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
@@ -115,7 +121,7 @@ def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
     size = -(-batch.num_sequences // n)
     for k in range(n):  # mini-batches: weights renormalized per mini-batch
         mini = batch.select(slice(k * size, (k + 1) * size))
-        mini.loss_weights_BT = algorithms.token_loss_weights(mini.response_mask_BT, run.cfg.algorithm.loss_agg)
+        mini.loss_weights_BT = algorithms.token_loss_weights(mini.response_mask_BT, a.loss_agg, loss_agg_len(run))
         for key, v in run.trainer.train_step(mini, loss_fn).items():
             stats[key] = stats.get(key, 0.0) + v / n
     return {**stats, **is_stats}
@@ -145,7 +151,8 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     final validation metrics."""
     cfg = run.cfg
     a = cfg.algorithm
-    loss_fn = algorithms.make_policy_loss(a.eps_clip_low, a.eps_clip_high, a.kl_coef, a.kl_type, a.entropy_coef)
+    loss_fn = algorithms.make_policy_loss(a.eps_clip_low, a.eps_clip_high, a.kl_coef, a.kl_type, a.entropy_coef,
+                                          a.dual_clip_c)
     start = resume["step"] if resume else 0
     rollout = make_rollout(run, start)
     if resume:

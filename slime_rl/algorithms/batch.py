@@ -12,20 +12,40 @@ import torch
 from slime_rl.types import Sample, TrainBatch
 
 
-def token_loss_weights(response_mask_BT: torch.Tensor, loss_agg: str) -> torch.Tensor:
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+LOSS_AGG_ALIASES = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
+
+
+def token_loss_weights(response_mask_BT: torch.Tensor, loss_agg: str, constant_len: int | None = None) -> torch.Tensor:
     """Per-token weights whose sum over a batch is the aggregated loss.
 
-    token: every response token weighs 1 / (response tokens in the batch).
-    sequence: each sequence weighs 1 / B, spread evenly over its tokens.
-    Computed once per batch, so splitting into micro-batches leaves the sum unchanged.
+    - token_mean ("token"): every loss token weighs 1 / (loss tokens in the batch);
+    - seq_mean_token_mean ("sequence"): each sequence weighs 1 / S, spread evenly over its tokens;
+    - seq_mean_token_sum: each token weighs 1 / S (a sequence's terms are summed);
+    - constant (Dr. GRPO): each token weighs 1 / (S * constant_len), constant_len being the generation
+      budget, so a response's length never rescales its tokens.
+    S counts the sequences that have loss tokens: a row with none (every token masked, e.g. an aborted
+    sample or environment tokens only) never dilutes a sequence mean. verl's seq-mean-* modes divide by
+    every row of the micro-batch; OpenRLHF's sequence mode averages over all rows too.
+    Computed once per batch (or mini-batch), so splitting it into micro-batches or DP ranks leaves the
+    sum unchanged.
     """
+    mode = LOSS_AGG_ALIASES.get(loss_agg, loss_agg)
     mask_BT = response_mask_BT.to(torch.float32)
-    if loss_agg == "token":
+    tokens_B1 = mask_BT.sum(dim=1, keepdim=True)
+    sequences = (tokens_B1 > 0).sum().clamp(min=1)
+    if mode == "token_mean":
         return mask_BT / mask_BT.sum().clamp(min=1.0)
-    if loss_agg == "sequence":
-        per_seq_B = mask_BT.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return mask_BT / per_seq_B / mask_BT.shape[0]
-    raise ValueError(f"unknown loss_agg {loss_agg!r}; allowed values: token, sequence")
+    if mode == "seq_mean_token_mean":
+        return mask_BT / tokens_B1.clamp(min=1.0) / sequences
+    if mode == "seq_mean_token_sum":
+        return mask_BT / sequences
+    if mode == "constant":
+        if constant_len is None or constant_len < 1:
+            raise ValueError(f"loss_agg 'constant' needs constant_len >= 1 (the generation budget), got {constant_len}")
+        return mask_BT / sequences / constant_len
+    raise ValueError(f"unknown loss_agg {loss_agg!r}; allowed values: {', '.join(LOSS_AGG_MODES)} "
+                     f"(or {', '.join(LOSS_AGG_ALIASES)})")
 
 
 def build_train_batch(
@@ -34,6 +54,7 @@ def build_train_batch(
     pad_id: int,
     loss_agg: str = "token",
     temperature: float = 1.0,
+    constant_len: int | None = None,
 ) -> TrainBatch:
     """Pack samples (with one scalar advantage each) into right-padded tensors."""
     if len(samples) != len(advantages):
@@ -63,6 +84,6 @@ def build_train_batch(
         response_mask_BT=resp_BT,
         advantages_BT=adv_BT,
         rollout_logprobs_BT=rollout_lp_BT,
-        loss_weights_BT=token_loss_weights(resp_BT, loss_agg),
+        loss_weights_BT=token_loss_weights(resp_BT, loss_agg, constant_len),
         temperature=temperature,
     )
