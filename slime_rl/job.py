@@ -96,7 +96,7 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launc
     if cfg.debug.rollout_only:
         print("[train] rollout-only mode: no trainer")
         return None
-    with_reference = cfg.algorithm.kl_coef > 0
+    with_reference = algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference
     if cfg.train.backend == "hf":
         return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
                          fused_logprob=cfg.train.fused_logprob)
@@ -131,7 +131,7 @@ def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
 
     hf_config, state_dict = _model(cfg, _tokenizer(cfg))
     serve_torchrun_rank(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), cfg.trainer_ranks,
-                        with_reference=cfg.algorithm.kl_coef > 0)
+                        with_reference=algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference)
     return True
 
 

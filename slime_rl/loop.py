@@ -90,9 +90,9 @@ def make_rollout(run: Run, start_step: int):
 
 
 def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
-    """Group-normalized advantages, packed into a padded batch."""
+    """The configured algorithm's advantages, packed into a padded batch."""
     a = run.cfg.algorithm
-    advantages = algorithms.grpo_advantages(groups, scale_by_std=a.scale_adv_by_std, eps=a.adv_eps)
+    advantages = algorithms.get(a.name).advantages(groups, a)
     samples = [s for g in groups for s in g]
     flat_adv = [adv for g in advantages for adv in g]
     return algorithms.build_train_batch(samples, flat_adv, run.tokenizer.pad_token_id, loss_agg=a.loss_agg,
@@ -109,7 +109,7 @@ def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
     """Old (and reference) logprobs, off-policy weights, then one optimizer step per mini-batch."""
     a = run.cfg.algorithm
     batch.old_logprobs_BT = run.trainer.logprobs(batch)
-    if a.kl_coef > 0:
+    if algorithms.get(a.name).needs(a).reference:
         batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
     mask = batch.response_mask_BT
     diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / mask.sum().clamp(min=1)
@@ -151,8 +151,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     final validation metrics."""
     cfg = run.cfg
     a = cfg.algorithm
-    loss_fn = algorithms.make_policy_loss(a.eps_clip_low, a.eps_clip_high, a.kl_coef, a.kl_type, a.entropy_coef,
-                                          a.dual_clip_c)
+    loss_fn = algorithms.get(a.name).loss(a)
     start = resume["step"] if resume else 0
     rollout = make_rollout(run, start)
     if resume:

@@ -1,10 +1,9 @@
-"""Policy-gradient algorithms: advantages, losses and batch preparation.
-
-`get_algorithm(name)` returns the module-level pieces the loop needs; GRPO is
-implemented here, the other names are accepted by the config and fail with a
-clear "not yet implemented" until their issue lands.
+"""Policy-gradient algorithms behind one seam (`base.Algorithm`): the loop calls `get(name)` and never
+names an algorithm. Implemented: GRPO (grpo.py); the other names the config accepts raise
+NotImplementedError from `get` until their issue lands.
 """
 
+from slime_rl.algorithms.base import Algorithm, Needs, get, implemented, register
 from slime_rl.algorithms.batch import build_train_batch, token_loss_weights
 from slime_rl.algorithms.grpo import (
     grpo_advantages,
@@ -13,24 +12,23 @@ from slime_rl.algorithms.grpo import (
     policy_loss,
 )
 
-IMPLEMENTED = ("GRPO",)
-
 
 def check_implemented(name: str) -> None:
     """Raise NotImplementedError for algorithms whose issue has not landed."""
-    if name not in IMPLEMENTED:
-        raise NotImplementedError(
-            f"algorithm {name!r} is not yet implemented; implemented: {', '.join(IMPLEMENTED)}"
-        )
+    get(name)
 
 
 __all__ = [
-    "IMPLEMENTED",
+    "Algorithm",
+    "Needs",
     "build_train_batch",
     "check_implemented",
+    "get",
     "grpo_advantages",
+    "implemented",
     "kl_penalty",
     "make_policy_loss",
     "policy_loss",
+    "register",
     "token_loss_weights",
 ]

@@ -15,10 +15,12 @@ folded into per-token loss weights computed once per batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from slime_rl import ops
+from slime_rl.algorithms.base import Needs, register
 from slime_rl.types import Sample, TrainBatch
 
 
@@ -135,3 +137,23 @@ def make_policy_loss(eps_low: float, eps_high: float, kl_coef: float = 0.0, kl_t
                      entropy_coef: float = 0.0, dual_clip_c: float | None = None) -> PolicyLoss:
     """The GRPO LossFn with these clip ranges and coefficients."""
     return PolicyLoss(eps_low, eps_high, kl_coef, kl_type, entropy_coef, dual_clip_c)
+
+
+class GRPO:
+    """Group-normalized advantages (`grpo_advantages`) and the clipped surrogate (`PolicyLoss`); a reference
+    model only with a KL term (`kl_coef > 0`)."""
+
+    name = "GRPO"
+
+    def needs(self, cfg: Any) -> Needs:
+        return Needs(reference=cfg.kl_coef > 0)
+
+    def advantages(self, groups: list[list[Sample]], cfg: Any) -> list[list[float]]:
+        return grpo_advantages(groups, scale_by_std=cfg.scale_adv_by_std, eps=cfg.adv_eps)
+
+    def loss(self, cfg: Any) -> PolicyLoss:
+        return make_policy_loss(cfg.eps_clip_low, cfg.eps_clip_high, cfg.kl_coef, cfg.kl_type, cfg.entropy_coef,
+                                cfg.dual_clip_c)
+
+
+register(GRPO())
