@@ -155,6 +155,19 @@ async def run_workload(router_url: str, args: argparse.Namespace, vocab: int, ke
             "max_worker_share": max(served.values()) / requests}
 
 
+def run_routed(servers: list[tuple[str, subprocess.Popen]], args: argparse.Namespace, vocab: int, *, policy: str,
+               prefer: str = "sglang-router", extra_args: dict | None = None, keyed: bool = False) -> dict:
+    """`run_workload` through a fresh router over `servers` (their caches flushed first); the run fails when
+    sglang-router was asked for and the built-in router stood in."""
+    with start_router([url for url, _ in servers], policy=policy, prefer=prefer, extra_args=extra_args) as router:
+        if prefer == "sglang-router" and type(router).__name__ != "SGLangRouter":
+            raise RuntimeError("sglang-router did not start (see the warning above)")
+        flushed = router.flush_cache()
+        if flushed.get("workers_flushed") != args.servers:
+            raise RuntimeError(f"flush_cache through {router.url} failed: {flushed}")
+        return asyncio.run(run_workload(router.url, args, vocab, keyed))
+
+
 def expected_ratio(args: argparse.Namespace) -> float:
     """cache_aware / round_robin cached tokens if round robin placed each turn on a uniformly random worker.
 
@@ -190,13 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for kind in args.routers:
                 for policy in POLICIES:
-                    with start_router([url for url, _ in servers], policy=policy, prefer=kind) as router:
-                        if kind == "sglang-router" and type(router).__name__ != "SGLangRouter":
-                            raise RuntimeError("sglang-router did not start (see the warning above)")
-                        flushed = router.flush_cache()
-                        if flushed.get("workers_flushed") != args.servers:
-                            raise RuntimeError(f"flush_cache through {router.url} failed: {flushed}")
-                        result = asyncio.run(run_workload(router.url, args, vocab))
+                    result = run_routed(servers, args, vocab, policy=policy, prefer=kind)
                     runs.append({"router": kind, "policy": policy, **result})
                     print(f"  {kind:14s} {policy:12s} cached/prompt {result['cached_ratio']:.3f}  "
                           f"affinity {result['affinity']:.2f}", flush=True)

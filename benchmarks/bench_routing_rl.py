@@ -32,7 +32,6 @@ the requests. Writes JSON to --out (default benchmarks/results/routing_rl.json).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -46,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_routing import _version, launch_servers, make_model, run_workload, stop_servers  # noqa: E402
-from rollout.router import ROUTER_SETTINGS, start_router  # noqa: E402
+from bench_routing import _version, launch_servers, make_model, run_routed, stop_servers  # noqa: E402
+from rollout.router import ROUTER_SETTINGS  # noqa: E402
 from slime_rl.tokenizer import CharTokenizer  # noqa: E402
 
 CONFIGS = {  # name: (policy, sglang-router flags, send a routing key per conversation)
@@ -83,13 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for name in args.configs:
                 policy, flags, keyed = CONFIGS[name]
-                with start_router([url for url, _ in servers], policy=policy, extra_args=flags) as router:
-                    if type(router).__name__ != "SGLangRouter":
-                        raise RuntimeError("sglang-router did not start (see the warning above)")
-                    flushed = router.flush_cache()
-                    if flushed.get("workers_flushed") != args.servers:
-                        raise RuntimeError(f"flush_cache through {router.url} failed: {flushed}")
-                    result = asyncio.run(run_workload(router.url, args, vocab, keyed))
+                result = run_routed(servers, args, vocab, policy=policy, extra_args=flags, keyed=keyed)
                 runs.append({"config": name, "policy": policy, "flags": flags, "routing_key": keyed, **result})
                 print(f"  {name:24s} cached/prompt {result['cached_ratio']:.3f}  max worker share "
                       f"{result['max_worker_share']:.2f}  affinity {result['affinity']:.2f}", flush=True)

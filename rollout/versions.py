@@ -12,6 +12,7 @@ spans of output tokens with their label.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from typing import Any
@@ -69,12 +70,9 @@ class WeightVersions:
 
     def spans(self, ordinals: list[int]) -> list[dict[str, Any]]:
         """Runs of equal versions over output positions: [{"version", "start", "end" (exclusive)}]."""
-        spans: list[dict[str, Any]] = []
-        for i, ordinal in enumerate(ordinals):
-            if spans and spans[-1]["_ordinal"] == ordinal:
-                spans[-1]["end"] = i + 1
-            else:
-                spans.append({"_ordinal": ordinal, "version": self.label(ordinal), "start": i, "end": i + 1})
-        for span in spans:
-            del span["_ordinal"]
+        spans, start = [], 0
+        for ordinal, run in itertools.groupby(ordinals):
+            end = start + sum(1 for _ in run)
+            spans.append({"version": self.label(ordinal), "start": start, "end": end})
+            start = end
         return spans

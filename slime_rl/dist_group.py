@@ -49,9 +49,9 @@ from torch.distributed import distributed_c10d as c10d
 BACKENDS = ("gloo", "nccl")
 _DEVICE_PREFIX = {"gloo": "cpu", "nccl": "cuda"}  # the first device of torch's BackendConfig map per backend
 
-# Group names this process registered with torch through the helper (name -> holders), guarded by _LOCK.
+# Group names this process registered with torch through the helper, guarded by _LOCK.
 _LOCK = threading.Lock()
-_REGISTERED: dict[str, int] = {}
+_REGISTERED: set[str] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -119,13 +119,13 @@ def _claim_name(group_name: str) -> bool:
     with _LOCK:
         if group_name in _REGISTERED or group_name in c10d._world.pg_names.values():
             return False
-        _REGISTERED[group_name] = 1
+        _REGISTERED.add(group_name)
         return True
 
 
 def _release_name(group_name: str) -> None:
     with _LOCK:
-        _REGISTERED.pop(group_name, None)
+        _REGISTERED.discard(group_name)
 
 
 def _tcp_url(address: str, port: int) -> str:
