@@ -47,7 +47,7 @@ TOK = CharTokenizer()
 
 # An SGLang-side rank written from SGLang's source (see the module docstring); torch only.
 PEER = textwrap.dedent("""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
     from datetime import timedelta
     import torch, torch.distributed as dist
     from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
@@ -89,6 +89,10 @@ PEER = textwrap.dedent("""
                 out[name] = hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
         print(json.dumps(out))
     dist.destroy_process_group(pg)
+    # The result is out; leave without interpreter teardown: under load the peer's gloo / store-client threads
+    # were once caught mid-exit (std::terminate, "terminate called without an active exception").
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 
