@@ -67,6 +67,40 @@ class TrainerBackend(Protocol):
         """Restore from `save`."""
 
 
+@runtime_checkable
+class CriticBackend(Protocol):
+    """A value model (the policy's architecture with a scalar head) and its own optimizer.
+
+    `values` is aligned with `TrainerBackend.logprobs`: position t holds V(x_<t), the value of the
+    state in which token t is sampled (computed from the hidden state at t - 1); 0 at t = 0 and on
+    padding.
+    """
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """Values [B, T] of `batch.input_ids_BT` (no gradient)."""
+
+    def train_step(self, batch: TrainBatch, loss_fn: "ValueLossFn") -> dict[str, float]:
+        """One optimizer step of the critic over the batch (micro-batched); returns metrics."""
+
+    def reset_optimizer(self, opt: Any) -> None:
+        """Fresh optimizer state and schedule (training.hf.OptimSettings)."""
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The critic in HF naming: a *ForTokenClassification model with num_labels 1 (`score.weight`)."""
+
+    def save(self, path: str) -> None:
+        """HF-format critic (+ optimizer state) in a directory."""
+
+    def load(self, path: str) -> None:
+        """Restore from `save`."""
+
+
+class ValueLossFn(Protocol):
+    """Per-micro-batch critic loss: (values_BT, micro TrainBatch) -> (loss, metrics)."""
+
+    def __call__(self, values_BT: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
 class LossFn(Protocol):
     """Per-micro-batch loss: (logprobs_BT, entropy_BT, micro TrainBatch) -> (loss, metrics)."""
 

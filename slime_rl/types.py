@@ -170,12 +170,14 @@ class TrainBatch:
     input_ids_BT: Any  # torch.LongTensor [B, T]
     attention_mask_BT: Any  # [B, T] 1 for real tokens
     response_mask_BT: Any  # [B, T] float, 1 for tokens that receive loss
-    advantages_BT: Any  # [B, T] float (per-token advantage, 0 off-mask)
+    advantages_BT: Any  # [B, T] float: each token's own advantage (0 off-mask)
     rollout_logprobs_BT: Any  # [B, T] engine logprobs of each token (0 off-mask)
     loss_weights_BT: Any = None  # [B, T] per-token weight of the loss (see algorithms.aggregation)
     old_logprobs_BT: Any = None  # trainer logprobs before the update
     ref_logprobs_BT: Any = None  # reference-model logprobs (KL)
     is_weights_BT: Any = None  # off-policy importance weights of the policy-gradient term (None = 1)
+    values_BT: Any = None  # critic: V of the state each token is sampled in, before the update (0 off-mask)
+    returns_BT: Any = None  # critic: the value targets (GAE returns) (0 off-mask)
     temperature: float = 1.0  # logits are divided by it, as in the engine
 
     @property
