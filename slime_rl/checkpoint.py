@@ -2,6 +2,7 @@
 
     <output_dir>/checkpoints/step_000020/
         trainer/      the trainer's own save (weights, optimizer, scheduler; HF-loadable)
+        critic/       the critic's, when the algorithm has one (PPO)
         state.pt      step, weight version, RNG states, rollout position and buffer,
                       the metrics and trained-group records so far
 
@@ -47,13 +48,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(trainer, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` (trainer + `state` + RNG) atomically; prune to the newest `keep`."""
+def save(trainer, output_dir: str | Path, step: int, state: dict[str, Any], keep: int, critic=None) -> Path:
+    """Write checkpoint `step` (trainer, critic + `state` + RNG) atomically; prune to the newest `keep`."""
     final = root(output_dir) / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     trainer.save(str(tmp / "trainer"))
+    if critic is not None:
+        critic.save(str(tmp / "critic"))
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -83,9 +86,13 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def load(trainer, path: Path) -> dict[str, Any]:
-    """Restore the trainer from checkpoint `path`, set the RNG states, and return its run state."""
+def load(trainer, path: Path, critic=None) -> dict[str, Any]:
+    """Restore the trainer (and critic) from checkpoint `path`, set the RNG states, and return its run state."""
     trainer.load(str(path / "trainer"))
+    if critic is not None:
+        if not (path / "critic").is_dir():
+            raise FileNotFoundError(f"{path} has no critic/ checkpoint: it was written by a run without a critic")
+        critic.load(str(path / "critic"))
     state = torch.load(path / STATE_FILE, weights_only=False)
     set_rng_state(state["rng"])
     return state

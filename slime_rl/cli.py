@@ -30,8 +30,8 @@ from typing import Any
 from slime_rl.config import (
     ConfigError,
     JobConfig,
+    build_config,
     field_types,
-    from_dict,
     is_dataclass_type,
     literal_choices,
     load_config_file,
@@ -76,6 +76,15 @@ def _type_label(tp: Any) -> str:
     return name.upper() if name in ("int", "float", "str", "bool") else str(tp).replace(" | None", "").upper()
 
 
+def _case_insensitive(choices: tuple):
+    """argparse `type` mapping a value to the choice it spells in any case (`--algo dapo` -> DAPO)."""
+
+    def canonical(value: str) -> str:
+        return next((c for c in choices if isinstance(c, str) and c.lower() == value.lower()), value)
+
+    return canonical
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One argument group per config section, one flag per field."""
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file (flags override it)")
@@ -85,7 +94,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar = "{" + ",".join(choices) + "}" if choices else "N" if "INT" in _type_label(_field_type(target)) \
             else "VALUE"
         topo.add_argument(*flags, dest=f"short.{dest}", default=argparse.SUPPRESS, metavar=metavar,
-                          choices=choices, help=f"{help_text} (= --{target})")
+                          choices=choices, type=_case_insensitive(choices) if choices else None,
+                          help=f"{help_text} (= --{target})")
     for dest, (flag, target, help_text) in SWITCHES.items():
         topo.add_argument(flag, dest=f"switch.{dest}", action="store_true", default=argparse.SUPPRESS,
                           help=f"{help_text} (= --{target} true)")
@@ -111,21 +121,21 @@ def _field_type(dotted: str) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """Defaults <- config file <- flags; validated."""
-    cfg = from_dict(JobConfig, load_config_file(args.config)) if getattr(args, "config", None) else JobConfig()
+    """Defaults <- the --algo preset <- config file <- flags; validated."""
+    data = load_config_file(args.config) if getattr(args, "config", None) else None
+    overrides: list[tuple[str, Any]] = []
     for dest, value in sorted(vars(args).items()):
         if dest.startswith("short."):
-            set_field(cfg, SHORT_FLAGS[dest[len("short."):]][1], value)
+            overrides.append((SHORT_FLAGS[dest[len("short."):]][1], value))
             if dest == "short.ray_address":
-                cfg.launch.launcher = "ray"
+                overrides.append(("launch.launcher", "ray"))
         elif dest.startswith("switch."):
-            set_field(cfg, SWITCHES[dest[len("switch."):]][1], True)
+            overrides.append((SWITCHES[dest[len("switch."):]][1], True))
         elif "." in dest or dest in {f.name for f in dataclasses.fields(JobConfig)}:
             if dest in _SECTIONS:
                 continue
-            set_field(cfg, dest, value)
-    cfg.validate()
-    return cfg
+            overrides.append((dest, value))
+    return build_config(data, overrides)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ALGORITHMS = ("GRPO", "DAPO", "REINFORCE_PPB", "RLOO", "PPO")
-
+from slime_rl.algorithms.config import AlgorithmConfig, CriticConfig
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the field."""
@@ -96,32 +95,6 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    """Policy-gradient algorithm and loss."""
-
-    name: Literal["GRPO", "DAPO", "REINFORCE_PPB", "RLOO", "PPO"] = "GRPO"
-    eps_clip_low: float = 0.2
-    eps_clip_high: float = 0.2
-    kl_coef: float = 0.0  # > 0 keeps a reference model and adds the k3 KL term
-    kl_type: Literal["k1", "k2", "k3"] = "k3"
-    # token (= token_mean), sequence (= seq_mean_token_mean), seq_mean_token_sum, constant (Dr. GRPO:
-    # divided by loss_agg_len, the generation budget); see algorithms/batch.py token_loss_weights
-    loss_agg: Literal["token", "sequence", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                      "constant"] = "token"
-    loss_agg_len: int | None = None  # constant aggregation's length; None = rollout.max_new_tokens
-    dual_clip_c: float | None = None  # dual-clip: a negative advantage's loss is capped at -A * c (c > 1)
-    scale_adv_by_std: bool = True
-    adv_eps: float = 1e-6
-    entropy_coef: float = 0.0
-    # off-policy correction for tokens sampled by older weights than the trainer's (async modes):
-    # tis = truncated importance sampling, weight min(pi_old / pi_behaviour, is_cap);
-    # decoupled = decoupled PPO, weight pi_old / pi_behaviour, tokens past is_cap masked out;
-    # auto = none in sync mode, decoupled in the async modes
-    off_policy: Literal["auto", "none", "tis", "decoupled"] = "auto"
-    is_cap: float = 2.0
-
-
-@dataclass
 class RewardConfig:
     """Reward function: a registry name or a dotted path ("pkg.mod:fn")."""
 
@@ -155,7 +128,6 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     micro_batch_size: int = 64
-    updates_per_step: int = 1  # optimizer steps per rollout batch (mini-batches)
     seed: int = 0
 
 
@@ -259,6 +231,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -300,9 +273,26 @@ class JobConfig:
             ("rollout.page_size", self.rollout.page_size >= 1, ">= 1"),
             ("rollout.kv_cache_mb", self.rollout.kv_cache_mb > 0, "> 0"),
             ("rollout.max_total_tokens", (self.rollout.max_total_tokens or 1) >= 1, ">= 1 or None"),
-            ("algorithm.eps_clip_low", 0 <= self.algorithm.eps_clip_low < 1, "in [0, 1)"),
+            ("algorithm.eps_clip_low", 0 <= self.algorithm.eps_clip_low <= 1, "in [0, 1]"),
             ("algorithm.eps_clip_high", self.algorithm.eps_clip_high >= 0, ">= 0"),
             ("algorithm.kl_coef", self.algorithm.kl_coef >= 0, ">= 0"),
+            ("algorithm.ref_update_every", self.algorithm.ref_update_every >= 0, ">= 0"),
+            ("algorithm.gamma", 0 <= self.algorithm.gamma <= 1, "in [0, 1]"),
+            ("algorithm.lam", 0 <= self.algorithm.lam <= 1, "in [0, 1]"),
+            ("algorithm.ppo_epochs", self.algorithm.ppo_epochs >= 1, ">= 1"),
+            ("algorithm.mini_batches", 1 <= self.algorithm.mini_batches <= self.rollout.prompts_per_step
+             * self.rollout.n_samples_per_prompt, ">= 1 and at most the samples of a step"),
+            ("algorithm.dynamic_sampling_rounds", self.algorithm.dynamic_sampling_rounds >= 0, ">= 0"),
+            ("algorithm.overlong_buffer_len", 0 <= self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens,
+             "in [0, rollout.max_new_tokens]"),
+            ("algorithm.overlong_penalty", self.algorithm.overlong_penalty >= 0, ">= 0"),
+            ("algorithm.kl_in_reward", not self.algorithm.kl_in_reward or self.algorithm.kl_coef > 0,
+             "false unless algorithm.kl_coef > 0 (the KL it puts in the reward)"),
+            ("critic.lr", self.critic.lr > 0, "> 0"),
+            ("critic.warmup_steps", 0 <= self.critic.warmup_steps <= self.train.num_steps,
+             "in [0, train.num_steps]"),
+            ("critic.value_clip", self.critic.value_clip is None or self.critic.value_clip > 0, "> 0 (or null: off)"),
+            ("critic.micro_batch_size", self.critic.micro_batch_size >= 1, ">= 1"),
             ("algorithm.dual_clip_c", self.algorithm.dual_clip_c is None or self.algorithm.dual_clip_c > 1,
              "> 1 (or null: off)"),
             ("algorithm.loss_agg_len", self.algorithm.loss_agg_len is None or self.algorithm.loss_agg_len >= 1,
@@ -375,6 +365,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         return coerce(name, args[0], value)
     choices = literal_choices(tp)
     if choices is not None:
+        if isinstance(value, str) and value not in choices:  # choices are case-insensitive: `--algo dapo`
+            value = next((c for c in choices if isinstance(c, str) and c.lower() == value.lower()), value)
         if value not in choices:
             allowed = ", ".join(str(c) for c in choices)
             raise ConfigError(f"{name}: invalid value {value!r}; allowed values: {allowed}")
@@ -434,6 +426,43 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         tp = hints[key]
         kwargs[key] = from_dict(tp, value, f"{name}.") if is_dataclass_type(tp) else coerce(name, tp, value)
     return cls(**kwargs)
+
+
+def apply_dict(cfg: Any, data: dict, prefix: str = "") -> None:
+    """Set the fields of `data` (nested mappings for nested configs) on the dataclass `cfg`, coercing each."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = field_types(type(cfg))
+    known = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(known))}")
+        if is_dataclass_type(hints[key]):
+            apply_dict(getattr(cfg, key), value, f"{name}.")
+        else:
+            setattr(cfg, key, coerce(name, hints[key], value))
+
+
+def build_config(data: dict | None = None, overrides: list[tuple[str, Any]] = ()) -> JobConfig:
+    """Defaults <- the algorithm's preset <- a config file's `data` <- `overrides` ((dotted name, value) pairs,
+    the flags); validated. The preset of `algorithm.name` (as the file and flags set it) only moves defaults:
+    every field the file or a flag sets wins over it."""
+    from slime_rl import algorithms
+
+    def assemble(preset: dict[str, Any]) -> JobConfig:
+        cfg = JobConfig()
+        for name, value in preset.items():
+            set_field(cfg, name, value)
+        apply_dict(cfg, data or {})
+        for name, value in overrides:
+            set_field(cfg, name, value)
+        return cfg
+
+    plain = assemble({})
+    cfg = assemble(algorithms.get(plain.algorithm.name).preset(plain))
+    cfg.validate()
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -178,7 +178,7 @@ def build_run(cfg: JobConfig) -> Run:
         sync = WeightSync(trainer, [engine], cfg.sync) if trainer is not None and engine is not None else None
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
-    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, engine=engine, extra=extra, sync=sync,
+    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, extra=extra, sync=sync,
                reward_fn=get_reward_fn(cfg.reward.name), train_records=train_records, val_records=val_records,
                sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
@@ -223,9 +223,32 @@ def _rl_opt(cfg: JobConfig):
 
     t = cfg.train
     return OptimSettings(lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                         total_steps=max(1, t.num_steps * t.updates_per_step), weight_decay=t.weight_decay,
+                         total_steps=max(1, t.num_steps * _updates_per_step(cfg)), weight_decay=t.weight_decay,
                          betas=(t.adam_beta1, t.adam_beta2), grad_clip=t.grad_clip,
                          micro_batch_size=t.micro_batch_size)
+
+
+def _updates_per_step(cfg: JobConfig) -> int:
+    return cfg.algorithm.ppo_epochs * cfg.algorithm.mini_batches
+
+
+def _critic_opt(cfg: JobConfig):
+    from training.hf import OptimSettings
+
+    c, t = cfg.critic, cfg.train
+    return OptimSettings(lr=c.lr, schedule="constant", warmup_steps=0, total_steps=max(1, t.num_steps * _updates_per_step(cfg)),
+                         betas=(t.adam_beta1, t.adam_beta2), grad_clip=c.grad_clip, micro_batch_size=c.micro_batch_size)
+
+
+def attach_critic(run: Run) -> None:
+    """The critic the algorithm needs (PPO), initialised from `critic.path` or from the policy as it is now
+    (after the SFT warm-up, as ReFT does); None otherwise."""
+    a = run.cfg.algorithm
+    if run.trainer is None or not algorithms.get(a.name).needs(a).critic:
+        return
+    from training.critic import build_critic
+
+    run.critic = build_critic(run.cfg, run.trainer, _critic_opt(run.cfg))
 
 
 def sft_stage(run: Run) -> dict[str, float]:
@@ -293,6 +316,7 @@ def job_run(cfg: JobConfig):
     finally:
         router, launch = run.extra.get("router"), run.extra.get("launch")
         for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
+                      getattr(run.critic, "close", None),
                       getattr(run.engine, "close", None),
                       router.stop if router is not None else None, launch.close if launch is not None else None):
             if close is not None:
@@ -324,6 +348,7 @@ def _train(run: Run) -> int:
         sft_greedy = greedy_accuracy(run)
         run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
         run.trainer.reset_optimizer(_rl_opt(cfg))
+        attach_critic(run)
     print(f"[rl] {cfg.algorithm.name}, {cfg.async_rl.mode}: {cfg.train.num_steps} steps x "
           f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples")
     try:
@@ -351,7 +376,8 @@ def _resume_point(cfg: JobConfig, out_dir: Path) -> Path | None:
 def _load_checkpoint(run: Run, path: Path) -> dict:
     """The RL optimizer as a fresh run builds it, then the checkpoint's trainer state over it."""
     run.trainer.reset_optimizer(_rl_opt(run.cfg))
-    state = checkpoint.load(run.trainer, path)
+    attach_critic(run)
+    state = checkpoint.load(run.trainer, path, critic=run.critic)
     print(f"[ckpt] resumed from {path}: step {state['step']}, weight version {state['weight_version']}")
     return state
 
@@ -382,6 +408,8 @@ def _finish(run: Run, sft: tuple[float, float], rl: tuple[float, float], seconds
     if run.cfg.log.save_checkpoint:
         run.trainer.save(str(out / "checkpoint"))
         run.tokenizer.save(str(out / "checkpoint"))
+        if run.critic is not None:
+            run.critic.save(str(out / "critic"))
     plot = plot_curves(run.logger, out / "curves.png", title=f"{run.cfg.algorithm.name} on {out.name}") \
         if run.cfg.log.plot else None
     label = "after SFT" if run.cfg.sft.enabled else "before RL"
@@ -394,7 +422,7 @@ def _finish(run: Run, sft: tuple[float, float], rl: tuple[float, float], seconds
     if plot:
         print(f"plot:    {plot}")
     if run.cfg.log.save_checkpoint:
-        print(f"model:   {out / 'checkpoint'}")
+        print(f"model:   {out / 'checkpoint'}" + (f"   critic: {out / 'critic'}" if run.critic is not None else ""))
     print(f"time:    {seconds:.0f}s")
     print("=" * 60)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ from slime_rl.algorithms import off_policy
 from slime_rl.config import JobConfig
 from slime_rl.evaluate import evaluate, reward_metrics
 from slime_rl.metrics import MetricsLogger, format_line
-from slime_rl.producer import (AsyncRollout, PromptStream, ReplayRollout, RolloutWorker, SyncRollout, group_uid,
-                               save_groups, staleness_of)
+from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, ReplayRollout, RolloutWorker,
+                               SyncRollout, group_uid, save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
 from slime_rl.types import Sample, SamplingParams, TrainBatch
 
@@ -42,6 +44,7 @@ class Run:
     cfg: JobConfig
     tokenizer: Any
     trainer: Any  # TrainerBackend (None in rollout-only mode)
+    critic: Any  # CriticBackend when the algorithm needs one (PPO), else None
     engine: Any  # RolloutEngine (None when replaying saved rollouts)
     sync: Any  # weight_sync.WeightSync or an EngineSupervisor over one: trainer -> engine(s); None without engines
     reward_fn: Any
@@ -69,7 +72,16 @@ def sampling_params(run: Run) -> SamplingParams:
 
 
 def make_rollout(run: Run, start_step: int):
-    """Where each step's groups come from: saved rollouts, the engines now (sync), or a producer ahead (async)."""
+    """Where each step's groups come from: saved rollouts, the engines now (sync), or a producer ahead (async);
+    filtered by dynamic sampling when the algorithm asks for it."""
+    rollout = _source(run, start_step)
+    a = run.cfg.algorithm
+    if algorithms.get(a.name).needs(a).dynamic_sampling:
+        rollout = DynamicSampling(rollout, run.cfg.rollout.prompts_per_step, a.dynamic_sampling_rounds)
+    return rollout
+
+
+def _source(run: Run, start_step: int):
     cfg = run.cfg
     if cfg.debug.load_rollouts:
         return ReplayRollout(cfg.debug.load_rollouts)
@@ -90,14 +102,17 @@ def make_rollout(run: Run, start_step: int):
 
 
 def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
-    """The configured algorithm's advantages, packed into a padded batch."""
+    """The scored groups packed into a padded batch: shaped rewards, group of each row, loss mask."""
     a = run.cfg.algorithm
-    advantages = algorithms.get(a.name).advantages(groups, a)
     samples = [s for g in groups for s in g]
-    flat_adv = [adv for g in advantages for adv in g]
-    return algorithms.build_train_batch(samples, flat_adv, run.tokenizer.pad_token_id, loss_agg=a.loss_agg,
+    budget = run.cfg.rollout.max_new_tokens
+    rewards = [s.scalar_reward + algorithms.overlong_penalty(len(s.response_ids), budget, a.overlong_buffer_len,
+                                                             a.overlong_penalty) for s in samples]
+    return algorithms.build_train_batch(samples, None, run.tokenizer.pad_token_id, loss_agg=a.loss_agg,
                                         temperature=run.cfg.rollout.temperature or 1.0,
-                                        constant_len=loss_agg_len(run))
+                                        constant_len=loss_agg_len(run),
+                                        group_index=[i for i, g in enumerate(groups) for _ in g], rewards=rewards,
+                                        mask_truncated=a.mask_truncated)
 
 
 def loss_agg_len(run: Run) -> int:
@@ -105,26 +120,68 @@ def loss_agg_len(run: Run) -> int:
     return run.cfg.algorithm.loss_agg_len or run.cfg.rollout.max_new_tokens
 
 
-def train(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
-    """Old (and reference) logprobs, off-policy weights, then one optimizer step per mini-batch."""
+def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
+    """Old (and reference) logprobs, the critic's values, the algorithm's advantages, off-policy weights."""
     a = run.cfg.algorithm
+    algorithm = algorithms.get(a.name)
+    needs = algorithm.needs(a)
     batch.old_logprobs_BT = run.trainer.logprobs(batch)
-    if algorithms.get(a.name).needs(a).reference:
+    if needs.reference:
         batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
+    if needs.critic:
+        batch.values_BT = run.critic.values(batch) * batch.response_mask_BT
+    batch.advantages_BT, batch.returns_BT = algorithm.advantages(batch, a)
     mask = batch.response_mask_BT
-    diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / mask.sum().clamp(min=1)
-    stats: dict[str, float] = {"train_rollout_logprob_abs_diff": float(diff)}
+    n = mask.sum().clamp(min=1)
+    diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / n
+    adv_mean = (batch.advantages_BT * mask).sum() / n
+    stats = {"train_rollout_logprob_abs_diff": float(diff), "adv_mean": float(adv_mean),
+             "adv_std": float((((batch.advantages_BT - adv_mean) * mask).square().sum() / n).sqrt()),
+             "reward_shaped_mean": float(batch.rewards_B.mean())}
+    if batch.returns_BT is not None:
+        stats.update(explained_variance(batch.values_BT, batch.returns_BT, mask))
     method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
     batch.is_weights_BT, is_stats = off_policy.importance_weights(batch.old_logprobs_BT, batch.rollout_logprobs_BT,
                                                                   mask, method, a.is_cap)
-    n = run.cfg.train.updates_per_step
-    size = -(-batch.num_sequences // n)
-    for k in range(n):  # mini-batches: weights renormalized per mini-batch
-        mini = batch.select(slice(k * size, (k + 1) * size))
-        mini.loss_weights_BT = algorithms.token_loss_weights(mini.response_mask_BT, a.loss_agg, loss_agg_len(run))
-        for key, v in run.trainer.train_step(mini, loss_fn).items():
-            stats[key] = stats.get(key, 0.0) + v / n
     return {**stats, **is_stats}
+
+
+def explained_variance(values_BT, returns_BT, mask_BT) -> dict[str, float]:
+    """1 - Var(returns - values) / Var(returns) over the loss tokens, and the mean value (critic metrics)."""
+    n = mask_BT.sum().clamp(min=1)
+
+    def var(x_BT):
+        mean = (x_BT * mask_BT).sum() / n
+        return ((x_BT - mean).square() * mask_BT).sum() / n
+
+    v_ret = var(returns_BT)
+    ev = 1.0 - var(returns_BT - values_BT) / v_ret if v_ret > 0 else torch.tensor(float("nan"))
+    return {"explained_variance": float(ev), "value_mean": float((values_BT * mask_BT).sum() / n)}
+
+
+def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, float]:
+    """score_batch, then `ppo_epochs` passes of `mini_batches` optimizer steps (the critic's first, then the
+    policy's; during the critic's warm-up only the critic's). Old logprobs are computed once, before the first
+    update, so every update after the first sees a ratio other than 1."""
+    a = run.cfg.algorithm
+    stats = score_batch(run, batch)
+    value_loss = algorithms.ValueLoss(run.cfg.critic.value_clip) if run.critic is not None else None
+    train_policy = run.critic is None or step >= run.cfg.critic.warmup_steps
+    n = a.mini_batches
+    size = -(-batch.num_sequences // n)
+    updates = a.ppo_epochs * n
+    for _ in range(a.ppo_epochs):
+        for k in range(n):  # mini-batches: weights renormalized per mini-batch
+            mini = batch.select(slice(k * size, (k + 1) * size))
+            mini.loss_weights_BT = algorithms.token_loss_weights(mini.response_mask_BT, a.loss_agg, loss_agg_len(run))
+            steps = [(run.critic, value_loss, "critic_")] if value_loss is not None else []
+            steps += [(run.trainer, loss_fn, "")] if train_policy else []
+            for backend, fn, prefix in steps:
+                for key, v in backend.train_step(mini, fn).items():
+                    stats[prefix + key] = stats.get(prefix + key, 0.0) + v / updates
+    if a.ref_update_every and (step + 1) % a.ref_update_every == 0:
+        run.trainer.update_reference()
+    return stats
 
 
 def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float = 1.0) -> dict[str, float]:
@@ -157,7 +214,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     if resume:
         restore(run, rollout, resume)
     sync_weights(run)  # the trainer is the source of truth
-    if isinstance(rollout, AsyncRollout):
+    if isinstance(getattr(rollout, "inner", rollout), AsyncRollout):
         rollout.start()
     last_eval: dict[str, float] = {}
     try:
@@ -171,7 +228,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
             stats, sync_stats = {}, {}
             if run.trainer is not None:
                 batch = prepare(run, groups)
-                stats = train_phase(run, batch, loss_fn)
+                stats = train_phase(run, batch, loss_fn, step)
                 sync_stats = rollout.push(lambda: sync_weights(run))
             record = {"step": step + 1, "weight_version": run.weight_version,
                       **reward_metrics([s for g in groups for s in g], "rollout"),
@@ -200,13 +257,13 @@ def idle_trainer(run: Run):
     return idle() if idle is not None else contextlib.nullcontext()
 
 
-def train_phase(run: Run, batch: TrainBatch, loss_fn) -> dict[str, float]:
+def train_phase(run: Run, batch: TrainBatch, loss_fn, step: int) -> dict[str, float]:
     """`train`, with colocated engines' memory released around it (Ray, launch.colocate)."""
     launch = run.extra.get("launch")
     if launch is not None:
         launch.before_train()
     try:
-        return train(run, batch, loss_fn)
+        return train(run, batch, loss_fn, step)
     except Exception as exc:  # noqa: BLE001 - any trainer failure ends the run the same way
         raise TrainerFailed(f"the trainer failed at weight version {run.weight_version}: "
                             f"{type(exc).__name__}: {exc}") from exc
@@ -238,8 +295,7 @@ def maybe_checkpoint(run: Run, step: int, rollout) -> None:
     state = {"weight_version": run.weight_version, "rollout": rollout.state_dict(),
              "metrics": list(run.logger.history), "ledger": list(ledger.history) if ledger else [],
              "reward_errors": run.extra.get("reward_errors", 0)}
-    path = checkpoint.save(run.trainer, run.out_dir, step, state, keep=c.keep)
-    run.extra["last_checkpoint"] = path
+    path = checkpoint.save(run.trainer, run.out_dir, step, state, keep=c.keep, critic=run.critic)
     print(f"[ckpt] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
 

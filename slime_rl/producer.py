@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -178,8 +179,9 @@ class SyncRollout:
     def __init__(self, worker: RolloutWorker, prompts: PromptStream):
         self.worker, self.prompts = worker, prompts
 
-    def get(self, step: int, trainer_version: int) -> list[Group]:
-        items = [self.prompts.next_group() for _ in range(self.prompts.per_step)]
+    def get(self, step: int, trainer_version: int, n: int | None = None) -> list[Group]:
+        """The next `n` groups (default: a step's worth), generated together now."""
+        items = [self.prompts.next_group() for _ in range(n or self.prompts.per_step)]
         return self.worker.submit(self.worker.generate_wave(items)).result()
 
     def push(self, push_fn: Callable[[], dict]) -> dict:
@@ -382,6 +384,50 @@ class ReplayRollout:
 
     def close(self) -> None:
         pass
+
+
+def has_signal(group: Group) -> bool:
+    """DAPO's dynamic-sampling filter: a group whose rewards all agree gives every sample advantage 0."""
+    rewards = [s.scalar_reward for s in group]
+    return max(rewards) > min(rewards)
+
+
+class DynamicSampling:
+    """DAPO's dynamic sampling over any rollout: groups whose rewards all agree are dropped, and while the
+    batch is short more groups are generated (`rounds` extra rounds at most, each sized by the keep rate so
+    far); kept groups past the batch size are dropped too. Only a rollout that generates on demand (sync:
+    `get(..., n=)`) is refilled; in the asynchronous modes and on replay the filter only drops, and the step
+    trains on a smaller batch."""
+
+    def __init__(self, inner, target: int, rounds: int):
+        self.inner, self.target, self.rounds = inner, target, rounds
+        self.refill = isinstance(inner, SyncRollout)
+        self.last: dict[str, float] = {}
+
+    def get(self, step: int, trainer_version: int) -> list[Group]:
+        groups = self.inner.get(step, trainer_version)
+        kept, generated, rounds = [], 0, 0
+        while True:
+            generated += len(groups)
+            kept += [g for g in groups if has_signal(g)]
+            if len(kept) >= self.target or not self.refill or rounds >= self.rounds:
+                break
+            rounds += 1
+            rate = max(len(kept) / generated, 0.1)
+            missing = self.target - len(kept)
+            groups = self.inner.get(step, trainer_version, n=min(4 * self.target, math.ceil(missing / rate)))
+        batch = kept[: self.target] or groups  # nothing kept: the last groups, which carry no advantage
+        n = len(batch[0]) if batch else 0
+        self.last = {"rollout/filtered_groups_frac": (generated - len(kept)) / max(1, generated),
+                     "rollout/extra_samples": float((generated - len(batch)) * n),
+                     "rollout/sampling_rounds": float(rounds + 1), "rollout/kept_groups": float(len(kept))}
+        return batch
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.inner.metrics(), **self.last}
+
+    def __getattr__(self, name: str):  # push, state_dict, load_state_dict, start, close: the inner rollout's
+        return getattr(self.inner, name)
 
 
 def save_groups(path: Path, groups: list[Group]) -> None:

@@ -176,6 +176,8 @@ class TrainBatch:
     old_logprobs_BT: Any = None  # trainer logprobs before the update
     ref_logprobs_BT: Any = None  # reference-model logprobs (KL)
     is_weights_BT: Any = None  # off-policy importance weights of the policy-gradient term (None = 1)
+    rewards_B: Any = None  # [B] float: each row's scalar reward after shaping (advantage estimators read it)
+    group_B: Any = None  # [B] long: the group (prompt) each row belongs to
     values_BT: Any = None  # critic: V of the state each token is sampled in, before the update (0 off-mask)
     returns_BT: Any = None  # critic: the value targets (GAE returns) (0 off-mask)
     temperature: float = 1.0  # logits are divided by it, as in the engine
@@ -188,5 +190,7 @@ class TrainBatch:
         """A sub-batch of rows (index tensor or slice), e.g. one micro-batch."""
         fields = {}
         for name, value in self.__dict__.items():
-            fields[name] = value[rows] if hasattr(value, "shape") else value
+            if hasattr(value, "shape"):  # per-row [B] fields take only the row part of a (rows, columns) index
+                value = value[rows[0] if isinstance(rows, tuple) and value.dim() == 1 else rows]
+            fields[name] = value
         return TrainBatch(**fields)

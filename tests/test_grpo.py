@@ -102,19 +102,3 @@ def test_build_train_batch_layout():
     assert b.advantages_BT.tolist() == [[0, 0, 1, 1, 1], [0, -1, 0, 0, 0]]
     assert torch.allclose(b.rollout_logprobs_BT[0, 2:], torch.tensor([-0.1, -0.2, -0.3]))
     assert math.isclose(float(b.loss_weights_BT.sum()), 1.0, rel_tol=1e-6)
-
-
-def test_the_algorithm_seam_serves_grpo_and_names_what_is_implemented():
-    from slime_rl import algorithms
-    from slime_rl.config import AlgorithmConfig
-
-    grpo = algorithms.get("grpo")  # --algo is case-insensitive
-    assert grpo is algorithms.get("GRPO") and "GRPO" in algorithms.implemented()
-    with pytest.raises(NotImplementedError, match="implemented: GRPO"):
-        algorithms.get("PPO")
-    cfg = AlgorithmConfig()
-    assert grpo.needs(cfg) == algorithms.Needs() and grpo.needs(AlgorithmConfig(kl_coef=0.1)).reference
-    groups = [_group([1.0, 0.0]), _group([0.5, 0.5, 2.0])]
-    assert grpo.advantages(groups, cfg) == grpo_advantages(groups)
-    loss = grpo.loss(AlgorithmConfig(eps_clip_high=0.28, dual_clip_c=3.0))
-    assert (loss.eps_low, loss.eps_high, loss.dual_clip_c) == (0.2, 0.28, 3.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slime_rl.algorithms import kl_penalty, policy_loss, token_loss_weights
-from slime_rl.algorithms.grpo import K3_MAX, LOG_RATIO_CLAMP
+from slime_rl.algorithms import K3_MAX, LOG_RATIO_CLAMP
 
 
 def test_extreme_log_ratios_give_a_finite_loss_and_gradient():

@@ -1,18 +1,17 @@
-"""The `Algorithm` seam: what an RL algorithm needs, its advantages and its policy loss.
+"""The `Algorithm` seam: what an RL algorithm needs, its preset, its advantages and its policy loss.
 
 The loop asks the configured algorithm (`get(cfg.algorithm.name)`) and never
 names one. An algorithm is a small object registered under its `--algo` name:
 
-- `needs(cfg)`: a reference model (KL), a critic, dynamic sampling, whitening
-  over the whole global batch;
-- `advantages(groups, cfg)`: one advantage per sample of each scored group
-  (per-token advantages, returns and values come with the critic);
-- `loss(cfg)`: the `LossFn` handed to `TrainerBackend.train_step` (a picklable
-  object: trainer ranks in other processes receive it).
+- `preset(job_cfg)`: the config fields it sets (dotted names -> values), applied over the defaults and
+  under the config file and the flags, so every field stays overridable;
+- `needs(cfg)`: a reference model (KL), a critic, dynamic sampling, whitening over the whole batch;
+- `advantages(batch, cfg)`: per-token advantages [B, T] and, for a critic, returns [B, T] (else None) from
+  the batch's rewards, groups, old/ref logprobs and values;
+- `loss(cfg)`: the `LossFn` handed to `TrainerBackend.train_step` (a picklable object: trainer ranks in
+  other processes receive it).
 
-`cfg` is the job's `AlgorithmConfig` (typed loosely here: algorithms sit below
-the config module). Names the config accepts but no algorithm implements yet
-raise NotImplementedError from `get`, naming the implemented ones.
+`cfg` is the job's `AlgorithmConfig` (algorithms/config.py). Names are case-insensitive.
 """
 
 from __future__ import annotations
@@ -20,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from slime_rl.types import Sample
+import torch
+
+from slime_rl.types import TrainBatch
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,14 @@ class Needs:
 
 class Algorithm(Protocol):
     name: str
+    summary: str  # one line for the README and --help
+    paper: str
+
+    def preset(self, job_cfg: Any) -> dict[str, Any]: ...
 
     def needs(self, cfg: Any) -> Needs: ...
 
-    def advantages(self, groups: list[list[Sample]], cfg: Any) -> list[list[float]]: ...
+    def advantages(self, batch: TrainBatch, cfg: Any) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def loss(self, cfg: Any) -> Callable: ...
 
@@ -61,5 +66,5 @@ def get(name: str) -> Algorithm:
     try:
         return _REGISTRY[name.upper()]
     except KeyError:
-        raise NotImplementedError(f"algorithm {name!r} is not yet implemented; implemented: "
+        raise NotImplementedError(f"algorithm {name!r} is not implemented; implemented: "
                                   f"{', '.join(implemented())}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from slime_rl.types import Sample, TrainBatch
+from slime_rl.types import Sample, SampleStatus, TrainBatch
 
 
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
@@ -50,14 +50,23 @@ def token_loss_weights(response_mask_BT: torch.Tensor, loss_agg: str, constant_l
 
 def build_train_batch(
     samples: list[Sample],
-    advantages: list[float],
+    advantages: list[float] | None,
     pad_id: int,
     loss_agg: str = "token",
     temperature: float = 1.0,
     constant_len: int | None = None,
+    group_index: list[int] | None = None,
+    rewards: list[float] | None = None,
+    mask_truncated: bool = False,
 ) -> TrainBatch:
-    """Pack samples (with one scalar advantage each) into right-padded tensors."""
-    if len(samples) != len(advantages):
+    """Pack samples into right-padded tensors.
+
+    `advantages`: one scalar per sample broadcast over its loss tokens (None: zeros, for an algorithm to fill
+    in from the batch). `group_index`: the group of each sample (default: its `group_id`). `rewards`: each
+    sample's scalar reward after shaping (default: `scalar_reward` of scored samples, else 0).
+    `mask_truncated`: samples cut by the token budget get no loss (DAPO's option).
+    """
+    if advantages is not None and len(samples) != len(advantages):
         raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
     if not samples:
         raise ValueError("cannot build a train batch from zero samples")
@@ -66,24 +75,37 @@ def build_train_batch(
     ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
     attn_BT = torch.zeros((B, T), dtype=torch.long)
     resp_BT = torch.zeros((B, T), dtype=torch.float32)
-    adv_BT = torch.zeros((B, T), dtype=torch.float32)
     rollout_lp_BT = torch.zeros((B, T), dtype=torch.float32)
-    for b, (s, adv) in enumerate(zip(samples, advantages)):
+    for b, s in enumerate(samples):
         P, R = len(s.prompt_ids), len(s.response_ids)
         ids_BT[b, : P + R] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         attn_BT[b, : P + R] = 1
+        if mask_truncated and s.status == SampleStatus.TRUNCATED:
+            continue
         loss_mask = s.loss_mask if s.loss_mask else [1] * R
         resp_BT[b, P : P + R] = torch.tensor(loss_mask, dtype=torch.float32)
-        adv_BT[b, P : P + R] = adv
         if s.rollout_logprobs:
             rollout_lp_BT[b, P : P + R] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-    adv_BT *= resp_BT
+    adv_B = torch.tensor(advantages if advantages is not None else [0.0] * B, dtype=torch.float32)
+    if rewards is None:
+        rewards = [s.scalar_reward if s.reward is not None else 0.0 for s in samples]
     return TrainBatch(
         input_ids_BT=ids_BT,
         attention_mask_BT=attn_BT,
         response_mask_BT=resp_BT,
-        advantages_BT=adv_BT,
+        advantages_BT=adv_B[:, None] * resp_BT,
         rollout_logprobs_BT=rollout_lp_BT,
         loss_weights_BT=token_loss_weights(resp_BT, loss_agg, constant_len),
         temperature=temperature,
+        rewards_B=torch.tensor(rewards, dtype=torch.float32),
+        group_B=torch.tensor(group_index if group_index is not None else [s.group_id for s in samples],
+                             dtype=torch.long),
     )
+
+
+def overlong_penalty(length: int, budget: int, buffer_len: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment: 0 up to budget - L tokens, then falling linearly to -penalty at the
+    budget (and below it past the budget)."""
+    if buffer_len <= 0 or length <= budget - buffer_len:
+        return 0.0
+    return -penalty * min(1.0, (length - (budget - buffer_len)) / buffer_len)
