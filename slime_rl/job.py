@@ -38,7 +38,6 @@ def _eval_label(cfg: JobConfig) -> str:
 
 
 def _check_supported(cfg: JobConfig) -> None:
-    algorithms.check_implemented(cfg.algorithm.name)
     on_ray = cfg.launch.launcher == "ray"
     if on_ray and cfg.rollout.engine_urls:
         raise ConfigError("rollout.engine_urls must be empty with launch.launcher ray (Ray starts the engines); "
