@@ -11,6 +11,9 @@ through `slime_rl.ops.fused_linear_logprobs`, which never materializes the
 [B, T, V] logits (fused_logprob=True, the default), or from the model's logits
 through `logprobs_from_logits` (fused_logprob=False). Both give the same numbers
 to float rounding (tests/test_fused_wiring.py).
+
+`HFModelTrainer` is what this trainer shares with the critic (training/hf/critic.py):
+the optimizer, the schedule, the micro-batched step and the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -116,7 +119,96 @@ def check_plain_lm_head(model: torch.nn.Module) -> None:
                          "(--train.fused_logprob false)")
 
 
-class HFTrainer:
+class HFModelTrainer:
+    """What the policy (HFTrainer) and the critic (training.hf.critic.HFCritic) share: AdamW with
+    clipping and an LR schedule over `self.model`, micro-batching with gradient accumulation, and
+    HF checkpoints with the optimizer state beside them.
+
+    A subclass sets `hf_config`, `model` and `opt`, calls `_build_optimizer`, and provides
+    `hf_state_dict()` (what `save` writes) and `_load_weights(state_dict)` (what `load` restores).
+    """
+
+    hf_config: dict
+    model: torch.nn.Module
+    opt: OptimSettings
+    step: int = 0
+
+    def _build_optimizer(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.opt.lr, betas=self.opt.betas,
+                                           weight_decay=self.opt.weight_decay, eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.opt))
+
+    def reset_optimizer(self, opt: OptimSettings) -> None:
+        """Fresh optimizer state and schedule (e.g. between the SFT and RL stages)."""
+        self.opt = opt
+        self.step = 0
+        self._build_optimizer()
+
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[slice, TrainBatch]]:
+        mbs = max(1, self.opt.micro_batch_size)
+        for start in range(0, batch.num_sequences, mbs):
+            rows = slice(start, min(start + mbs, batch.num_sequences))
+            mb = batch.select(rows)
+            T = int(mb.attention_mask_BT.sum(dim=1).max())  # trim right padding of this micro-batch
+            yield rows, mb.select((slice(None), slice(0, T)))
+
+    def _step(self, batch: TrainBatch,
+              micro_loss: Callable[[TrainBatch], tuple[torch.Tensor, dict[str, float]]]) -> dict[str, float]:
+        """One optimizer step over the whole batch, accumulated over micro-batches.
+
+        The loss function returns an already-normalized sum (per-token weights
+        are global to the batch), so accumulation needs no rescaling.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_stats = []
+        for _, mb in self._micro_batches(batch):
+            loss, stats = micro_loss(mb)
+            loss.backward()
+            micro_stats.append({"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}})
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.opt.grad_clip if self.opt.grad_clip > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.model.eval()
+        return {**merge_step_stats(micro_stats), "grad_norm": float(grad_norm), "lr": lr}
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, path: str) -> None:
+        """HF checkpoint (config.json + model.safetensors) + optimizer/scheduler state."""
+        from slime_rl.hf_io import save_hf_checkpoint
+
+        out = Path(path)
+        save_hf_checkpoint(out, self.hf_config, self.hf_state_dict())
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   out / "optimizer.pt")
+        (out / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+
+    def load(self, path: str) -> None:
+        """Restore weights and, when present, optimizer/scheduler state from `save`."""
+        from slime_rl.hf_io import load_hf_checkpoint
+
+        _, state_dict = load_hf_checkpoint(path)
+        self._load_weights(state_dict)
+        opt_file = Path(path) / "optimizer.pt"
+        if opt_file.exists():
+            state = torch.load(opt_file, weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        state_file = Path(path) / "trainer_state.json"
+        if state_file.exists():
+            self.step = json.loads(state_file.read_text())["step"]
+
+
+class HFTrainer(HFModelTrainer):
     """TrainerBackend on a transformers model (single process).
 
     fused_logprob: compute logprobs/entropy with the fused linear+logprob op from the
@@ -135,27 +227,7 @@ class HFTrainer:
         self.step = 0
         self._build_optimizer()
 
-    def _build_optimizer(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.opt.lr, betas=self.opt.betas,
-                                           weight_decay=self.opt.weight_decay, eps=1e-8)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.opt))
-
-    def reset_optimizer(self, opt: OptimSettings) -> None:
-        """Fresh optimizer state and schedule (e.g. between the SFT and RL stages)."""
-        self.opt = opt
-        self.step = 0
-        self._build_optimizer()
-
     # ------------------------------------------------------------------ forward
-    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[slice, TrainBatch]]:
-        mbs = max(1, self.opt.micro_batch_size)
-        for start in range(0, batch.num_sequences, mbs):
-            rows = slice(start, min(start + mbs, batch.num_sequences))
-            mb = batch.select(rows)
-            T = int(mb.attention_mask_BT.sum(dim=1).max())  # trim right padding of this micro-batch
-            yield rows, mb.select((slice(None), slice(0, T)))
-
     def _next_token_logprobs(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
         """(logprobs_BT1, entropy_BT1 or None) of token t+1 given tokens <= t, for t < T - 1."""
         targets_BT1 = mb.input_ids_BT[:, 1:]
@@ -197,27 +269,8 @@ class HFTrainer:
 
     # ------------------------------------------------------------------ update
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulated over micro-batches.
-
-        The loss function returns an already-normalized sum (per-token weights
-        are global to the batch), so accumulation needs no rescaling.
-        """
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        micro_stats = []
-        for _, mb in self._micro_batches(batch):
-            lp_BT, ent_BT = self._forward(self.model, mb, with_entropy=True)
-            loss, stats = loss_fn(lp_BT, ent_BT, mb)
-            loss.backward()
-            micro_stats.append({"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}})
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.opt.grad_clip if self.opt.grad_clip > 0 else math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        self.model.eval()
-        return {**merge_step_stats(micro_stats), "grad_norm": float(grad_norm), "lr": lr}
+        """One optimizer step over the whole batch, accumulated over micro-batches (see `_step`)."""
+        return self._step(batch, lambda mb: loss_fn(*self._forward(self.model, mb, with_entropy=True), mb))
 
     # ------------------------------------------------------------------ weights
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -236,29 +289,7 @@ class HFTrainer:
         """For weight-sync plans: one stage, each HF tensor its own source (see weight_sync.plan)."""
         return {"tp_size": 1, "stages": [[(name, [(name, tuple(t.shape))]) for name, t in self.named_hf_weights()]]}
 
-    def save(self, path: str) -> None:
-        """HF checkpoint (config.json + model.safetensors) + optimizer/scheduler state."""
-        from slime_rl.hf_io import save_hf_checkpoint
-
-        out = Path(path)
-        save_hf_checkpoint(out, self.hf_config, dict(self.named_hf_weights()))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   out / "optimizer.pt")
-        (out / "trainer_state.json").write_text(json.dumps({"step": self.step}))
-
-    def load(self, path: str) -> None:
-        """Restore weights and, when present, optimizer/scheduler state from `save`."""
-        from slime_rl.hf_io import load_hf_checkpoint
-
-        _, state_dict = load_hf_checkpoint(path)
+    def _load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=False)
         if self.hf_config.get("tie_word_embeddings", False):
             self.model.tie_weights()
-        opt_file = Path(path) / "optimizer.pt"
-        if opt_file.exists():
-            state = torch.load(opt_file, weights_only=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        state_file = Path(path) / "trainer_state.json"
-        if state_file.exists():
-            self.step = json.loads(state_file.read_text())["step"]

@@ -6,7 +6,8 @@ default: `slime-rl train --backend megatron --tp 2`) or, under `torchrun`, the
 other processes of the job with rank 0 doubling as driver. Ranks return their
 pieces (per-DP-rank logprobs, per-micro-batch loss statistics); this class
 assembles them into what the reference backend returns, so the loop cannot
-tell the two apart.
+tell the two apart. `MegatronDriver` is the part the critic's driver
+(`training.megatron.critic.MegatronCritic`) shares.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 from training.hf.backend import OptimSettings, merge_step_stats
 from training.megatron import conversion
@@ -57,45 +57,39 @@ def serve_torchrun_rank(hf_config: dict, state_dict, opt: OptimSettings, setting
         raise RuntimeError("serve_torchrun_rank is for ranks > 0; rank 0 builds a MegatronBackend")
 
 
-class MegatronBackend:
-    """TrainerBackend over `num_ranks` = tp x pp x dp Megatron ranks."""
+class MegatronDriver:
+    """The driver half that the policy (MegatronBackend) and the critic (training.megatron.critic)
+    share: rank layout, spawned ranks, per-row pieces assembled, the step's metrics, checkpoints."""
 
-    def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor] | str, opt: OptimSettings,
-                 settings: MegatronSettings, num_ranks: int | None = None, with_reference: bool = False,
-                 start_timeout: float = 600.0, launcher: Callable[..., RankGroup] | None = None):
-        """`launcher` creates the ranks in place of `spawn_ranks` (e.g. Ray actors), called with the same
-        arguments; ranks read `state_dict` from one HF checkpoint directory (written to a temp dir when
-        given as tensors), which a launcher placing ranks on other machines needs on shared storage."""
-        from slime_rl.launch.spmd import in_torchrun, spawn_ranks, torchrun_group
-
+    def _init_layout(self, hf_config: dict, opt: OptimSettings, settings: MegatronSettings,
+                     num_ranks: int | None) -> None:
         m = settings.model
         self.hf_config, self.settings, self.opt = dict(hf_config), settings, opt
         self.num_ranks = num_ranks or m.tp * m.pp
         if self.num_ranks % (m.tp * m.pp):
             raise ValueError(f"{self.num_ranks} trainer ranks cannot be laid out as tp={m.tp} x pp={m.pp} x dp")
         self._tmp = None
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if in_torchrun():  # this process is rank 0 of the job; the other ranks run serve_torchrun_rank
-            _check_torchrun_world(self.num_ranks)
-            self.group = torchrun_group(WORKER, worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
-                                        backend=backend)
-        else:
-            if isinstance(state_dict, dict):  # ranks read weights from disk: one file, not a pickle per rank
-                from slime_rl.hf_io import save_hf_checkpoint
-
-                self._tmp = tempfile.mkdtemp(prefix="slime_rl_init_")
-                save_hf_checkpoint(Path(self._tmp), self.hf_config, state_dict)
-                state_dict = self._tmp
-            threads = max(1, (os.cpu_count() or 1) // self.num_ranks)
-            self.group = (launcher or spawn_ranks)(self.num_ranks, WORKER,
-                                                   worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
-                                                   env={"OMP_NUM_THREADS": str(threads)}, backend=backend,
-                                                   start_timeout=start_timeout)
-        self.layouts = self.group.call("layout")
         self.step = 0
 
-    # ------------------------------------------------------------------ logprobs
+    def _spawn(self, worker: str, state_dict: dict[str, torch.Tensor] | str, start_timeout: float,
+               launcher: Callable[..., RankGroup] | None, **worker_extra: Any) -> RankGroup:
+        """`num_ranks` ranks of `worker(hf_config, hf_state, settings, opt, **worker_extra)`."""
+        from slime_rl.launch.spmd import spawn_ranks
+
+        if isinstance(state_dict, dict):  # ranks read weights from disk: one file, not a pickle per rank
+            from slime_rl.hf_io import save_hf_checkpoint
+
+            self._tmp = tempfile.mkdtemp(prefix="slime_rl_init_")
+            save_hf_checkpoint(Path(self._tmp), self.hf_config, state_dict)
+            state_dict = self._tmp
+        threads = max(1, (os.cpu_count() or 1) // self.num_ranks)
+        kwargs = dict(hf_config=dict(self.hf_config), hf_state=state_dict, settings=self.settings, opt=self.opt,
+                      **worker_extra)
+        return (launcher or spawn_ranks)(self.num_ranks, worker, kwargs, env={"OMP_NUM_THREADS": str(threads)},
+                                         backend=_dist_backend(), start_timeout=start_timeout)
+
     def _assemble(self, batch: TrainBatch, pieces_per_rank: list) -> torch.Tensor:
+        """[B, T] float32 from the ranks' (rows, values_bT) pieces (logprobs or values)."""
         out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
         seen = torch.zeros(batch.num_sequences, dtype=torch.bool)
         for pieces in pieces_per_rank:
@@ -103,18 +97,11 @@ class MegatronBackend:
                 out_BT[rows, : lp_bT.shape[1]] = lp_bT
                 seen[rows] = True
         if not bool(seen.all()):
-            raise RuntimeError(f"Megatron ranks returned no logprobs for rows {(~seen).nonzero().flatten().tolist()}")
+            raise RuntimeError(f"Megatron ranks returned nothing for rows {(~seen).nonzero().flatten().tolist()}")
         return out_BT
 
-    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Policy logprobs [B, T] (0 at position 0 and on padding), as the reference backend gives them."""
-        return self._assemble(batch, self.group.call("logprobs", batch))
-
-    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        return self._assemble(batch, self.group.call("ref_logprobs", batch))
-
     # ------------------------------------------------------------------ update
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: Callable) -> dict[str, float]:
         """One optimizer step; metrics summed over micro-batches and DP ranks (max/min for *_max/*_min)."""
         results = [r for r in self.group.call("train_step", batch, loss_fn) if r is not None]
         self.step += 1
@@ -128,21 +115,8 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full policy in HF naming (gathered across TP and PP on rank 0)."""
+        """The full model in HF naming (gathered across TP and PP on rank 0)."""
         return self.group.call("export_hf")[0]
-
-    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.hf_state_dict().items()
-
-    def weight_layout(self) -> dict:
-        """For weight-sync plans: per PP stage, each Megatron parameter and the HF tensors it becomes."""
-        m = self.settings.model
-        return {"tp_size": m.tp, "stages": conversion.weight_layout(self.hf_config, tp_size=m.tp, pp_size=m.pp,
-                                                                    spec=resolve_spec(m))}
-
-    def send_weights(self, fn: Callable, spec: Any) -> list[Any]:
-        """Run `fn(weight_source, spec)` on every rank (weight_sync's rank half); one result per rank."""
-        return self.group.call("send_weights", fn, spec)
 
     def save(self, path: str) -> None:
         """HF export at `path` (loadable by transformers) + Megatron distributed checkpoint under path/megatron."""
@@ -173,3 +147,50 @@ class MegatronBackend:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _dist_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+class MegatronBackend(MegatronDriver):
+    """TrainerBackend over `num_ranks` = tp x pp x dp Megatron ranks."""
+
+    def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor] | str, opt: OptimSettings,
+                 settings: MegatronSettings, num_ranks: int | None = None, with_reference: bool = False,
+                 start_timeout: float = 600.0, launcher: Callable[..., RankGroup] | None = None):
+        """`launcher` creates the ranks in place of `spawn_ranks` (e.g. Ray actors), called with the same
+        arguments; ranks read `state_dict` from one HF checkpoint directory (written to a temp dir when
+        given as tensors), which a launcher placing ranks on other machines needs on shared storage."""
+        from slime_rl.launch.spmd import in_torchrun, torchrun_group
+
+        self._init_layout(hf_config, opt, settings, num_ranks)
+        if in_torchrun():  # this process is rank 0 of the job; the other ranks run serve_torchrun_rank
+            _check_torchrun_world(self.num_ranks)
+            self.group = torchrun_group(WORKER, worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
+                                        backend=_dist_backend())
+        else:
+            self.group = self._spawn(WORKER, state_dict, start_timeout, launcher, with_reference=with_reference)
+        self.layouts = self.group.call("layout")
+
+    # ------------------------------------------------------------------ logprobs
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Policy logprobs [B, T] (0 at position 0 and on padding), as the reference backend gives them."""
+        return self._assemble(batch, self.group.call("logprobs", batch))
+
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self._assemble(batch, self.group.call("ref_logprobs", batch))
+
+    # ------------------------------------------------------------------ weights
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.hf_state_dict().items()
+
+    def weight_layout(self) -> dict:
+        """For weight-sync plans: per PP stage, each Megatron parameter and the HF tensors it becomes."""
+        m = self.settings.model
+        return {"tp_size": m.tp, "stages": conversion.weight_layout(self.hf_config, tp_size=m.tp, pp_size=m.pp,
+                                                                    spec=resolve_spec(m))}
+
+    def send_weights(self, fn: Callable, spec: Any) -> list[Any]:
+        """Run `fn(weight_source, spec)` on every rank (weight_sync's rank half); one result per rank."""
+        return self.group.call("send_weights", fn, spec)

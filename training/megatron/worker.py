@@ -17,6 +17,10 @@ logits (`slime_rl.ops.vocab_parallel_logprobs`) — and the loss from
 backend gives it. The loss is already normalized over the whole batch, so
 micro-batches and DP ranks *sum* their gradients (megatron's per-token-loss
 mode, with the final division by a token count switched off).
+
+`training.megatron.critic.MegatronCriticWorker` subclasses this worker for the
+value model through four hooks: `_build_module`, `_megatron_shard`, `_rule`
+(HF <-> Megatron per parameter) and `_loss`.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class MegatronWorker:
         self.vocab_size = hf_config["vocab_size"]
         self.padded_vocab = conversion.pad_vocab_size(self.vocab_size, m.tp, m.vocab_pad_multiple)
         self.spec = resolve_spec(m)
-        module = build_gpt_model(hf_config, m, pre_process=self.first_stage, post_process=self.last_stage)
+        module = self._build_module()
         self.load_hf(hf_state, module)
         self.model = self._wrap_ddp(module)
         self.ref_params = [p.detach().to("cpu", copy=True) for p in self._params()] if with_reference else None
@@ -83,6 +87,11 @@ class MegatronWorker:
         self._plan_digest = None
 
     # ------------------------------------------------------------------ setup
+    def _build_module(self):
+        """This rank's pipeline stage of the model, before weights are loaded and DDP wraps it."""
+        return build_gpt_model(self.hf_config, self.settings.model, pre_process=self.first_stage,
+                               post_process=self.last_stage)
+
     def _wrap_ddp(self, module):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -124,10 +133,7 @@ class MegatronWorker:
             from slime_rl.hf_io import load_hf_checkpoint
 
             _, hf_state = load_hf_checkpoint(hf_state)
-        m = self.settings.model
-        shard = conversion.hf_to_megatron(hf_state, self.hf_config, tp_size=m.tp, tp_rank=self.tp_rank,
-                                          pp_size=m.pp, pp_rank=self.pp_rank, padded_vocab_size=self.padded_vocab,
-                                          spec=self.spec)
+        shard = self._megatron_shard(hf_state)
         target = unwrap(module if module is not None else self.model)
         missing, unexpected = target.load_state_dict(shard, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -135,14 +141,25 @@ class MegatronWorker:
             raise ValueError(f"rank {dist.get_rank()}: converted weights do not fit the Megatron model: "
                              f"missing {missing}, unexpected {unexpected}")
 
+    def _megatron_shard(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's Megatron state dict (local names) from a full HF state dict."""
+        m = self.settings.model
+        return conversion.hf_to_megatron(hf_state, self.hf_config, tp_size=m.tp, tp_rank=self.tp_rank, pp_size=m.pp,
+                                         pp_rank=self.pp_rank, padded_vocab_size=self.padded_vocab, spec=self.spec)
+
+    def _rule(self, name: str) -> conversion.ParamRule | None:
+        """How local parameter `name` maps to HF tensors (None for `_extra_state`)."""
+        m = self.settings.model
+        return conversion.rule_for(name, self.hf_config, tp_size=m.tp, pp_size=m.pp, pp_rank=self.pp_rank,
+                                   spec=self.spec)
+
     def export_hf(self) -> dict[str, torch.Tensor] | None:
         """The full HF state dict on global rank 0 (None elsewhere): TP all-gather, then PP gather."""
         m = self.settings.model
         tp_group = self.ps.get_tensor_model_parallel_group()
         local: dict[str, torch.Tensor] = {}
         for name, param in unwrap(self.model).named_parameters():
-            rule = conversion.rule_for(name, self.hf_config, tp_size=m.tp, pp_size=m.pp, pp_rank=self.pp_rank,
-                                       spec=self.spec)
+            rule = self._rule(name)
             if rule is None or rule.tied_copy:  # the tied output-layer copy: stage 0 exports the embedding
                 continue
             shards = [param.detach()]
@@ -244,13 +261,17 @@ class MegatronWorker:
                                      vocab_size=self.vocab_size, group=group)
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch) -> dict | None:
-        """{rows, logprobs_bT} pieces of this DP rank (last stage, TP rank 0), None elsewhere."""
+    def logprobs(self, batch: TrainBatch) -> list | None:
+        """(rows, logprobs_bT) pieces of this DP rank (last stage, TP rank 0), None elsewhere."""
+        return self._forward_only(batch, "logprobs")
+
+    def _forward_only(self, batch: TrainBatch, key: str) -> list | None:
+        """(rows, out[key]) pieces of this DP rank's micro-batches (last stage, TP rank 0), None elsewhere."""
         self.model.eval()
         out = self._forward_backward(batch, None)
         if not (self.last_stage and self.tp_rank == 0):
             return None
-        return [(o["rows"], o["logprobs"]) for o in out if not o["dummy"]]
+        return [(o["rows"], o[key]) for o in out if not o["dummy"]]
 
     @torch.no_grad()
     def ref_logprobs(self, batch: TrainBatch) -> dict | None:
@@ -331,9 +352,7 @@ class MegatronWeightSource:
         self.tp_group = worker.ps.get_tensor_model_parallel_group() if m.tp > 1 else None
         self.active, self.device = worker.dp_rank == 0, worker.device
         self._params = dict(unwrap(worker.model).named_parameters())
-        self._rules = {name: conversion.rule_for(name, worker.hf_config, tp_size=m.tp, pp_size=m.pp,
-                                                 pp_rank=worker.pp_rank, spec=worker.spec)
-                       for name in self._params}
+        self._rules = {name: worker._rule(name) for name in self._params}
 
     def local(self, source: str) -> torch.Tensor:
         return self._params[source].detach()
