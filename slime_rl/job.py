@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from slime_rl import algorithms
+from slime_rl.builders import build_critic, build_trainer, check_critic_path, megatron_settings
 from slime_rl.config import ConfigError, JobConfig, save_config
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
 from slime_rl import checkpoint
-from slime_rl.loop import PRINT_KEYS, Run, TrainerFailed, evaluate_run, maybe_evaluate, rl_loop, sync_weights
+from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evaluate_run, maybe_evaluate,
+                           refresh_reference, rl_loop, sync_weights)
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards import get_reward_fn
 from slime_rl.sft import run_sft as sft_train
@@ -39,6 +41,15 @@ def _eval_label(cfg: JobConfig) -> str:
 
 def _check_supported(cfg: JobConfig) -> None:
     on_ray = cfg.launch.launcher == "ray"
+    if algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
+        from slime_rl.launch.spmd import in_torchrun
+
+        if on_ray:
+            raise ConfigError(f"algorithm.name {cfg.algorithm.name} trains a critic, which runs with "
+                              "launch.launcher local only for now (its ranks are spawned on this machine)")
+        if cfg.train.backend == "megatron" and in_torchrun():
+            raise ConfigError(f"algorithm.name {cfg.algorithm.name} trains a critic, which torchrun does not start: "
+                              "run without torchrun (ranks are spawned) or with --backend hf")
     if on_ray and cfg.rollout.engine_urls:
         raise ConfigError("rollout.engine_urls must be empty with launch.launcher ray (Ray starts the engines); "
                           f"got {cfg.rollout.engine_urls}")
@@ -87,38 +98,6 @@ def _load(path: str | None, cfg: JobConfig, tokenizer, with_response: bool) -> l
     return records
 
 
-def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launcher=None):
-    """The TrainerBackend of train.backend: Megatron ranks (spawned, torchrun's, or created by `launcher`,
-    e.g. Ray actors; see MegatronBackend) or the reference."""
-    from training.hf import HFTrainer, OptimSettings
-
-    if cfg.debug.rollout_only:
-        print("[train] rollout-only mode: no trainer")
-        return None
-    with_reference = algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference
-    if cfg.train.backend == "hf":
-        return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
-                         fused_logprob=cfg.train.fused_logprob)
-    from training.megatron import MegatronBackend
-
-    t = cfg.train
-    ranks = cfg.trainer_ranks
-    print(f"[train] megatron: {ranks} rank(s) = tp {t.tp} x pp {t.pp} x dp {ranks // (t.tp * t.pp)}")
-    return MegatronBackend(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), num_ranks=ranks,
-                           with_reference=with_reference, launcher=launcher)
-
-
-def megatron_settings(cfg: JobConfig):
-    from training.megatron import MegatronSettings, ModelSettings
-
-    t = cfg.train
-    return MegatronSettings(
-        model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
-                            vocab_pad_multiple=t.vocab_pad_multiple, fused_logprob=t.fused_logprob),
-        use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-        seed=cfg.seed)
-
-
 def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
     """Under torchrun, ranks > 0 only serve rank 0's trainer commands; True once they are done."""
     from slime_rl.launch.spmd import in_torchrun
@@ -154,6 +133,8 @@ def build_run(cfg: JobConfig) -> Run:
     val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
     hf_config, state_dict = _model(cfg, tokenizer)
+    if cfg.critic.path is not None and algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
+        check_critic_path(cfg.critic.path, hf_config)  # before the SFT warm-up, not after it
     ro = cfg.rollout
     extra: dict = {}
     launch = None
@@ -245,8 +226,6 @@ def attach_critic(run: Run) -> None:
     a = run.cfg.algorithm
     if run.trainer is None or not algorithms.get(a.name).needs(a).critic:
         return
-    from training.critic import build_critic
-
     run.critic = build_critic(run.cfg, run.trainer, _critic_opt(run.cfg))
 
 
@@ -347,6 +326,8 @@ def _train(run: Run) -> int:
         sft_greedy = greedy_accuracy(run)
         run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
         run.trainer.reset_optimizer(_rl_opt(cfg))
+        if algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference:
+            refresh_reference(run)  # KL to the policy RL starts from (after the SFT warm-up)
         attach_critic(run)
     print(f"[rl] {cfg.algorithm.name}, {cfg.async_rl.mode}: {cfg.train.num_steps} steps x "
           f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples")
@@ -377,6 +358,13 @@ def _load_checkpoint(run: Run, path: Path) -> dict:
     run.trainer.reset_optimizer(_rl_opt(run.cfg))
     attach_critic(run)
     state = checkpoint.load(run.trainer, path, critic=run.critic)
+    a = run.cfg.algorithm
+    if algorithms.get(a.name).needs(a).reference:
+        ref = run.out_dir / REFERENCE_DIR
+        if not (ref / "config.json").exists():
+            raise FileNotFoundError(f"resuming {a.name} with a KL term needs its reference model at {ref} "
+                                    "(written at RL start by the run being resumed)")
+        run.trainer.load_reference(str(ref))
     print(f"[ckpt] resumed from {path}: step {state['step']}, weight version {state['weight_version']}")
     return state
 

@@ -178,10 +178,28 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
             steps += [(run.trainer, loss_fn, "")] if train_policy else []
             for backend, fn, prefix in steps:
                 for key, v in backend.train_step(mini, fn).items():
-                    stats[prefix + key] = stats.get(prefix + key, 0.0) + v / updates
+                    key = prefix + key
+                    if key.endswith("_max"):
+                        stats[key] = max(stats.get(key, v), v)
+                    elif key.endswith("_min"):
+                        stats[key] = min(stats.get(key, v), v)
+                    else:  # the mean over the step's updates
+                        stats[key] = stats.get(key, 0.0) + v / updates
     if a.ref_update_every and (step + 1) % a.ref_update_every == 0:
-        run.trainer.update_reference()
+        refresh_reference(run)
     return stats
+
+
+REFERENCE_DIR = "reference"  # <output_dir>/reference: the reference model as of RL start or the last refresh
+
+
+def refresh_reference(run: Run) -> None:
+    """The reference model becomes the policy as it is now, and is written out (HF) so a resumed run gets it
+    back (`job` loads it)."""
+    from slime_rl.hf_io import save_hf_checkpoint
+
+    run.trainer.update_reference()
+    save_hf_checkpoint(run.out_dir / REFERENCE_DIR, run.trainer.hf_config, run.trainer.hf_state_dict())
 
 
 def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float = 1.0) -> dict[str, float]:

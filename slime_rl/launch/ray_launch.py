@@ -387,7 +387,7 @@ class RayLaunch:
         self._reconnect()
 
     def _start_trainer(self, hf_config: dict, state_dict: dict) -> Any:
-        from slime_rl.job import build_trainer  # the job's builder, handed a launcher that places ranks here
+        from slime_rl.builders import build_trainer  # handed a launcher that places ranks here
 
         if self.cfg.train.backend != "megatron":
             print(f"[ray] train.backend {self.cfg.train.backend}: the trainer runs in the driver process; "

@@ -262,6 +262,22 @@ class HFTrainer(HFModelTrainer):
         """Policy logprobs [B, T] (0 at position 0 and on padding)."""
         return self._logprobs_with(self.model, batch)
 
+    def update_reference(self) -> None:
+        """The reference model becomes a copy of the policy as it is now (algorithm.ref_update_every)."""
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: construct HFTrainer(with_reference=True)")
+        self.ref_model.load_state_dict(self.model.state_dict())
+
+    def load_reference(self, path: str) -> None:
+        """The reference model from an HF checkpoint directory (see slime_rl.loop.save_reference)."""
+        from slime_rl.hf_io import load_hf_checkpoint
+
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: construct HFTrainer(with_reference=True)")
+        self.ref_model.load_state_dict(load_hf_checkpoint(path)[1], strict=False)
+        if self.hf_config.get("tie_word_embeddings", False):
+            self.ref_model.tie_weights()
+
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         if self.ref_model is None:
             raise RuntimeError("no reference model: construct HFTrainer(with_reference=True)")

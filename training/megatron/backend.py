@@ -178,6 +178,14 @@ class MegatronBackend(MegatronDriver):
         """Policy logprobs [B, T] (0 at position 0 and on padding), as the reference backend gives them."""
         return self._assemble(batch, self.group.call("logprobs", batch))
 
+    def update_reference(self) -> None:
+        """Every rank copies its policy shard into its reference weights."""
+        self.group.call("update_reference")
+
+    def load_reference(self, path: str) -> None:
+        """Every rank loads its shard of the reference weights from an HF checkpoint directory."""
+        self.group.call("load_reference", str(path))
+
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self._assemble(batch, self.group.call("ref_logprobs", batch))
 

@@ -273,6 +273,22 @@ class MegatronWorker:
             return None
         return [(o["rows"], o[key]) for o in out if not o["dummy"]]
 
+    def update_reference(self) -> None:
+        """The reference weights become a copy of this rank's policy shard as it is now."""
+        if self.ref_params is None:
+            raise RuntimeError("no reference model: build the backend with with_reference=True")
+        self.ref_params = [p.detach().to("cpu", copy=True) for p in self._params()]
+
+    @torch.no_grad()
+    def load_reference(self, path: str) -> None:
+        """The reference weights from an HF checkpoint directory (loaded through the model, which is restored)."""
+        params = self._params()
+        saved = [p.detach().to("cpu", copy=True) for p in params]
+        self.load_hf(path)
+        self.ref_params = [p.detach().to("cpu", copy=True) for p in params]
+        for p, s in zip(params, saved):
+            p.data.copy_(s)
+
     @torch.no_grad()
     def ref_logprobs(self, batch: TrainBatch) -> dict | None:
         """Logprobs under the reference weights, swapped in from their CPU copies and back."""
