@@ -63,7 +63,7 @@ def test_unknown_key_in_file_names_it(tmp_path):
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match=r"algorithm\.name.*allowed values: GRPO, DAPO, REINFORCE_PPB, RLOO, PPO"):
+    with pytest.raises(ConfigError, match=r"algorithm\.name.*allowed values: GRPO, DR_GRPO, DAPO, RLOO, REINFORCE_PP, REINFORCE_PPB, PPO, GSPO, CISPO"):
         from_dict(JobConfig, {"algorithm": {"name": "SAC"}})
 
 
