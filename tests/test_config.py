@@ -87,9 +87,11 @@ def test_cli_reports_config_error(capsys):
     assert "algorithm.loss_agg" in err and "token, sequence" in err
 
 
-def test_cli_not_yet_implemented_algorithm(capsys):
-    assert main(["train", "--algo", "PPO", "--log.output_dir", "/nonexistent-never-created"]) == 2
-    assert "not yet implemented" in capsys.readouterr().err
+def test_cli_unknown_algorithm_names_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--algo", "SAC", "--log.output_dir", "/nonexistent-never-created"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'SAC'" in capsys.readouterr().err
 
 
 def test_help_is_readable(capsys):
@@ -97,6 +99,6 @@ def test_help_is_readable(capsys):
         main(["train", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for needle in ["--rollout.temperature", "-t N, --num-trainers N", "--algo", "{GRPO,DAPO,REINFORCE_PPB,RLOO,PPO}",
+    for needle in ["--rollout.temperature", "-t N, --num-trainers N", "--algo", "{GRPO,DR_GRPO,DAPO,RLOO,REINFORCE_PP,REINFORCE_PPB,PPO,GSPO,CISPO}",
                    "rollout:", "Generation side"]:
         assert needle in out, needle
