@@ -35,7 +35,6 @@ from slime_rl.config import (
     is_dataclass_type,
     literal_choices,
     load_config_file,
-    set_field,
 )
 from slime_rl.data import DataError
 
