@@ -49,16 +49,33 @@ class RolloutEngine(Protocol):
 
 @runtime_checkable
 class TrainerBackend(Protocol):
-    """Owns the policy weights (the source of truth) and the optimizer."""
+    """Owns the policy weights (the source of truth) and the optimizer; every method the loop and the job call."""
+
+    hf_config: dict  # the policy's config.json
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Per-token logprobs [B, T] of `batch.input_ids_BT` (position t = log p(x_t | x_<t))."""
 
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The same under the reference model (built with a reference: the algorithm's KL)."""
+
+    def update_reference(self) -> None:
+        """The reference model becomes a copy of the policy as it is now."""
+
+    def load_reference(self, path: str) -> None:
+        """The reference model from an HF checkpoint directory."""
+
     def train_step(self, batch: TrainBatch, loss_fn: "LossFn") -> dict[str, float]:
         """One optimizer step over the batch (micro-batched); returns metrics."""
 
+    def reset_optimizer(self, opt: Any) -> None:
+        """Fresh optimizer state and schedule (training.hf.OptimSettings), e.g. between SFT and RL."""
+
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy weights in HF naming, for weight sync."""
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole policy in HF naming."""
 
     def save(self, path: str) -> None:
         """Save an HF-format checkpoint (+ optimizer state) to a directory."""

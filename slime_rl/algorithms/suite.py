@@ -58,6 +58,11 @@ class PolicyGradient:
         return self.finish(adv_BT, mask_BT, cfg), None
 
     @staticmethod
+    def token_rewards(batch: TrainBatch, scalar_B: torch.Tensor, cfg: Any) -> torch.Tensor:
+        """The scalar on each row's last loss token, with the KL per token when it is in the reward."""
+        return est.token_rewards(batch, scalar_B, cfg.kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_type)
+
+    @staticmethod
     def finish(adv_BT: torch.Tensor, mask_BT: torch.Tensor, cfg: Any) -> torch.Tensor:
         return est.whiten(adv_BT, mask_BT) if cfg.whiten_advantages else adv_BT * mask_BT
 
@@ -139,8 +144,7 @@ class ReinforcePP(PolicyGradient):
         return batch.rewards_B
 
     def advantages(self, batch: TrainBatch, cfg: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kl = cfg.kl_coef if cfg.kl_in_reward else 0.0
-        r_BT = est.token_rewards(batch, self.scalar(batch, cfg), kl, cfg.kl_type)
+        r_BT = self.token_rewards(batch, self.scalar(batch, cfg), cfg)
         return self.finish(est.discounted_returns(batch, r_BT, cfg.gamma), batch.response_mask_BT, cfg), None
 
 
@@ -171,8 +175,7 @@ class PPO(PolicyGradient):
     def advantages(self, batch: TrainBatch, cfg: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if batch.values_BT is None:
             raise ValueError("PPO needs the critic's values of the batch (batch.values_BT)")
-        kl = cfg.kl_coef if cfg.kl_in_reward else 0.0
-        r_BT = est.token_rewards(batch, batch.rewards_B, kl, cfg.kl_type)
+        r_BT = self.token_rewards(batch, batch.rewards_B, cfg)
         adv_BT, returns_BT = est.gae(batch, r_BT, cfg.gamma, cfg.lam)
         return self.finish(adv_BT, batch.response_mask_BT, cfg), returns_BT
 
