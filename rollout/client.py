@@ -50,13 +50,12 @@ import aiohttp
 from rollout.client_weights import WeightCalls
 from rollout.wire import (error_message, generate_payload, parse_body,
                           parse_generate_response, weight_version_int)
-from slime_rl.types import GenerateOutput, GenerateRequest
+from slime_rl.types import PAUSE_MODES, GenerateOutput, GenerateRequest
 
 T = TypeVar("T")
 
 RETRY_STATUSES = (429, 502, 503, 504)  # 429: refused before anything was queued
 _RETRY_EXCEPTIONS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
-PAUSE_MODES = ("abort", "in_place", "retract")
 log = logging.getLogger(__name__)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"  # sglang-router's session-affinity header
 

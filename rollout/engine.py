@@ -46,10 +46,9 @@ from rollout.model import DecoderLM, ModelConfig
 from rollout.radix_cache import RadixCache
 from rollout.sampling import row_uniforms
 from rollout.scheduler import Request, Scheduler, short_error
-from slime_rl.types import GenerateOutput, GenerateRequest, SampleStatus
+from slime_rl.types import PAUSE_MODES, GenerateOutput, GenerateRequest, SampleStatus
 
 log = logging.getLogger(__name__)
-PAUSE_MODES = ("abort", "in_place", "retract")
 
 
 class RequestHandle:

@@ -1,4 +1,9 @@
-"""Typed configuration: one nested dataclass per component.
+"""Typed configuration: one nested dataclass per component, composed into `JobConfig`.
+
+Components below the job own their config next to their code (rollout/config.py,
+training/config.py, weight_sync/config.py, slime_rl/algorithms/config.py,
+slime_rl/launch/config.py) and never import this module; the job-level sections
+(model, data, reward, async, checkpoints, debug, SFT, eval, log) live here.
 
 A `JobConfig` is built from defaults, then a YAML/JSON file, then CLI flags
 (`--rollout.temperature 0.7`). Unknown keys and bad values raise `ConfigError`
@@ -17,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rollout.config import RolloutConfig
 from slime_rl.algorithms.config import AlgorithmConfig, CriticConfig
+from slime_rl.launch.config import LaunchConfig
+from training.config import TrainConfig
+from weight_sync.config import SyncConfig
+
+__all__ = ["AlgorithmConfig", "CriticConfig", "LaunchConfig", "RolloutConfig", "SyncConfig", "TrainConfig"]  # composed
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the field."""
@@ -54,44 +65,12 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 64
     skip_bad_lines: bool = False
-    # synthetic task (used when train_path is None)
-    task: Literal["arithmetic"] = "arithmetic"
+    # the synthetic arithmetic task (used when train_path is None)
     num_train: int = 2500
     num_val: int = 200
     num_sft: int = 600
     task_seed: int = 1234
     task_max_operand: int = 49
-
-
-@dataclass
-class RolloutConfig:
-    """Generation side: engine choice and sampling."""
-
-    engine: Literal["embedded"] = "embedded"
-    num_inferencers: int = 1
-    prompts_per_step: int = 32
-    n_samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 24
-    max_batch_size: int = 256  # most requests decoding at once (continuous batching)
-    seed: int = 0
-    # embedded engine KV cache: a paged pool shared through a radix (prefix) tree
-    max_total_tokens: int | None = None  # KV pool size in tokens; None = from kv_cache_mb
-    kv_cache_mb: float = 256.0
-    page_size: int = 1
-    enable_prefix_cache: bool = True
-    # SGLang servers: engine arguments passed through (`--key value`; true = a bare flag)
-    sglang_args: dict[str, Any] = field(default_factory=dict)
-    # external engines: SGLang-protocol servers already running (empty = the embedded engine in this process)
-    engine_urls: list[str] = field(default_factory=list)  # every engine (weights are synced to each)
-    router_url: str | None = None  # generate through this router; None = a built-in router over engine_urls
-    api_key: str | None = None  # for the engines' control endpoints
-    # fault tolerance (engines we launched: Ray actors): health probes, restart + re-sync of a dead engine
-    health_check_s: float = 1.0  # seconds between /health probes of every engine (0 = off)
-    health_timeout_s: float = 5.0  # a probe unanswered this long counts as a failure (a hung engine)
-    max_engine_restarts: int = 3  # per engine over the job; past it the engine stays out of routing
 
 
 @dataclass
@@ -102,46 +81,6 @@ class RewardConfig:
     timeout_s: float = 10.0
     failure_reward: float = 0.0
     max_workers: int = 4
-
-
-@dataclass
-class TrainConfig:
-    """Trainer backend, parallel layout, optimizer and schedule for the RL stage."""
-
-    backend: Literal["megatron", "hf"] = "megatron"  # hf = the single-process reference backend
-    num_trainers: int | None = None  # trainer ranks = tp x pp x dp; None = tp x pp (dp = 1)
-    tp: int = 1  # tensor parallel (megatron)
-    pp: int = 1  # pipeline parallel (megatron)
-    megatron_spec: Literal["auto", "local", "te"] = "auto"  # auto = Transformer Engine when installed + GPU
-    dtype: Literal["float32", "bfloat16"] = "float32"  # megatron params/compute (bf16 needs a GPU to be useful)
-    use_distributed_optimizer: bool = False  # shard optimizer state over DP ranks
-    max_tokens_per_micro_batch: int = 4096  # megatron: token budget of one packed micro-batch
-    vocab_pad_multiple: int = 128  # megatron pads the vocab to a multiple of this x tp
-    fused_logprob: bool = True  # logprob/entropy from hidden states + output weight in chunks, never [T, V] logits
-    num_steps: int = 300
-    lr: float = 2e-4
-    min_lr: float = 0.0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0
-    micro_batch_size: int = 64
-    seed: int = 0
-
-
-@dataclass
-class SyncConfig:
-    """Weight sync from the trainer to the engines (weight_sync/)."""
-
-    transport: Literal["auto", "shm", "broadcast", "disk", "cuda_ipc", "local"] = "auto"  # auto: local/shm/broadcast
-    bucket_mb: float = 512.0  # largest flat bucket (a single bigger tensor travels alone)
-    pause_mode: Literal["abort", "in_place", "retract"] = "abort"  # what in-flight requests do at the commit
-    check: bool = False  # compare every engine tensor with the trainer's HF export after each sync
-    directory: str | None = None  # disk transport: where versions are written (None: a temp dir)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # broadcast transport: auto = nccl on GPU, else gloo
-    master_address: str = "127.0.0.1"  # broadcast transport: the address engines reach the sending ranks at
 
 
 @dataclass
@@ -158,18 +97,6 @@ class AsyncConfig:
         if self.max_staleness is not None:
             return self.max_staleness
         return {"sync": 0, "one_step_off": 1, "fully_async": 2}[self.mode]
-
-
-@dataclass
-class LaunchConfig:
-    """Where the processes run: spawned locally, or placed by Ray (engines + trainer ranks as actors)."""
-
-    launcher: Literal["local", "ray"] = "local"
-    ray_address: str | None = None  # ray: None = start Ray on this machine; "auto" or HOST:PORT = join a cluster
-    colocate: bool = False  # ray: engines share the trainers' bundles and release memory while the trainer runs
-    num_cpus: int | None = None  # ray started here: CPUs it may use (None = all of this machine's)
-    cpus_per_engine: float = 1.0
-    cpus_per_trainer: float = 1.0
 
 
 @dataclass

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from rollout.client import EngineClient
-from slime_rl.config import SyncConfig
+from weight_sync.config import SyncConfig
 from weight_sync import SyncError, WeightSync
 
 FAILURES_TO_DIE = 2  # consecutive failed /health probes that declare an engine dead

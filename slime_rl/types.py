@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import enum
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+
+PauseMode = Literal["abort", "in_place", "retract"]  # what in-flight requests do while weights change
+PAUSE_MODES: tuple[str, ...] = typing.get_args(PauseMode)
 
 
 class SampleStatus(str, enum.Enum):

@@ -30,13 +30,13 @@ import time
 import uuid
 import torch
 
-from slime_rl.config import SyncConfig
+from slime_rl.types import PAUSE_MODES
+from weight_sync.config import SyncConfig
 from weight_sync.endpoints import LocalEndpoint, SyncError, as_endpoint
 from weight_sync.plan import plan_from_layout
 from weight_sync.sender import TensorSource
 from weight_sync.transports import KINDS, TRANSPORTS, RankSpec, _each, run_on_rank
 
-PAUSE_MODES = ("abort", "in_place", "retract")
 
 
 def validate(settings: SyncConfig) -> None:
@@ -44,8 +44,6 @@ def validate(settings: SyncConfig) -> None:
         raise ValueError(f"sync.transport must be auto or one of {', '.join(TRANSPORTS)}, got {settings.transport!r}")
     if settings.pause_mode not in PAUSE_MODES:
         raise ValueError(f"sync.pause_mode must be one of {', '.join(PAUSE_MODES)}, got {settings.pause_mode!r}")
-    if not settings.bucket_mb > 0:
-        raise ValueError(f"sync.bucket_mb must be > 0, got {settings.bucket_mb}")
 
 
 def choose_transport(settings: SyncConfig, trainer, endpoints: list) -> str:
