@@ -42,7 +42,7 @@ def _eval_label(cfg: JobConfig) -> str:
 def _check_supported(cfg: JobConfig) -> None:
     on_ray = cfg.launch.launcher == "ray"
     if algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
-        from slime_rl.launch.spmd import in_torchrun
+        from training.spmd import in_torchrun
 
         if on_ray:
             raise ConfigError(f"algorithm.name {cfg.algorithm.name} trains a critic, which runs with "
@@ -100,7 +100,7 @@ def _load(path: str | None, cfg: JobConfig, tokenizer, with_response: bool) -> l
 
 def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
     """Under torchrun, ranks > 0 only serve rank 0's trainer commands; True once they are done."""
-    from slime_rl.launch.spmd import in_torchrun
+    from training.spmd import in_torchrun
 
     if cfg.train.backend != "megatron" or not in_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         return False
@@ -136,19 +136,18 @@ def build_run(cfg: JobConfig) -> Run:
     if cfg.critic.path is not None and algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
         check_critic_path(cfg.critic.path, hf_config)  # before the SFT warm-up, not after it
     ro = cfg.rollout
-    extra: dict = {}
-    launch = None
+    launch = router = None
     if cfg.launch.launcher == "ray":  # engines and trainer ranks are Ray actors; job_run closes the launch last
         from slime_rl.launch.ray_launch import RayLaunch
 
-        launch = extra["launch"] = RayLaunch(cfg, hf_config, state_dict, tokenizer)
+        launch = RayLaunch(cfg, hf_config, state_dict, tokenizer)
         trainer = launch.trainer
-        engine, extra["router"] = external_engines(ro, launch.engine_urls, kind="Ray", always_route=True)
-        sync = supervise(cfg, trainer, launch.engine_urls, engine, extra["router"], launch.restart_engine)
+        engine, router = external_engines(ro, launch.engine_urls, kind="Ray", always_route=True)
+        sync = supervise(cfg, trainer, launch.engine_urls, engine, router, launch.restart_engine)
     elif ro.engine_urls:
         trainer = build_trainer(cfg, hf_config, state_dict)
-        engine, extra["router"] = external_engines(ro)
-        sync = supervise(cfg, trainer, ro.engine_urls, engine, extra["router"], restart=None)
+        engine, router = external_engines(ro)
+        sync = supervise(cfg, trainer, ro.engine_urls, engine, router, restart=None)
     else:
         trainer = build_trainer(cfg, hf_config, state_dict)
         engine = None if cfg.debug.load_rollouts else EmbeddedEngine(
@@ -158,7 +157,8 @@ def build_run(cfg: JobConfig) -> Run:
         sync = WeightSync(trainer, [engine], cfg.sync) if trainer is not None and engine is not None else None
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
-    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, extra=extra, sync=sync,
+    return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,
+               sync=sync,
                reward_fn=get_reward_fn(cfg.reward.name), train_records=train_records, val_records=val_records,
                sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
@@ -292,7 +292,7 @@ def job_run(cfg: JobConfig):
     try:
         yield run
     finally:
-        router, launch = run.extra.get("router"), run.extra.get("launch")
+        router, launch = run.router, run.launch
         for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
                       getattr(run.critic, "close", None),
                       getattr(run.engine, "close", None),

@@ -14,7 +14,7 @@ import contextlib
 import time
 
 import torch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from slime_rl.algorithms import off_policy
 from slime_rl.config import JobConfig
 from slime_rl.evaluate import evaluate, reward_metrics
 from slime_rl.metrics import MetricsLogger, format_line
+from slime_rl.protocols import CriticBackend, RewardFn, RolloutEngine, TrainerBackend
 from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, ReplayRollout, RolloutWorker,
                                SyncRollout, group_uid, save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
@@ -42,19 +43,22 @@ class Run:
     """Everything one job holds: built by slime_rl.job, driven by the loops."""
 
     cfg: JobConfig
-    tokenizer: Any
-    trainer: Any  # TrainerBackend (None in rollout-only mode)
-    critic: Any  # CriticBackend when the algorithm needs one (PPO), else None
-    engine: Any  # RolloutEngine (None when replaying saved rollouts)
+    tokenizer: Any  # slime_rl.tokenizer: encode / decode / eos, pad ids / save
+    trainer: TrainerBackend | None  # None in rollout-only mode
+    critic: CriticBackend | None  # when the algorithm needs one (PPO)
+    engine: RolloutEngine | None  # None when replaying saved rollouts
     sync: Any  # weight_sync.WeightSync or an EngineSupervisor over one: trainer -> engine(s); None without engines
-    reward_fn: Any
+    reward_fn: RewardFn
     train_records: list
     val_records: list
     sft_records: list
     logger: MetricsLogger
     out_dir: Path
     weight_version: int = 0
-    extra: dict = field(default_factory=dict)
+    launch: Any = None  # launch.ray_launch.RayLaunch: colocated engines release memory around training
+    router: Any = None  # the router this job started over engine servers (stopped with the job)
+    ledger: MetricsLogger | None = None  # trained_groups.jsonl
+    reward_errors: int = 0  # reward functions that raised or timed out, over the run
 
 
 def sync_weights(run: Run) -> dict[str, float]:
@@ -90,7 +94,7 @@ def _source(run: Run, start_step: int):
     def score(group: list[Sample]) -> None:
         stats = score_samples(group, run.reward_fn, timeout_s=cfg.reward.timeout_s,
                               failure_reward=cfg.reward.failure_reward, max_workers=cfg.reward.max_workers)
-        run.extra["reward_errors"] = run.extra.get("reward_errors", 0) + stats.errors + stats.timeouts
+        run.reward_errors += stats.errors + stats.timeouts
 
     worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score)
     prompts = PromptStream(run.train_records, cfg.train.seed, r.prompts_per_step, r.n_samples_per_prompt)
@@ -252,7 +256,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
                       **reward_metrics([s for g in groups for s in g], "rollout"),
                       "rollout/max_staleness": staleness_of(groups, trainer_version),
                       **rollout.metrics(), **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
-                      "reward/errors": run.extra.get("reward_errors", 0),
+                      "reward/errors": run.reward_errors,
                       "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
             evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
             record.update(evals)
@@ -277,7 +281,7 @@ def idle_trainer(run: Run):
 
 def train_phase(run: Run, batch: TrainBatch, loss_fn, step: int) -> dict[str, float]:
     """`train`, with colocated engines' memory released around it (Ray, launch.colocate)."""
-    launch = run.extra.get("launch")
+    launch = run.launch
     if launch is not None:
         launch.before_train()
     try:
@@ -292,9 +296,9 @@ def train_phase(run: Run, batch: TrainBatch, loss_fn, step: int) -> dict[str, fl
 
 def record_groups(run: Run, step: int, groups: list[list[Sample]]) -> None:
     """The trained-groups ledger (uid, samples, token versions per group) and, in debug mode, the groups."""
-    if "ledger" not in run.extra:
-        run.extra["ledger"] = MetricsLogger(run.out_dir / TRAINED_GROUPS)
-    ledger = run.extra["ledger"]
+    if run.ledger is None:
+        run.ledger = MetricsLogger(run.out_dir / TRAINED_GROUPS)
+    ledger = run.ledger
     ledger.log({"step": step + 1, "trainer_version": run.weight_version,
                 "groups": [{"uid": group_uid(g) if "uid" in g[0].metadata else str(g[0].group_id), "n": len(g),
                             "min_version": min((v for s in g for v in s.weight_versions), default=-1),
@@ -309,10 +313,10 @@ def maybe_checkpoint(run: Run, step: int, rollout) -> None:
     if run.trainer is None or not c.save_every or step % c.save_every:
         return
     t0 = time.perf_counter()
-    ledger = run.extra.get("ledger")
+    ledger = run.ledger
     state = {"weight_version": run.weight_version, "rollout": rollout.state_dict(),
              "metrics": list(run.logger.history), "ledger": list(ledger.history) if ledger else [],
-             "reward_errors": run.extra.get("reward_errors", 0)}
+             "reward_errors": run.reward_errors}
     path = checkpoint.save(run.trainer, run.out_dir, step, state, keep=c.keep, critic=run.critic)
     print(f"[ckpt] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
@@ -322,6 +326,6 @@ def restore(run: Run, rollout, state: dict) -> None:
     run.weight_version = state["weight_version"] - 1  # the first push of rl_loop makes it the checkpoint's again
     rollout.load_state_dict(state["rollout"])
     run.logger.restore(state["metrics"])
-    run.extra["ledger"] = MetricsLogger(run.out_dir / TRAINED_GROUPS)
-    run.extra["ledger"].restore(state["ledger"])
-    run.extra["reward_errors"] = state["reward_errors"]
+    run.ledger = MetricsLogger(run.out_dir / TRAINED_GROUPS)
+    run.ledger.restore(state["ledger"])
+    run.reward_errors = state["reward_errors"]

@@ -36,7 +36,7 @@ import torch
 
 from slime_rl import ops
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
-from slime_rl.launch.spmd import spawn_ranks
+from training.spmd import spawn_ranks
 from slime_rl.ops import _backend
 from slime_rl.ops.fused_logprob import FORWARD_OP
 from test_megatron import HF_CONFIG, LOSS, OPT, make_batch, prepared, rel

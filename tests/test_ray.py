@@ -22,7 +22,7 @@ from server_procs import post
 from slime_rl.cli import build_parser, config_from_args, main
 from slime_rl.config import LaunchConfig
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
-from slime_rl.launch.spmd import RankError
+from training.spmd import RankError
 from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import GenerateRequest, SamplingParams
 

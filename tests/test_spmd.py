@@ -1,4 +1,4 @@
-"""slime_rl.launch.spmd: commands on every SPMD rank, from spawned workers and under torchrun (gloo, CPU)."""
+"""training.spmd: commands on every SPMD rank, from spawned workers and under torchrun (gloo, CPU)."""
 
 from __future__ import annotations
 

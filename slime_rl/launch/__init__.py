@@ -1,6 +1,6 @@
-"""Launching trainer ranks: SPMD rank groups driven from one process (spawned workers or torchrun)."""
+"""Launching jobs: Ray placement (ray_launch.py) and, re-exported here, the SPMD rank groups of training/spmd.py."""
 
-from slime_rl.launch.spmd import (
+from training.spmd import (
     RankError,
     RankGroup,
     SpawnedRankGroup,

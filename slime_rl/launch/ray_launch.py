@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rollout.config import RolloutConfig
 from slime_rl.config import JobConfig
 from slime_rl.launch.config import LaunchConfig
-from slime_rl.launch.spmd import (
+from training.spmd import (
     _CONSTRUCTION, _PICKLE, _SHUTDOWN, Factory, RankError, RankGroup, _Call, _check_factory, _encode, _execute,
     _failures, _init_dist, _load_factory, _raise_failures, _Reply,
 )

@@ -1,7 +1,7 @@
 """The Megatron backend as the loop sees it: a TrainerBackend that drives SPMD trainer ranks.
 
 The driver (the process running the RL loop) holds no weights. It sends each
-command to every rank (`slime_rl.launch.spmd`): ranks it spawned itself (the
+command to every rank (`training.spmd`): ranks it spawned itself (the
 default: `slime-rl train --backend megatron --tp 2`) or, under `torchrun`, the
 other processes of the job with rank 0 doubling as driver. Ranks return their
 pieces (per-DP-rank logprobs, per-micro-batch loss statistics); this class
@@ -27,7 +27,7 @@ from training.megatron.model import resolve_spec
 from training.megatron.worker import MegatronSettings
 
 if TYPE_CHECKING:
-    from slime_rl.launch.spmd import RankGroup
+    from training.spmd import RankGroup
 
 WORKER = "training.megatron.worker:MegatronWorker"
 
@@ -48,7 +48,7 @@ def _check_torchrun_world(num_ranks: int) -> None:
 def serve_torchrun_rank(hf_config: dict, state_dict, opt: OptimSettings, settings: MegatronSettings,
                         num_ranks: int, with_reference: bool = False) -> None:
     """Ranks > 0 under torchrun: build this rank's worker and run rank 0's commands until it closes the group."""
-    from slime_rl.launch.spmd import torchrun_group
+    from training.spmd import torchrun_group
 
     _check_torchrun_world(num_ranks)
     group = torchrun_group(WORKER, worker_kwargs(hf_config, state_dict, opt, settings, with_reference),
@@ -74,7 +74,7 @@ class MegatronDriver:
     def _spawn(self, worker: str, state_dict: dict[str, torch.Tensor] | str, start_timeout: float,
                launcher: Callable[..., RankGroup] | None, **worker_extra: Any) -> RankGroup:
         """`num_ranks` ranks of `worker(hf_config, hf_state, settings, opt, **worker_extra)`."""
-        from slime_rl.launch.spmd import spawn_ranks
+        from training.spmd import spawn_ranks
 
         if isinstance(state_dict, dict):  # ranks read weights from disk: one file, not a pickle per rank
             from slime_rl.hf_io import save_hf_checkpoint
@@ -162,7 +162,7 @@ class MegatronBackend(MegatronDriver):
         """`launcher` creates the ranks in place of `spawn_ranks` (e.g. Ray actors), called with the same
         arguments; ranks read `state_dict` from one HF checkpoint directory (written to a temp dir when
         given as tensors), which a launcher placing ranks on other machines needs on shared storage."""
-        from slime_rl.launch.spmd import in_torchrun, torchrun_group
+        from training.spmd import in_torchrun, torchrun_group
 
         self._init_layout(hf_config, opt, settings, num_ranks)
         if in_torchrun():  # this process is rank 0 of the job; the other ranks run serve_torchrun_rank

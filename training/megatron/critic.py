@@ -40,7 +40,7 @@ from training.megatron.model import unwrap
 from training.megatron.worker import MegatronSettings, MegatronWorker, _on
 
 if TYPE_CHECKING:
-    from slime_rl.launch.spmd import RankGroup
+    from training.spmd import RankGroup
 
 CRITIC_WORKER = "training.megatron.critic:MegatronCriticWorker"
 VALUE_HEAD = "value_head.weight"
@@ -143,7 +143,7 @@ class MegatronCritic(MegatronDriver):
     def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor] | str, opt: OptimSettings,
                  settings: MegatronSettings, num_ranks: int | None = None, start_timeout: float = 600.0,
                  launcher: Callable[..., RankGroup] | None = None):
-        from slime_rl.launch.spmd import in_torchrun
+        from training.spmd import in_torchrun
 
         if in_torchrun():
             raise NotImplementedError("the Megatron critic under torchrun: the job's processes are the policy's ranks; "
