@@ -177,7 +177,7 @@ class TrainBatch:
     response_mask_BT: Any  # [B, T] float, 1 for tokens that receive loss
     advantages_BT: Any  # [B, T] float: each token's own advantage (0 off-mask)
     rollout_logprobs_BT: Any  # [B, T] engine logprobs of each token (0 off-mask)
-    loss_weights_BT: Any = None  # [B, T] per-token weight of the loss (see algorithms.aggregation)
+    loss_weights_BT: Any = None  # [B, T] per-token weight of the loss (mask + aggregation: algorithms.token_loss_weights)
     old_logprobs_BT: Any = None  # trainer logprobs before the update
     ref_logprobs_BT: Any = None  # reference-model logprobs (KL)
     is_weights_BT: Any = None  # off-policy importance weights of the policy-gradient term (None = 1)

@@ -146,3 +146,36 @@ def test_every_policy_loss_and_aggregation_matches_the_reference_on_megatron(lay
             # sequences leave many) turn float32 noise into a visible share of a step; the loss and the grad norm
             # above carry the precision check, this one says every element moved the same way
             assert max((new[k] - v).abs().max().item() for k, v in after.items()) < 0.5 * OPT.lr, (kind, agg)
+
+
+def test_ppo_first_update_has_ratio_one_and_later_updates_do_not(tmp_path):
+    """loop.train with PPO, 2 epochs x 2 mini-batches: old logprobs are taken once, so the first policy update
+    sees ratio exactly 1 (clip fraction 0) and the later ones a moved policy."""
+    from slime_rl import loop
+    from slime_rl.config import build_config
+    from slime_rl.metrics import MetricsLogger
+    from training.hf import HFCritic
+
+    cfg = build_config(overrides=[("algorithm.name", "PPO"), ("algorithm.ppo_epochs", 2),
+                                  ("algorithm.mini_batches", 2), ("rollout.max_new_tokens", 12)])
+    weights = init_tiny_model(HF_CONFIG, seed=4)
+    trainer = HFTrainer(HF_CONFIG, weights, OptimSettings(lr=1e-2, micro_batch_size=4))
+    critic = HFCritic(HF_CONFIG, weights, OptimSettings(lr=1e-2, micro_batch_size=4))
+    seen = []
+    step = trainer.train_step
+    trainer.train_step = lambda batch, fn: seen.append(step(batch, fn)) or seen[-1]
+
+    class Tok:
+        pad_token_id = 0
+
+    run = loop.Run(cfg=cfg, tokenizer=Tok(), trainer=trainer, critic=critic, engine=None, sync=None, reward_fn=None,
+                   train_records=[], val_records=[], sft_records=[], logger=MetricsLogger(tmp_path / "m.jsonl"),
+                   out_dir=tmp_path)
+    batch = mixed_batch()
+    batch.rollout_logprobs_BT = trainer.logprobs(batch)
+    stats = loop.train(run, batch, algorithms.get("PPO").loss(cfg.algorithm))
+    assert len(seen) == 4
+    assert seen[0]["ratio_max"] == 1.0 and seen[0]["ratio_min"] == 1.0 and seen[0]["clip_frac"] == 0.0
+    assert max(abs(s["ratio_max"] - 1) + abs(s["ratio_min"] - 1) for s in seen[1:]) > 1e-3
+    assert stats["ratio_max"] == max(s["ratio_max"] for s in seen)  # a max over the step, not a mean
+    assert stats["critic_value_loss"] > 0 and "explained_variance" in stats

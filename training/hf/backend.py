@@ -1,6 +1,6 @@
 """Reference trainer backend: a transformers model trained with plain torch.
 
-The same math as the Megatron backend (a later issue) on one process: logprobs
+The same math as the Megatron backend (training/megatron) on one process: logprobs
 of packed right-padded batches, micro-batching with gradient accumulation,
 AdamW with gradient clipping and an LR schedule, HF-format checkpoints. It is
 the parity baseline: engine logprobs and Megatron logprobs are tested against
