@@ -88,6 +88,8 @@ def build_critic(cfg: Any, trainer, opt):
 
             critic = MegatronCritic(hf_config, state, opt, megatron_settings(cfg), num_ranks=cfg.trainer_ranks)
     except (ValueError, RuntimeError) as exc:  # transformers' strict load raises RuntimeError on a mismatch
+        if c.path is None:
+            raise
         raise ConfigError(f"critic.path: {source} does not fit the critic: {str(exc)[:400]}") from exc
     print(f"[critic] {cfg.train.backend} critic from {source}, lr {opt.lr}")
     return critic
