@@ -73,7 +73,10 @@ def build_critic(cfg: Any, trainer, opt):
     c = cfg.critic
     if c.path is not None:
         hf_config = check_critic_path(c.path, trainer.hf_config)
-        _, state = load_hf_checkpoint(c.path)
+        try:
+            _, state = load_hf_checkpoint(c.path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"critic.path: cannot load the checkpoint at {c.path}: {exc}") from None
         source = c.path
     else:
         hf_config, state, source = trainer.hf_config, trainer.hf_state_dict(), "the policy"
