@@ -86,6 +86,8 @@ def plot(results: list[dict], png: Path) -> None:
     for row, res in zip(axes, results):
         for ax, (key, label) in zip(row, CURVES):
             pts = res["curves"][key]
+            if key == "val/accuracy":  # from the SFT checkpoint's accuracy at step 0
+                pts = [(0, res["val_after_sft"])] + [p for p in pts if p[0] != 0]
             if pts:
                 xs, ys = zip(*pts)
                 k = 1 if key == "val/accuracy" else 9  # a centred moving average over 9 steps
@@ -97,7 +99,7 @@ def plot(results: list[dict], png: Path) -> None:
             ax.tick_params(labelsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    fig.savefig(png, dpi=70)
 
 
 def table(results: list[dict]) -> str:
@@ -119,6 +121,9 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/algorithms.json")
     p.add_argument("--png", default="benchmarks/results/algorithms.png")
     p.add_argument("--sft-checkpoint", default=None, help="reuse this SFT checkpoint (default: run the SFT)")
+    p.add_argument("--update", action="store_true",
+                   help="replace these algorithms' rows in an existing --out (same SFT checkpoint, same flags) and "
+                        "keep the others, e.g. to rerun one whose run shared the machine with other work")
     p.add_argument("train_args", nargs="*", help="after --: flags for every slime-rl command")
     args = p.parse_args()
     work = Path(args.work)
@@ -138,8 +143,14 @@ def main() -> int:
         r = results[-1]
         print(f"[bench] {name}: val {100 * r['val_after_sft']:.1f}% -> {100 * (r['val_after_rl'] or 0):.1f}% "
               f"({r['gain_points'] or 0:+.1f} points), {seconds:.0f}s", flush=True)
-    print(table(results))
     out = Path(args.out)
+    if args.update and out.exists():
+        old = json.loads(out.read_text())
+        fresh = {r["algo"]: r for r in results}
+        kept = [{**r, "curves": old["curves"][r["algo"]]} for r in old["results"] if r["algo"] not in fresh]
+        order = {name: i for i, name in enumerate(ALGOS)}
+        results = sorted(kept + results, key=lambda r: order.get(r["algo"], len(order)))
+    print(table(results))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"argv": sys.argv[1:], "train_args": common, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count()}
