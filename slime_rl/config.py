@@ -77,7 +77,7 @@ class DataConfig:
 class RewardConfig:
     """Reward function: a registry name or a dotted path ("pkg.mod:fn")."""
 
-    name: str = "math"
+    name: str | None = None  # None = the task's reward
     timeout_s: float = 10.0
     failure_reward: float = 0.0
     max_workers: int = 4
@@ -169,6 +169,7 @@ class JobConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    task: str = "arithmetic"  # a registered task (slime_rl.tasks: arithmetic, math) or "pkg.module:factory"
     seed: int = 0
 
     @property

@@ -59,16 +59,13 @@ def _check_supported(cfg: JobConfig) -> None:
                           "--rollout.engine_urls (servers already running)")
 
 
-def _data_paths(cfg: JobConfig, out_dir: Path) -> dict[str, str | None]:
-    d = cfg.data
-    if d.train_path is not None:
-        return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
-    from slime_rl.tasks.arithmetic import make_arithmetic_task
+def _task(cfg: JobConfig):
+    from slime_rl.tasks import get_task
 
-    paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed,
-                                 max_operand=d.task_max_operand)
-    print(f"[data] synthetic arithmetic task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> {out_dir / 'data'}")
-    return {k: str(v) for k, v in paths.items()}
+    try:
+        return get_task(cfg.task)
+    except ValueError as exc:
+        raise ConfigError(f"task: {exc}") from None
 
 
 def _model(cfg: JobConfig, tokenizer) -> tuple[dict, dict]:
@@ -128,7 +125,11 @@ def build_run(cfg: JobConfig) -> Run:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     tokenizer = _tokenizer(cfg)
-    paths = _data_paths(cfg, out_dir)
+    task = _task(cfg)
+    try:
+        paths = task.data(cfg, out_dir)
+    except ValueError as exc:
+        raise ConfigError(f"task {cfg.task}: {exc}") from None
     train_records = _load(paths["train"], cfg, tokenizer, with_response=False)
     val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
@@ -159,7 +160,8 @@ def build_run(cfg: JobConfig) -> Run:
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,
                sync=sync,
-               reward_fn=get_reward_fn(cfg.reward.name), train_records=train_records, val_records=val_records,
+               reward_fn=get_reward_fn(cfg.reward.name) if cfg.reward.name else task.reward_fn(cfg), task=task,
+               train_records=train_records, val_records=val_records,
                sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
 

@@ -21,9 +21,10 @@ from typing import Any
 from slime_rl import algorithms, checkpoint
 from slime_rl.algorithms import off_policy
 from slime_rl.config import JobConfig
-from slime_rl.evaluate import evaluate, reward_metrics
+from slime_rl.evaluate import evaluate
 from slime_rl.metrics import MetricsLogger, format_line
 from slime_rl.protocols import CriticBackend, RewardFn, RolloutEngine, TrainerBackend
+from slime_rl.tasks import Task
 from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, ReplayRollout, RolloutWorker,
                                SyncRollout, group_uid, save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
@@ -49,6 +50,7 @@ class Run:
     engine: RolloutEngine | None  # None when replaying saved rollouts
     sync: Any  # weight_sync.WeightSync or an EngineSupervisor over one: trainer -> engine(s); None without engines
     reward_fn: RewardFn
+    task: Task  # its prompts, reward and metrics (slime_rl.tasks)
     train_records: list
     val_records: list
     sft_records: list
@@ -214,7 +216,7 @@ def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float 
                     temperature=temperature, max_new_tokens=run.cfg.rollout.max_new_tokens,
                     stop_token_ids=[run.tokenizer.eos_token_id], decode=run.tokenizer.decode,
                     reward_timeout_s=run.cfg.reward.timeout_s, failure_reward=run.cfg.reward.failure_reward,
-                    max_examples=run.cfg.eval.max_examples, seed=run.cfg.rollout.seed)
+                    max_examples=run.cfg.eval.max_examples, seed=run.cfg.rollout.seed, metrics=run.task.eval_metrics)
 
 
 def maybe_evaluate(run: Run, step: int, force: bool = False) -> dict[str, float]:
@@ -253,7 +255,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
                 stats = train_phase(run, batch, loss_fn, step)
                 sync_stats = rollout.push(lambda: sync_weights(run))
             record = {"step": step + 1, "weight_version": run.weight_version,
-                      **reward_metrics([s for g in groups for s in g], "rollout"),
+                      **run.task.eval_metrics([s for g in groups for s in g], "rollout"),
                       "rollout/max_staleness": staleness_of(groups, trainer_version),
                       **rollout.metrics(), **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
                       "reward/errors": run.reward_errors,

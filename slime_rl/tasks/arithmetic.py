@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from slime_rl.data import write_jsonl
+from slime_rl.tasks.base import VerifiedAnswers, register_task
 
 
 def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
@@ -49,3 +51,21 @@ def make_arithmetic_task(out_dir: str | Path, num_train: int, num_val: int, num_
     write_jsonl(paths["val"], [{"prompt": p, "label": str(a)} for p, a in val])
     write_jsonl(paths["train"], [{"prompt": p, "label": str(a)} for p, a in train])
     return paths
+
+
+@register_task("arithmetic")
+class ArithmeticTask(VerifiedAnswers):
+    """The default job's task: generated under <output_dir>/data (data.num_* and data.task_* size it), or the
+    user's files when data.train_path is set; scored by the math verifier."""
+
+    name = "arithmetic"
+
+    def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
+        d = cfg.data
+        if d.train_path is not None:
+            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed,
+                                     max_operand=d.task_max_operand)
+        print(f"[data] synthetic arithmetic task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> "
+              f"{out_dir / 'data'}")
+        return {k: str(v) for k, v in paths.items()}
