@@ -46,7 +46,7 @@ _CONFIRM = ("Thanks, that solves it.", "Great, that's exactly what I needed. Tha
 _NUDGE = {"calm": ("Could you please help me with order {order_id}?", "Any update on my request?"),
           "impatient": ("Please just fix it, order {order_id}.", "I'm waiting. Can you do it or not?"),
           "angry": ("Stop wasting my time and fix order {order_id}!", "Are you even listening?")}
-_ASK_HUMAN = ("This is going nowhere. I want to talk to a human.", "Get me a real person, please.")
+_ASK_HUMAN = ("This is going nowhere. I want to talk to a human.", "Get me a human, please.")
 _STILL_HUMAN = ("I said I want a human!",)
 _COMPLAINT = ("That's it. I'm filing a complaint and leaving a bad review.",
               "Unacceptable. Expect a complaint and a bad review.")

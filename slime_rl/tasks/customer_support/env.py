@@ -73,8 +73,9 @@ class SupportEnv:
     def step(self, agent_text: str) -> tuple[str, float, bool, dict[str, Any]]:
         if self.done:
             raise RuntimeError("SupportEnv.step after the episode ended; call reset")
+        calls = parse_tool_calls(agent_text)  # a non-str is a `malformed` call, counted
         if not isinstance(agent_text, str):
-            agent_text = repr(agent_text)  # model output is untrusted; parse_tool_calls reports it
+            agent_text = repr(agent_text)
         st = self.state
         st.turns += 1
         st.minutes += AGENT_TURN_MINUTES
@@ -83,7 +84,6 @@ class SupportEnv:
         if is_evasive(agent_text):
             self.evasive_turns += 1
             reward += self._pay("evasive")
-        calls = parse_tool_calls(agent_text)
         if calls:
             observation, reward = self._run_tools(calls, reward)
         else:
