@@ -3,7 +3,7 @@ a rule-based customer, and a fixed reward table. Pure Python; all randomness fro
 
     env = SupportEnv()
     first = env.reset(seed=7)                       # the customer's opening message
-    obs, reward, done, info = env.step('<tool_call>{"name": "lookup_order", "arguments": {"order_id": "A1234"}}</tool_call>')
+    obs, reward, done, info = env.step(tool_call("lookup_order", order_id="A1234"))  # or plain text
     env.tools.schemas()                             # for the chat template's tools=
 
 Modules: `scenarios` (who wants what), `tools` (the order system), `customer` (the rules of the customer),
