@@ -168,7 +168,10 @@ def test_ppo_first_update_has_ratio_one_and_later_updates_do_not(tmp_path):
     class Tok:
         pad_token_id = 0
 
+    from slime_rl.tasks import get_task
+
     run = loop.Run(cfg=cfg, tokenizer=Tok(), trainer=trainer, critic=critic, engine=None, sync=None, reward_fn=None,
+                   task=get_task("arithmetic"),
                    train_records=[], val_records=[], sft_records=[], logger=MetricsLogger(tmp_path / "m.jsonl"),
                    out_dir=tmp_path)
     batch = mixed_batch()
