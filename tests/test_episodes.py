@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from rollout.engine import EmbeddedEngine
 from rollout.episodes import EpisodeLimits, run_episode
