@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -92,6 +93,18 @@ def launch_servers(n: int, model_dir: Path, log_dir: Path, timeout_s: float = 12
         if status != 200:
             raise RuntimeError(f"{url}/update_weight_version -> {status}: {body}")
     return servers
+
+
+@contextlib.contextmanager
+def serving(n: int, longest: int, prefix: str):
+    """`n` servers of a fresh tiny model (positions for `longest` tokens) in a temp dir; stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        make_model(Path(tmp) / "model", max_positions=max(512, 1 << longest.bit_length()))
+        servers = launch_servers(n, Path(tmp) / "model", Path(tmp))
+        try:
+            yield servers
+        finally:
+            stop_servers(servers)
 
 
 def _healthy(url: str) -> bool:
@@ -197,18 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = CharTokenizer().vocab_size
 
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench_routing_") as tmp:
-        make_model(Path(tmp) / "model", max_positions=max(512, 1 << longest.bit_length()))
-        servers = launch_servers(args.servers, Path(tmp) / "model", Path(tmp))
-        try:
-            for kind in args.routers:
-                for policy in POLICIES:
-                    result = run_routed(servers, args, vocab, policy=policy, prefer=kind)
-                    runs.append({"router": kind, "policy": policy, **result})
-                    print(f"  {kind:14s} {policy:12s} cached/prompt {result['cached_ratio']:.3f}  "
-                          f"affinity {result['affinity']:.2f}", flush=True)
-        finally:
-            stop_servers(servers)
+    with serving(args.servers, longest, "bench_routing_") as servers:
+        for kind in args.routers:
+            for policy in POLICIES:
+                result = run_routed(servers, args, vocab, policy=policy, prefer=kind)
+                runs.append({"router": kind, "policy": policy, **result})
+                print(f"  {kind:14s} {policy:12s} cached/prompt {result['cached_ratio']:.3f}  "
+                      f"affinity {result['affinity']:.2f}", flush=True)
 
     speedups = {}
     for kind in args.routers:

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_routing import _version, launch_servers, make_model, run_routed, stop_servers  # noqa: E402
+from bench_routing import _version, run_routed, serving  # noqa: E402
 from rollout.router import ROUTER_SETTINGS  # noqa: E402
 from slime_rl.tokenizer import CharTokenizer  # noqa: E402
 
@@ -76,18 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = CharTokenizer().vocab_size
 
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench_routing_rl_") as tmp:
-        make_model(Path(tmp) / "model", max_positions=max(512, 1 << longest.bit_length()))
-        servers = launch_servers(args.servers, Path(tmp) / "model", Path(tmp))
-        try:
-            for name in args.configs:
-                policy, flags, keyed = CONFIGS[name]
-                result = run_routed(servers, args, vocab, policy=policy, extra_args=flags, keyed=keyed)
-                runs.append({"config": name, "policy": policy, "flags": flags, "routing_key": keyed, **result})
-                print(f"  {name:24s} cached/prompt {result['cached_ratio']:.3f}  max worker share "
-                      f"{result['max_worker_share']:.2f}  affinity {result['affinity']:.2f}", flush=True)
-        finally:
-            stop_servers(servers)
+    with serving(args.servers, longest, "bench_routing_rl_") as servers:
+        for name in args.configs:
+            policy, flags, keyed = CONFIGS[name]
+            result = run_routed(servers, args, vocab, policy=policy, extra_args=flags, keyed=keyed)
+            runs.append({"config": name, "policy": policy, "flags": flags, "routing_key": keyed, **result})
+            print(f"  {name:24s} cached/prompt {result['cached_ratio']:.3f}  max worker share "
+                  f"{result['max_worker_share']:.2f}  affinity {result['affinity']:.2f}", flush=True)
 
     print(f"\n{'settings':24s} {'cached/prompt':>13s} {'max share':>9s} {'affinity':>8s}  requests per worker")
     for r in runs:

@@ -21,7 +21,7 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launc
     if cfg.debug.rollout_only:
         print("[train] rollout-only mode: no trainer")
         return None
-    with_reference = algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference
+    with_reference = algorithms.needs(cfg.algorithm).reference
     if cfg.train.backend == "hf":
         return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
                          fused_logprob=cfg.train.fused_logprob)

@@ -41,7 +41,7 @@ def _eval_label(cfg: JobConfig) -> str:
 
 def _check_supported(cfg: JobConfig) -> None:
     on_ray = cfg.launch.launcher == "ray"
-    if algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
+    if algorithms.needs(cfg.algorithm).critic:
         from training.spmd import in_torchrun
 
         if on_ray:
@@ -106,7 +106,7 @@ def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
 
     hf_config, state_dict = _model(cfg, _tokenizer(cfg))
     serve_torchrun_rank(hf_config, state_dict, OptimSettings(), megatron_settings(cfg), cfg.trainer_ranks,
-                        with_reference=algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference)
+                        with_reference=algorithms.needs(cfg.algorithm).reference)
     return True
 
 
@@ -134,7 +134,7 @@ def build_run(cfg: JobConfig) -> Run:
     val_records = _load(paths["val"], cfg, tokenizer, with_response=False)
     sft_records = _load(paths["sft"], cfg, tokenizer, with_response=True)
     hf_config, state_dict = _model(cfg, tokenizer)
-    if cfg.critic.path is not None and algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).critic:
+    if cfg.critic.path is not None and algorithms.needs(cfg.algorithm).critic:
         check_critic_path(cfg.critic.path, hf_config)  # before the SFT warm-up, not after it
     ro = cfg.rollout
     launch = router = None
@@ -225,8 +225,7 @@ def _critic_opt(cfg: JobConfig):
 def attach_critic(run: Run) -> None:
     """The critic the algorithm needs (PPO), initialised from `critic.path` or from the policy as it is now
     (after the SFT warm-up, as ReFT does); None otherwise."""
-    a = run.cfg.algorithm
-    if run.trainer is None or not algorithms.get(a.name).needs(a).critic:
+    if run.trainer is None or not algorithms.needs(run.cfg.algorithm).critic:
         return
     run.critic = build_critic(run.cfg, run.trainer, _critic_opt(run.cfg))
 
@@ -328,7 +327,7 @@ def _train(run: Run) -> int:
         sft_greedy = greedy_accuracy(run)
         run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
         run.trainer.reset_optimizer(_rl_opt(cfg))
-        if algorithms.get(cfg.algorithm.name).needs(cfg.algorithm).reference:
+        if algorithms.needs(cfg.algorithm).reference:
             refresh_reference(run)  # KL to the policy RL starts from (after the SFT warm-up)
         attach_critic(run)
     print(f"[rl] {cfg.algorithm.name}, {cfg.async_rl.mode}: {cfg.train.num_steps} steps x "
@@ -361,7 +360,7 @@ def _load_checkpoint(run: Run, path: Path) -> dict:
     attach_critic(run)
     state = checkpoint.load(run.trainer, path, critic=run.critic)
     a = run.cfg.algorithm
-    if algorithms.get(a.name).needs(a).reference:
+    if algorithms.needs(a).reference:
         ref = run.out_dir / REFERENCE_DIR
         if not (ref / "config.json").exists():
             raise FileNotFoundError(f"resuming {a.name} with a KL term needs its reference model at {ref} "

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-
-import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from slime_rl import algorithms, checkpoint
 from slime_rl.algorithms import off_policy
@@ -29,6 +29,7 @@ from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, Repl
                                SyncRollout, group_uid, save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
 from slime_rl.types import Sample, SamplingParams, TrainBatch
+from training.hf.backend import merge_step_stats
 
 PRINT_KEYS = ["rollout/reward_mean", "rollout/answer_accuracy", "rollout/response_length",
               "train/clip_frac", "train/entropy", "train/train_rollout_logprob_abs_diff", "val/accuracy"]
@@ -82,7 +83,7 @@ def make_rollout(run: Run, start_step: int):
     filtered by dynamic sampling when the algorithm asks for it."""
     rollout = _source(run, start_step)
     a = run.cfg.algorithm
-    if algorithms.get(a.name).needs(a).dynamic_sampling:
+    if algorithms.needs(a).dynamic_sampling:
         rollout = DynamicSampling(rollout, run.cfg.rollout.prompts_per_step, a.dynamic_sampling_rounds)
     return rollout
 
@@ -176,6 +177,7 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
     n = a.mini_batches
     size = -(-batch.num_sequences // n)
     updates = a.ppo_epochs * n
+    per_update = []  # each update's metrics, means pre-divided: merged, they sum to the mean over the step
     for _ in range(a.ppo_epochs):
         for k in range(n):  # mini-batches: weights renormalized per mini-batch
             mini = batch.select(slice(k * size, (k + 1) * size))
@@ -183,14 +185,9 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
             steps = [(run.critic, value_loss, "critic_")] if value_loss is not None else []
             steps += [(run.trainer, loss_fn, "")] if train_policy else []
             for backend, fn, prefix in steps:
-                for key, v in backend.train_step(mini, fn).items():
-                    key = prefix + key
-                    if key.endswith("_max"):
-                        stats[key] = max(stats.get(key, v), v)
-                    elif key.endswith("_min"):
-                        stats[key] = min(stats.get(key, v), v)
-                    else:  # the mean over the step's updates
-                        stats[key] = stats.get(key, 0.0) + v / updates
+                per_update.append({prefix + key: v if key.endswith(("_max", "_min")) else v / updates
+                                   for key, v in backend.train_step(mini, fn).items()})
+    stats.update(merge_step_stats(per_update))
     if a.ref_update_every and (step + 1) % a.ref_update_every == 0:
         refresh_reference(run)
     return stats
@@ -238,8 +235,7 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     if resume:
         restore(run, rollout, resume)
     sync_weights(run)  # the trainer is the source of truth
-    if isinstance(getattr(rollout, "inner", rollout), AsyncRollout):
-        rollout.start()
+    rollout.start()
     last_eval: dict[str, float] = {}
     try:
         for step in range(start, cfg.train.num_steps):

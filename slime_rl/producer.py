@@ -184,6 +184,9 @@ class SyncRollout:
         items = [self.prompts.next_group() for _ in range(n or self.prompts.per_step)]
         return self.worker.submit(self.worker.generate_wave(items)).result()
 
+    def start(self) -> None:
+        """Nothing runs ahead of the trainer."""
+
     def push(self, push_fn: Callable[[], dict]) -> dict:
         return push_fn()
 
@@ -364,6 +367,9 @@ class ReplayRollout:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"debug.load_rollouts: {directory} is not a directory")
 
+    def start(self) -> None:
+        """Nothing runs ahead of the trainer."""
+
     def get(self, step: int, trainer_version: int) -> list[Group]:
         path = self.directory / f"step_{step:06d}.pt"
         if not path.exists():
@@ -426,7 +432,7 @@ class DynamicSampling:
     def metrics(self) -> dict[str, float]:
         return {**self.inner.metrics(), **self.last}
 
-    def __getattr__(self, name: str):  # push, state_dict, load_state_dict, start, close: the inner rollout's
+    def __getattr__(self, name: str):  # start, push, state_dict, load_state_dict, close: the inner rollout's
         return getattr(self.inner, name)
 
 

@@ -4,7 +4,7 @@ CISPO; advantages.py holds the estimators, losses.py the policy and value losses
 """
 
 from slime_rl.algorithms import suite  # noqa: F401 - registers the algorithms
-from slime_rl.algorithms.base import Algorithm, Needs, get, implemented, register
+from slime_rl.algorithms.base import Algorithm, Needs, get, implemented, needs, register
 from slime_rl.algorithms.batch import build_train_batch, overlong_penalty, token_loss_weights
 from slime_rl.algorithms.config import AlgorithmConfig, CriticConfig
 from slime_rl.algorithms.grpo import grpo_advantages
@@ -33,6 +33,7 @@ __all__ = [
     "implemented",
     "kl_penalty",
     "make_policy_loss",
+    "needs",
     "overlong_penalty",
     "policy_loss",
     "register",

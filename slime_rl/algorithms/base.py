@@ -61,6 +61,11 @@ def implemented() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def needs(cfg: Any) -> Needs:
+    """What the configured algorithm (an AlgorithmConfig) needs from the loop and the launcher."""
+    return get(cfg.name).needs(cfg)
+
+
 def get(name: str) -> Algorithm:
     """The algorithm registered as `name` (case-insensitive); NotImplementedError naming the implemented ones."""
     try:

@@ -21,6 +21,7 @@ KL to GRPO's per-token advantages (its discounted returns).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -169,8 +170,7 @@ class PPO(PolicyGradient):
         return {"algorithm.whiten_advantages": True, "algorithm.gamma": 1.0, "algorithm.lam": 0.95}
 
     def needs(self, cfg: Any) -> Needs:
-        return Needs(reference=cfg.kl_coef > 0, critic=True, dynamic_sampling=cfg.dynamic_sampling,
-                     global_whitening=cfg.whiten_advantages)
+        return dataclasses.replace(super().needs(cfg), critic=True)
 
     def advantages(self, batch: TrainBatch, cfg: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if batch.values_BT is None:
