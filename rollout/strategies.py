@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from rollout.groups import merge_output, request_seed, resume_request
@@ -30,13 +30,6 @@ async def agenerate_keyed(engine, requests: list[GenerateRequest], routing_keys:
     return await engine.agenerate(requests)
 
 
-async def _abort(engine, rid: str) -> None:
-    if hasattr(engine, "aabort"):
-        await engine.aabort(rid)
-    else:
-        engine.abort(rid)
-
-
 @dataclass
 class GroupRunner:
     """Runs groups on one engine with reproducible seeds and rids."""
@@ -46,7 +39,6 @@ class GroupRunner:
     base_seed: int = 0
     step: int = 0
     decode: Callable[[list[int]], str] | None = None
-    _inflight: dict[str, Sample] = field(default_factory=dict)
 
     def _seed(self, s: Sample) -> int | None:
         if self.sampling.temperature == 0:
@@ -65,16 +57,18 @@ class GroupRunner:
         todo, reqs, key = self.requests(group)
         if not todo:
             return group
-        self._inflight.update((r.rid, s) for r, s in zip(reqs, todo))
-        try:
-            outs = await agenerate_keyed(self.engine, reqs, [key] * len(reqs))
-        finally:
-            for r in reqs:
-                self._inflight.pop(r.rid, None)
+        outs = await agenerate_keyed(self.engine, reqs, [key] * len(reqs))
         for s, out in zip(todo, outs):
             merge_output(s, out, self.decode)
         return group
 
-    async def abort_all(self) -> None:
-        for rid in list(self._inflight):
-            await _abort(self.engine, rid)
+    async def continue_sample(self, s: Sample, routing_key: str, max_new_tokens: int) -> GenerateOutput:
+        """One more generation for `s` from its tokens so far (a turn of a multi-turn episode)."""
+        sampling = replace(self.sampling, max_new_tokens=max_new_tokens, min_new_tokens=0, seed=self._seed(s))
+        rid = f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}"
+        (out,) = await agenerate_keyed(self.engine, [GenerateRequest(s.prompt_ids + s.response_ids, sampling,
+                                                                     rid=rid)], [routing_key])
+        return out
+
+    def merge(self, s: Sample, out: GenerateOutput) -> None:
+        merge_output(s, out, self.decode)

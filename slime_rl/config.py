@@ -141,6 +141,23 @@ class EvalConfig:
 
 
 @dataclass
+class EpisodeConfig:
+    """Multi-turn episodes (tasks with an environment, e.g. customer_support); rollout.max_new_tokens is per turn."""
+
+    max_turns: int = 8
+    max_total_tokens: int = 1024  # prompt + every turn + every observation
+
+
+@dataclass
+class GateConfig:
+    """A deploy gate: stop the run once validation `metric` (a task metric, e.g. tool_call_accuracy) reaches
+    `threshold`, and write the report (<output_dir>/gate.json); None = no gate."""
+
+    metric: str | None = None
+    threshold: float = 0.99
+
+
+@dataclass
 class LogConfig:
     """Where results go."""
 
@@ -169,7 +186,9 @@ class JobConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    task: str = "arithmetic"  # a registered task (slime_rl.tasks: arithmetic, math) or "pkg.module:factory"
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    task: str = "arithmetic"  # a registered task (arithmetic, math, customer_support) or "pkg.module:factory"
     seed: int = 0
 
     @property
@@ -227,6 +246,9 @@ class JobConfig:
              ">= 1 (or null: rollout.max_new_tokens)"),
             ("reward.timeout_s", self.reward.timeout_s > 0, "> 0"),
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
+            ("episode.max_turns", self.episode.max_turns >= 1, ">= 1"),
+            ("episode.max_total_tokens", self.episode.max_total_tokens >= 2, ">= 2"),
+            ("gate.metric", self.gate.metric is None or bool(self.gate.metric.strip()), "a metric name or null"),
             ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),
             ("sync.bucket_mb", self.sync.bucket_mb > 0, "> 0"),
             ("async_rl.max_staleness", (self.async_rl.max_staleness or 0) >= 0, ">= 0 or None"),

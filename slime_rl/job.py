@@ -59,6 +59,15 @@ def _check_supported(cfg: JobConfig) -> None:
                           "--rollout.engine_urls (servers already running)")
 
 
+def task_episode(task, cfg: JobConfig, tokenizer):
+    from slime_rl.tasks import task_episode as make
+
+    try:
+        return make(task, cfg, tokenizer)
+    except ValueError as exc:  # e.g. a chat template that cannot render turns
+        raise ConfigError(f"task {cfg.task}: {exc}") from None
+
+
 def _task(cfg: JobConfig):
     from slime_rl.tasks import get_task
 
@@ -161,6 +170,7 @@ def build_run(cfg: JobConfig) -> Run:
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,
                sync=sync,
                reward_fn=get_reward_fn(cfg.reward.name) if cfg.reward.name else task.reward_fn(cfg), task=task,
+               episode=task_episode(task, cfg, tokenizer),
                train_records=train_records, val_records=val_records,
                sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from slime_rl.config import JobConfig
 from slime_rl.evaluate import evaluate
 from slime_rl.metrics import MetricsLogger, format_line
 from slime_rl.protocols import CriticBackend, RewardFn, RolloutEngine, TrainerBackend
+from rollout.episodes import Episode, SingleTurn
 from slime_rl.tasks import Task
 from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, ReplayRollout, RolloutWorker,
                                SyncRollout, group_uid, save_groups, staleness_of)
@@ -62,6 +63,7 @@ class Run:
     router: Any = None  # the router this job started over engine servers (stopped with the job)
     ledger: MetricsLogger | None = None  # trained_groups.jsonl
     reward_errors: int = 0  # reward functions that raised or timed out, over the run
+    episode: Episode = field(default_factory=SingleTurn)  # how the task plays a sample (rollout.episodes)
 
 
 def sync_weights(run: Run) -> dict[str, float]:
@@ -99,7 +101,7 @@ def _source(run: Run, start_step: int):
                               failure_reward=cfg.reward.failure_reward, max_workers=cfg.reward.max_workers)
         run.reward_errors += stats.errors + stats.timeouts
 
-    worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score)
+    worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score, episode=run.episode)
     prompts = PromptStream(run.train_records, cfg.train.seed, r.prompts_per_step, r.n_samples_per_prompt)
     if mode == "sync":
         return SyncRollout(worker, prompts)
@@ -213,7 +215,8 @@ def evaluate_run(run: Run, greedy: bool, n_samples: int = 1, temperature: float 
                     temperature=temperature, max_new_tokens=run.cfg.rollout.max_new_tokens,
                     stop_token_ids=[run.tokenizer.eos_token_id], decode=run.tokenizer.decode,
                     reward_timeout_s=run.cfg.reward.timeout_s, failure_reward=run.cfg.reward.failure_reward,
-                    max_examples=run.cfg.eval.max_examples, seed=run.cfg.rollout.seed, metrics=run.task.eval_metrics)
+                    max_examples=run.cfg.eval.max_examples, seed=run.cfg.rollout.seed, metrics=run.task.eval_metrics,
+                    episode=run.episode)
 
 
 def maybe_evaluate(run: Run, step: int, force: bool = False) -> dict[str, float]:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from rollout.episodes import Episode, SingleTurn
 from rollout.groups import merge_output, new_group
 from rollout.strategies import GroupRunner, agenerate_keyed
 from slime_rl.buffer import BufferClosed, RolloutBuffer, group_version
@@ -78,9 +79,10 @@ class RolloutWorker:
     """Generates and scores groups on an event loop of its own (see the module docstring)."""
 
     def __init__(self, engine, sampling: SamplingParams, seed: int, decode: Callable | None,
-                 score: Callable[[list[Sample]], Any], log=print):
+                 score: Callable[[list[Sample]], Any], log=print, episode: Episode | None = None):
         self.engine, self.sampling, self.seed, self.decode, self.score, self.log = \
             engine, sampling, seed, decode, score, log
+        self.episode = episode or SingleTurn()
         self.stats = RolloutStats()
         self.partial = True  # resume interrupted samples from their tokens (False: restart them)
         self.loop = asyncio.new_event_loop()
@@ -101,7 +103,7 @@ class RolloutWorker:
                 else:
                     _restart(group)
             try:
-                await runner.run(group)
+                await self.episode.run(runner, group)
             except Exception as exc:  # noqa: BLE001 - any engine failure: the group goes out again
                 failures += 1
                 self.stats.requeued += 1
@@ -115,16 +117,17 @@ class RolloutWorker:
 
     async def generate_wave(self, items: list[tuple[int, Group]]) -> list[Group]:
         """Every group at once, in one engine call (so the engine sees the same batch every time: a
-        reproducible step), then `generate` for what that left unfinished or could not do."""
+        reproducible step), then `generate` for what that left unfinished or could not do. Multi-turn
+        episodes go out group by group."""
         owners, reqs, keys = [], [], []
-        for wave, group in items:
+        for wave, group in items if self.episode.one_call else ():
             runner = GroupRunner(self.engine, self.sampling, base_seed=self.seed, step=wave, decode=self.decode)
             todo, group_reqs, key = runner.requests(group)
             owners += todo
             reqs += group_reqs
             keys += [key] * len(group_reqs)
         try:
-            for s, out in zip(owners, await agenerate_keyed(self.engine, reqs, keys)):
+            for s, out in zip(owners, await agenerate_keyed(self.engine, reqs, keys) if reqs else ()):
                 merge_output(s, out, self.decode)
         except Exception as exc:  # noqa: BLE001 - each group goes out again on its own below
             self.stats.requeued += len(items)

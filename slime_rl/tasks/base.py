@@ -7,10 +7,9 @@ factory takes no arguments and returns a Task). The loop and the job ask the tas
   generated or taken from `data.*_path`;
 - `reward_fn(cfg)`: the RewardFn that scores a sample (`reward.name`, when set, overrides it);
 - `eval_metrics(samples, prefix)`: the validation metrics of scored samples, `<prefix>/accuracy` the
-  headline.
-
-Generation is single-turn for every task today; multi-turn episodes (tools, environments) come with their
-own seam.
+  headline;
+- `episode(cfg, tokenizer)` (optional): how a sample is played (`rollout.episodes`): `SingleTurn` (the default:
+  one generation) or `MultiTurn` over an environment (tools, a simulated user).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from rollout.episodes import Episode, SingleTurn
 from slime_rl.protocols import RewardFn
 from slime_rl.types import Sample
 
@@ -32,6 +32,12 @@ class Task(Protocol):
     def reward_fn(self, cfg: Any) -> RewardFn: ...
 
     def eval_metrics(self, samples: list[Sample], prefix: str) -> dict[str, float]: ...
+
+
+def task_episode(task: Any, cfg: Any, tokenizer) -> Episode:
+    """The task's episode, `SingleTurn` when it defines none."""
+    make = getattr(task, "episode", None)
+    return make(cfg, tokenizer) if callable(make) else SingleTurn()
 
 
 def reward_metrics(samples: list[Sample], prefix: str) -> dict[str, float]:
@@ -111,3 +117,4 @@ def get_task(name_or_path: str) -> Task:
 def _load_builtins() -> None:
     importlib.import_module("slime_rl.tasks.arithmetic")
     importlib.import_module("slime_rl.tasks.math")
+    importlib.import_module("slime_rl.tasks.customer_support.task")

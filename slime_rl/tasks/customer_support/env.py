@@ -10,7 +10,12 @@ The reward table (`REWARDS`), paid per step, summed in `info["reward_breakdown"]
 customer confirms the fix +5; self-service refund completed +10; resolved under 3 minutes +3 (at the end);
 customer asks for a human -5 (once); an evasive agent turn -3 (each); complaint / bad review -8;
 a routine question (product_info, delivery_status) answered 0 — *instead of* the +5, so routine answers
-earn only the speed bonus. Departure, against reward hacking: the +10 is paid only when the customer came
+earn only the speed bonus.
+
+Tool-call accuracy (the deploy gate's metric): a call is correct when it parses, names a known tool with
+valid arguments, runs, and its result is what the case needs (no refusal, no action the customer did not ask
+for, the address the customer gave); an episode that ends without the tool its case needs (`tool_missed`)
+counts one more incorrect call. Departure, against reward hacking: the +10 is paid only when the customer came
 to return the item; a refund nobody asked for is a wrong action that angers the customer.
 
 This is not the token-level `slime_rl.protocols.Environment`; an adapter would tokenize around it.
@@ -98,8 +103,9 @@ class SupportEnv:
         st, lines = self.state, []
         for call in calls:
             st.minutes += TOOL_MINUTES
-            refunded = st.refund_done
+            refunded, anger = st.refund_done, st.pending_anger
             result: ToolResult = self.tools.run(call, st.stats)
+            st.correct_calls += result.ok and st.pending_anger == anger  # no refusal, no wrong action or address
             if not result.ok:
                 st.pending_anger += 1  # the customer waits while the agent fumbles
             if st.refund_done and not refunded and self.scenario.intent == "return_item":
@@ -136,8 +142,17 @@ class SupportEnv:
                 "evasive_turns": self.evasive_turns, "turns": st.turns, "text_turns": st.text_turns,
                 "minutes": round(st.minutes, 6), "tool_calls": st.stats.calls, "tool_valid": st.stats.ok,
                 "tool_errors": {k: n for k, n in st.stats.errors.items() if n}, "refusals": st.refusals,
-                "wrong_actions": st.wrong_actions, "anger": self.customer.anger,
+                "wrong_actions": st.wrong_actions, "tool_correct": st.correct_calls,
+                "tool_missed": int(not self._needed_tool_done()), "anger": self.customer.anger,
                 "reward_breakdown": dict(self.breakdown), "total_reward": sum(self.breakdown.values())}
+
+
+    def _needed_tool_done(self) -> bool:
+        """Whether the tool this case needs has run with the right result (the gate's missed call otherwise)."""
+        st, intent = self.state, self.scenario.intent
+        return {"return_item": st.refund_done or st.replacement_done, "replacement": st.replacement_done,
+                "change_address": st.address_changed, "delivery_status": st.delivery_checked,
+                "refund_status": st.looked_up, "product_info": st.looked_up}[intent]
 
 
 def episode_metrics(info_list: list[dict[str, Any]]) -> dict[str, float]:
@@ -151,6 +166,7 @@ def episode_metrics(info_list: list[dict[str, Any]]) -> dict[str, float]:
 
     calls = sum(i["tool_calls"] for i in info_list)
     turns = sum(i["turns"] for i in info_list)
+    graded = calls + sum(i["tool_missed"] for i in info_list)  # every call, plus each case's missing needed call
     return {"resolution_rate": rate("resolved"),
             "refunds_completed": float(sum(i["refund_completed"] for i in info_list)),
             "transfer_rate": rate("transferred"), "human_request_rate": rate("asked_human"),
@@ -159,4 +175,6 @@ def episode_metrics(info_list: list[dict[str, Any]]) -> dict[str, float]:
             "mean_turns": sum(i["turns"] for i in info_list) / n,
             "mean_minutes": sum(i["minutes"] for i in info_list) / n,
             "tool_call_validity": sum(i["tool_valid"] for i in info_list) / calls if calls else math.nan,
+            "tool_call_accuracy": sum(i["tool_correct"] for i in info_list) / graded if graded else math.nan,
+            "tool_call_accuracy_n": float(graded),
             "mean_reward": sum(i["total_reward"] for i in info_list) / n}

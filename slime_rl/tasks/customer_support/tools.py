@@ -42,6 +42,7 @@ class SupportState:
     delivery_checked: bool = False  # check_delivery succeeded on the customer's order
     refusals: int = 0
     wrong_actions: int = 0  # action tools the customer did not ask for
+    correct_calls: int = 0  # valid calls of a tool the case needs, with the result it needs (see env)
     pending_anger: int = 0  # from tool outcomes, felt by the customer at their next turn
     stats: ToolStats = field(default_factory=ToolStats)
     log: list[tuple[str, dict, str]] = field(default_factory=list)  # (tool, arguments, outcome)

@@ -1,0 +1,133 @@
+"""`--task customer_support`: the support agent trained inside the simulator, multi-turn with tools.
+
+Data (generated under <output_dir>/data unless data.train_path is set): one row per scenario,
+
+    {"prompt": [{"role": "system", ...}, {"role": "user", "content": <the customer's opening>}], "label": <seed>}
+
+`train.jsonl` (data.num_train scenarios), `val.jsonl` (data.num_val, held out: other seeds) and `sft.jsonl`
+(data.num_sft dialogues of the scripted oracle: `response` is the list of messages after the prompt —
+assistant turns, tool results, customer replies — so the warm-up learns from whole conversations).
+
+Each sample is an episode (`rollout.episodes.MultiTurn`) against `SupportEnv` seeded by the row's label,
+through the tokenizer's chat template (`ChatEnvironment`); its reward is the sum of the reward table's rows.
+Validation metrics: the simulator's per-episode breakdown (`episode_metrics`), `accuracy` = resolution rate.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rollout.episodes import EpisodeLimits, MultiTurn, episode_reward
+from slime_rl.data import write_jsonl
+from slime_rl.tasks.base import register_task, reward_metrics
+from slime_rl.tasks.chat import ChatEnvironment, ChatRenderer
+from slime_rl.types import Sample
+
+from .env import SupportEnv, episode_metrics
+from .policies import oracle_policy
+from .scenarios import make_scenario
+
+SYSTEM_PROMPT = ("You are a support agent. Tools: lookup_order(order_id) start_self_service_refund(order_id,reason) "
+                 "create_replacement(order_id) change_address(order_id,new_address) check_delivery(order_id) "
+                 "transfer_to_human(reason). Call one as "
+                 '<tool_call>{"name": ..., "arguments": {...}}</tool_call>')
+_SPLIT_OFFSET = {"train": 0, "val": 10_000_000, "sft": 20_000_000}  # disjoint seed ranges per split
+
+
+def prompt_messages(seed: int) -> list[dict[str, str]]:
+    env = SupportEnv()
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": env.reset(seed)}]
+
+
+def oracle_dialogue(seed: int, max_turns: int) -> list[dict[str, str]]:
+    """The scripted oracle's conversation after the prompt, up to its last turn (the customer's last reply,
+    which ends the episode, is not part of it)."""
+    env = SupportEnv(max_turns=max_turns)
+    history = [env.reset(seed)]
+    view, done, messages = env.scenario.view(), False, []
+    while not done:
+        text = oracle_policy(history, view)
+        messages.append({"role": "assistant", "content": text})
+        observation, _, done, _ = env.step(text)
+        history.append(observation)
+        if not done:
+            messages.append({"role": _role(env), "content": observation})
+    return messages
+
+
+def _role(env: SupportEnv) -> str:
+    return "tool" if env.transcript[-1][0] == "tool" else "user"
+
+
+class SupportChat:
+    """SupportEnv as a text environment in chat messages (`slime_rl.tasks.chat.TextEnvironment`)."""
+
+    def __init__(self, max_turns: int):
+        self.env = SupportEnv(max_turns=max_turns)
+
+    def reset(self, sample: Sample) -> list[dict[str, str]]:
+        label = sample.label
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip().isdigit():
+            raise ValueError(f"customer_support: the label must be a scenario seed (an integer), got {label!r:.40}")
+        self.env.reset(int(label))
+        return []  # the prompt holds the customer's opening
+
+    def step(self, text: str) -> tuple[list[dict[str, str]], float, bool, dict[str, Any]]:
+        observation, reward, done, info = self.env.step(text)
+        return [{"role": _role(self.env), "content": observation}], reward, done, info
+
+
+@register_task("customer_support")
+class CustomerSupportTask:
+    name = "customer_support"
+
+    def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
+        d = cfg.data
+        if d.train_path is not None:
+            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        out = out_dir / "data"
+        base = d.task_seed * 100_000_000
+
+        def seeds(split: str, n: int) -> range:
+            start = base + _SPLIT_OFFSET[split]
+            return range(start, start + n)
+
+        paths = {"train": out / "train.jsonl", "val": out / "val.jsonl", "sft": out / "sft.jsonl"}
+        write_jsonl(paths["train"], ({"prompt": prompt_messages(s), "label": s} for s in seeds("train", d.num_train)))
+        write_jsonl(paths["val"], ({"prompt": prompt_messages(s), "label": s} for s in seeds("val", d.num_val)))
+        write_jsonl(paths["sft"], ({"prompt": prompt_messages(s), "response": oracle_dialogue(s, cfg.episode.max_turns),
+                                    "label": s} for s in seeds("sft", d.num_sft)))
+        print(f"[data] customer-support scenarios: {d.num_sft} oracle dialogues (SFT) / {d.num_train} RL / "
+              f"{d.num_val} val -> {out}")
+        return {k: str(v) for k, v in paths.items()}
+
+    def reward_fn(self, cfg: Any):
+        return episode_reward
+
+    def episode(self, cfg: Any, tokenizer) -> MultiTurn:
+        renderer = ChatRenderer(tokenizer)
+        e = cfg.episode
+        return MultiTurn(lambda sample: ChatEnvironment(SupportChat(e.max_turns), tokenizer, renderer),
+                         EpisodeLimits(max_turns=e.max_turns, max_total_tokens=e.max_total_tokens))
+
+    def eval_metrics(self, samples: list[Sample], prefix: str) -> dict[str, float]:
+        metrics = reward_metrics(samples, prefix)
+        infos = [_info(s) for s in samples]
+        metrics.update({f"{prefix}/{k}": v for k, v in episode_metrics(infos).items()} if infos else {})
+        metrics[f"{prefix}/accuracy"] = metrics.get(f"{prefix}/resolution_rate", math.nan)
+        metrics[f"{prefix}/env_errors"] = float(sum(s.metadata.get("episode", {}).get("env_error", 0) for s in samples))
+        return metrics
+
+
+_BLANK = {"resolved": False, "refund_completed": False, "transferred": False, "asked_human": False,
+          "complaint": False, "evasive_turns": 0, "turns": 0, "minutes": 0.0, "tool_calls": 0, "tool_valid": 0,
+          "tool_correct": 0, "tool_missed": 1, "total_reward": 0.0}
+
+
+def _info(s: Sample) -> dict[str, Any]:
+    """The episode's final info; an episode that never reached the simulator (cut at its first turn, or a
+    failed environment) counts as unresolved with its needed tool missed."""
+    info = s.metadata.get("episode_info") or {}
+    return {**_BLANK, **{k: info[k] for k in _BLANK if k in info}}
