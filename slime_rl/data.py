@@ -2,7 +2,8 @@
 
 Each row holds a prompt (a string, or a chat message list
 `[{"role": ..., "content": ...}, ...]`), a label for the reward function, and
-optionally a reference response (SFT data) and metadata fields. A message list
+optionally a reference response (SFT data: a string, or the messages of a
+multi-turn conversation after the prompt) and metadata fields. A message list
 always goes through the tokenizer's chat template; a string does when
 `apply_chat_template=True` (as one user message after the optional system
 prompt). Prompt ids are encoded with `add_special_tokens=False`: the chat
@@ -44,7 +45,7 @@ class PromptRecord:
     label: Any
     metadata: dict[str, Any]
     source: str  # "file:line"
-    response_text: str | None = None
+    response_text: str | list[dict[str, str]] | None = None  # SFT: text, or the messages after the prompt
 
 
 @dataclass
@@ -199,8 +200,14 @@ def _make_record(
     response = None
     if response_key is not None:
         response = row[response_key]
-        if not isinstance(response, str):
-            raise _BadRow("bad_response", f"{response_key!r} must be a string, got {type(response).__name__}")
+        if isinstance(response, list):  # a multi-turn conversation after the prompt
+            response = _check_messages(response)
+            if response[0]["role"] != "assistant":
+                raise _BadRow("bad_response", f"{response_key!r}: a message list starts with the assistant's turn "
+                              f"(the prompt ends where the model speaks), got role {response[0]['role']!r}")
+        elif not isinstance(response, str):
+            raise _BadRow("bad_response", f"{response_key!r} must be a string or a message list, "
+                          f"got {type(response).__name__}")
     return PromptRecord(
         prompt_text=prompt_text,
         prompt_ids=prompt_ids,

@@ -31,7 +31,7 @@ def evaluate(engine, records: Sequence, reward_fn, *, greedy: bool, n_samples: i
                                    seed, decode))
     samples = [s for g in groups for s in g]
     score_samples(samples, reward_fn, timeout_s=reward_timeout_s, failure_reward=failure_reward)
-    return (metrics or VerifiedAnswers().eval_metrics)(samples, "val")
+    return {**(metrics or VerifiedAnswers().eval_metrics)(samples, "val"), "val/num_samples": float(len(samples))}
 
 
 async def _play(engine, groups, episode: Episode, sampling: SamplingParams, seed: int, decode):

@@ -21,7 +21,8 @@ from slime_rl.config import ConfigError, JobConfig, save_config
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
 from slime_rl import checkpoint
-from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evaluate_run, maybe_evaluate,
+from slime_rl.gate import Gate
+from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evaluate_run, gate_passed, maybe_evaluate,
                            refresh_reference, rl_loop, sync_weights)
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards import get_reward_fn
@@ -171,6 +172,7 @@ def build_run(cfg: JobConfig) -> Run:
                sync=sync,
                reward_fn=get_reward_fn(cfg.reward.name) if cfg.reward.name else task.reward_fn(cfg), task=task,
                episode=task_episode(task, cfg, tokenizer),
+               gate=Gate(cfg.gate.metric, cfg.gate.threshold, out_dir) if cfg.gate.metric else None,
                train_records=train_records, val_records=val_records,
                sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
 
@@ -330,12 +332,16 @@ def _train(run: Run) -> int:
     else:
         state = None
         if cfg.sft.enabled:
-            sft_acc = sft_stage(run).get("val/accuracy", float("nan"))
+            run.start_metrics = sft_stage(run)
         else:
             sync_weights(run)
-            sft_acc = maybe_evaluate(run, 0, force=True).get("val/accuracy", float("nan"))
+            run.start_metrics = maybe_evaluate(run, 0, force=True)
+        sft_acc = run.start_metrics.get("val/accuracy", float("nan"))
         sft_greedy = greedy_accuracy(run)
-        run.logger.log({"step": 0, "val/accuracy": sft_acc, "val/greedy_accuracy": sft_greedy})
+        run.logger.log({"step": 0, **run.start_metrics, "val/greedy_accuracy": sft_greedy})
+        if gate_passed(run, run.start_metrics, 0):
+            print(f"[gate] passed before RL: the model at {run.out_dir / 'checkpoint'} is the result; no RL steps run")
+            return 0
         run.trainer.reset_optimizer(_rl_opt(cfg))
         if algorithms.needs(cfg.algorithm).reference:
             refresh_reference(run)  # KL to the policy RL starts from (after the SFT warm-up)
@@ -350,9 +356,21 @@ def _train(run: Run) -> int:
         return 1
     rl_acc = final.get("val/accuracy", float("nan"))
     rl_greedy = greedy_accuracy(run)
-    run.logger.log({"step": cfg.train.num_steps, "val/greedy_accuracy": rl_greedy})
+    run.logger.log({"step": run.logger.history[-1]["step"] if run.logger.history else cfg.train.num_steps,
+                    "val/greedy_accuracy": rl_greedy})
     _finish(run, (sft_acc, sft_greedy), (rl_acc, rl_greedy), time.perf_counter() - t0)
-    return 0
+    return _gate_verdict(run)
+
+
+def _gate_verdict(run: Run) -> int:
+    """0, or 3 when a gate was set and the run ended without passing it (said on stderr)."""
+    gate = run.gate
+    if gate is None or (gate.last is not None and gate.last.passed):
+        return 0
+    last = f"last measured {gate.last.value:.4f} at step {gate.last.step}" if gate.last else "never measured"
+    print(f"slime-rl: the gate {gate.metric} >= {gate.threshold} was NOT passed ({last}); report: {gate.path}",
+          file=sys.stderr)
+    return 3
 
 
 def _resume_point(cfg: JobConfig, out_dir: Path) -> Path | None:

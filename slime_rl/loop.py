@@ -20,7 +20,8 @@ import torch
 
 from slime_rl import algorithms, checkpoint
 from slime_rl.algorithms import off_policy
-from slime_rl.config import JobConfig
+from slime_rl.config import ConfigError, JobConfig
+from slime_rl.gate import Gate
 from slime_rl.evaluate import evaluate
 from slime_rl.metrics import MetricsLogger, format_line
 from slime_rl.protocols import CriticBackend, RewardFn, RolloutEngine, TrainerBackend
@@ -64,6 +65,8 @@ class Run:
     ledger: MetricsLogger | None = None  # trained_groups.jsonl
     reward_errors: int = 0  # reward functions that raised or timed out, over the run
     episode: Episode = field(default_factory=SingleTurn)  # how the task plays a sample (rollout.episodes)
+    gate: Gate | None = None  # the deploy gate (gate.metric): the run stops once validation passes it
+    start_metrics: dict = field(default_factory=dict)  # validation before RL (after the SFT warm-up)
 
 
 def sync_weights(run: Run) -> dict[str, float]:
@@ -268,9 +271,32 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
             else:
                 print(format_line(step + 1, record, PRINT_KEYS), flush=True)
             maybe_checkpoint(run, step + 1, rollout)
+            if gate_passed(run, evals, step + 1):
+                break
     finally:
         rollout.close()
     return last_eval
+
+
+def gate_passed(run: Run, metrics: dict[str, float], step: int) -> bool:
+    """Check the deploy gate on fresh validation metrics: the report is written and printed; True when it
+    passes, with the model saved to <output_dir>/checkpoint (the report names it)."""
+    if run.gate is None:
+        return False
+    try:
+        report = run.gate.check(metrics, step)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    if report is None:
+        return False
+    if report.passed and run.trainer is not None:
+        path = run.out_dir / "checkpoint"
+        run.trainer.save(str(path))
+        run.tokenizer.save(str(path))
+        report.checkpoint = str(path)
+    run.gate.write(report)
+    print(f"[gate] {report.line()}", flush=True)
+    return report.passed
 
 
 def idle_trainer(run: Run):

@@ -18,14 +18,40 @@ def sft_loss(logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBa
 
 
 def sft_samples(records: Sequence, tokenizer) -> list[Sample]:
-    """Prompt ids + tokenized response + EOS, as samples with a full loss mask."""
-    samples = []
+    """Prompt ids + tokenized response + EOS, as samples with a full loss mask. A conversation (a message
+    list) becomes the tokens a multi-turn episode would hold: each assistant message + EOS with loss, the other
+    messages between them rendered as the episode's environment renders them (`ChatRenderer`), without."""
+    samples, renderer = [], None
     for r in records:
         if r.response_text is None:
             raise ValueError(f"{r.source}: SFT needs a response (set data.response_key)")
-        resp = tokenizer.encode(r.response_text) + [tokenizer.eos_token_id]
-        samples.append(Sample(prompt_ids=list(r.prompt_ids), response_ids=resp, loss_mask=[1] * len(resp)))
+        if isinstance(r.response_text, str):
+            resp = tokenizer.encode(r.response_text) + [tokenizer.eos_token_id]
+            samples.append(Sample(prompt_ids=list(r.prompt_ids), response_ids=resp, loss_mask=[1] * len(resp)))
+            continue
+        if renderer is None:
+            from slime_rl.tasks.chat import ChatRenderer
+
+            renderer = ChatRenderer(tokenizer)
+        ids, mask = conversation_tokens(r.response_text, tokenizer, renderer)
+        samples.append(Sample(prompt_ids=list(r.prompt_ids), response_ids=ids, loss_mask=mask))
     return samples
+
+
+def conversation_tokens(messages: list[dict[str, str]], tokenizer, renderer) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of the messages after a prompt that ends with the generation prompt (the first message
+    is the assistant's; messages after the last assistant message are left out: they teach nothing)."""
+    ids, mask, pending = [], [], []
+    for m in messages:
+        if m["role"] != "assistant":
+            pending.append(m)
+            continue
+        if pending:
+            env = renderer.ids(pending)
+            ids, mask, pending = ids + env, mask + [0] * len(env), []
+        turn = tokenizer.encode(m["content"]) + [tokenizer.eos_token_id]
+        ids, mask = ids + turn, mask + [1] * len(turn)
+    return ids, mask
 
 
 def run_sft(trainer, records: Sequence, tokenizer, epochs: int, batch_size: int, seed: int = 0,

@@ -69,9 +69,11 @@ class SupportChat:
 
     def reset(self, sample: Sample) -> list[dict[str, str]]:
         label = sample.label
-        if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip().isdigit():
-            raise ValueError(f"customer_support: the label must be a scenario seed (an integer), got {label!r:.40}")
-        self.env.reset(int(label))
+        text = str(label).strip() if isinstance(label, (int, str)) and not isinstance(label, bool) else ""
+        if not (text.isdigit() and len(text) <= 18):
+            raise ValueError(f"customer_support: the label must be a scenario seed (an integer in [0, 1e18)), "
+                             f"got {label!r:.40}")
+        self.env.reset(int(text))
         return []  # the prompt holds the customer's opening
 
     def step(self, text: str) -> tuple[list[dict[str, str]], float, bool, dict[str, Any]]:
