@@ -394,9 +394,21 @@ def apply_dict(cfg: Any, data: dict, prefix: str = "") -> None:
             setattr(cfg, key, coerce(name, hints[key], value))
 
 
+def _task_preset(cfg: JobConfig) -> dict[str, Any]:
+    """The defaults the chosen task moves (its `preset(cfg)`, when it has one): e.g. longer contexts."""
+    from slime_rl.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ValueError as exc:
+        raise ConfigError(f"task: {exc}") from None
+    preset = getattr(task, "preset", None)
+    return preset(cfg) if callable(preset) else {}
+
+
 def build_config(data: dict | None = None, overrides: list[tuple[str, Any]] = ()) -> JobConfig:
-    """Defaults <- the algorithm's preset <- a config file's `data` <- `overrides` ((dotted name, value) pairs,
-    the flags); validated. The preset of `algorithm.name` (as the file and flags set it) only moves defaults:
+    """Defaults <- the task's and the algorithm's presets <- a config file's `data` <- `overrides` ((dotted
+    name, value) pairs, the flags); validated. The preset of `algorithm.name` (as the file and flags set it) only moves defaults:
     every field the file or a flag sets wins over it."""
     from slime_rl import algorithms
 
@@ -410,7 +422,7 @@ def build_config(data: dict | None = None, overrides: list[tuple[str, Any]] = ()
         return cfg
 
     plain = assemble({})
-    cfg = assemble(algorithms.get(plain.algorithm.name).preset(plain))
+    cfg = assemble({**_task_preset(plain), **algorithms.get(plain.algorithm.name).preset(plain)})
     cfg.validate()
     return cfg
 

@@ -193,3 +193,51 @@ def test_the_gate_stops_a_run_once_passed_and_reports_failure_otherwise(tmp_path
     assert main(["train", *GATE_JOB, "--train.num_steps", "1", "--gate.metric", "tool_acuracy",
                  "--log.output_dir", str(out)]) == 2
     assert "gate.metric 'tool_acuracy' is not a validation metric" in capsys.readouterr().err
+
+
+def test_fully_async_episodes_interrupted_by_pushes_resume_and_are_trained_once(tmp_path):
+    out, saved = tmp_path / "run", tmp_path / "rollouts"
+    steps, per_step, n = 4, 4, 2
+    assert main(["train", "--task", "customer_support", "--model.hidden_size", "32", "--model.intermediate_size", "64",
+                 "--data.num_train", "64", "--data.num_val", "4", "--data.num_sft", "4", "--sft.enabled", "false", "--log.progress", "false",
+                 "--rollout.max_new_tokens", "24", "--episode.max_turns", "3", "--rollout.prompts_per_step",
+                 str(per_step), "--rollout.n_samples_per_prompt", str(n), "--train.num_steps", str(steps),
+                 "--eval.every_n_steps", "0", "--eval.n_samples", "1", "--async", "fully_async",
+                 "--async_rl.max_staleness", "1", "--debug.save_rollouts", str(saved), "--log.plot", "false",
+                 "--log.save_checkpoint", "false", "--log.output_dir", str(out)]) == 0
+    ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
+    uids = [g["uid"] for rec in ledger for g in rec["groups"]]
+    assert len(ledger) == steps and len(uids) == steps * per_step == len(set(uids))  # none lost, none twice
+    metrics = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/pg_loss" in r]
+    assert metrics[-1]["rollout/resumed_samples"] > 0  # pushes interrupted episodes
+    from slime_rl.producer import load_groups
+
+    mid_turn = 0
+    for path in sorted(saved.glob("step_*.pt")):
+        for group in load_groups(path):
+            assert len(group) == n
+            for s in group:
+                assert s.status in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED) and "episode" in s.metadata
+                assert len(s.response_ids) == len(s.loss_mask) == len(s.rollout_logprobs) == len(s.weight_versions)
+                turn: set[int] = set()
+                for m, v in zip(s.loss_mask + [0], s.weight_versions + [-1]):
+                    if m:
+                        turn.add(v)
+                    elif turn:
+                        mid_turn += len(turn) > 1  # one model turn sampled under two weight versions
+                        turn = set()
+    assert mid_turn > 0, "no episode was interrupted in the middle of a model turn"
+
+
+def test_episodes_train_on_megatron_with_a_critic(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "customer_support", "--model.hidden_size", "32", "--model.intermediate_size", "64",
+                 "--data.num_train", "32", "--data.num_val", "2", "--data.num_sft", "8", "--sft.epochs", "1",
+                 "--sft.batch_size", "8", "--log.progress", "false", "--rollout.max_new_tokens", "16",
+                 "--episode.max_turns", "2", "--rollout.prompts_per_step", "2", "--rollout.n_samples_per_prompt", "2",
+                 "--train.num_steps", "2", "--eval.every_n_steps", "0", "--eval.n_samples", "1", "--algo", "PPO",
+                 "-b", "megatron", "--log.plot", "false", "--log.save_checkpoint", "false",
+                 "--log.output_dir", str(out)]) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/pg_loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["train/pg_loss"]) and math.isfinite(r["train/critic_value_loss"])
+                                   for r in steps)

@@ -2,11 +2,14 @@
 
 Data (generated under <output_dir>/data unless data.train_path is set): one row per scenario,
 
-    {"prompt": [{"role": "system", ...}, {"role": "user", "content": <the customer's opening>}], "label": <seed>}
+    {"prompt": [{"role": "user", "content": <the customer's opening>}], "label": <seed>}
 
 `train.jsonl` (data.num_train scenarios), `val.jsonl` (data.num_val, held out: other seeds) and `sft.jsonl`
 (data.num_sft dialogues of the scripted oracle: `response` is the list of messages after the prompt —
 assistant turns, tool results, customer replies — so the warm-up learns from whole conversations).
+
+With `model.path` set (a pretrained chat model) the preset puts the tools and the call format in
+`data.system_prompt`; the tiny model learns them from the oracle's dialogues.
 
 Each sample is an episode (`rollout.episodes.MultiTurn`) against `SupportEnv` seeded by the row's label,
 through the tokenizer's chat template (`ChatEnvironment`); its reward is the sum of the reward table's rows.
@@ -37,8 +40,8 @@ _SPLIT_OFFSET = {"train": 0, "val": 10_000_000, "sft": 20_000_000}  # disjoint s
 
 
 def prompt_messages(seed: int) -> list[dict[str, str]]:
-    env = SupportEnv()
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": env.reset(seed)}]
+    """The customer's opening; the system prompt (the tools) comes from `data.system_prompt`."""
+    return [{"role": "user", "content": SupportEnv().reset(seed)}]
 
 
 def oracle_dialogue(seed: int, max_turns: int) -> list[dict[str, str]]:
@@ -104,6 +107,16 @@ class CustomerSupportTask:
         print(f"[data] customer-support scenarios: {d.num_sft} oracle dialogues (SFT) / {d.num_train} RL / "
               f"{d.num_val} val -> {out}")
         return {k: str(v) for k, v in paths.items()}
+
+    def preset(self, cfg: Any) -> dict[str, Any]:
+        """Defaults: contexts long enough for a conversation; a pretrained model (model.path) is told the tools
+        in the system prompt, the tiny one learns them from the warm-up dialogues alone."""
+        tools = {"data.system_prompt": SYSTEM_PROMPT} if cfg.model.path is not None else {}
+        return {**tools, "model.max_position_embeddings": 1280, "data.max_prompt_tokens": 600,
+                "rollout.max_new_tokens": 160, "episode.max_total_tokens": 1200, "episode.max_turns": 8,
+                "data.num_sft": 1000, "sft.epochs": 3, "data.num_train": 4000, "data.num_val": 64,
+                "train.backend": "hf", "train.num_steps": 60, "rollout.prompts_per_step": 16,
+                "rollout.n_samples_per_prompt": 4, "eval.every_n_steps": 20, "eval.n_samples": 2}
 
     def reward_fn(self, cfg: Any):
         return episode_reward
