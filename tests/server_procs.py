@@ -113,6 +113,19 @@ def wait_healthy(server: ServerProc, deadline: float) -> None:
 
 
 @contextlib.contextmanager
+def launch_versioned(names, model_dir: Path, log_dir: Path, procs: dict[str, ServerProc]) -> None:
+    """Start a server per name into `procs` (the caller stops them), wait until all are healthy, and give the
+    i-th weight version i (from 1): every /generate answer then says which server produced it."""
+    for name in names:
+        procs[name] = launch_server(name, model_dir, log_dir)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for version, server in enumerate(procs.values(), start=1):
+        wait_healthy(server, deadline)
+        status, body = http_json("POST", server.url + "/update_weight_version", {"new_version": str(version)})
+        assert status == 200 and body["success"], (server.name, body)
+        server.version = version
+
+
 def weight_group_with(url: str, post: Callable[[str, Any], tuple[int, Any]], group_name: str = "g"):
     """This process as rank 0 of a gloo weight group with the server at `url` (rank 1).
 

@@ -11,7 +11,6 @@ four groups put exactly two keys on each engine whatever order their first turns
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
@@ -20,8 +19,8 @@ from rollout.builtin_router import BuiltinRouter
 from rollout.client import EngineClient
 from rollout.episodes import EpisodeLimits, MultiTurn, play
 from rollout.groups import new_group
-from rollout.router import http_json, start_router
-from server_procs import START_TIMEOUT_S, ServerProc, launch_server, wait_healthy
+from rollout.router import start_router
+from server_procs import START_TIMEOUT_S, ServerProc, launch_versioned
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 from slime_rl.types import SampleStatus, SamplingParams
@@ -83,14 +82,7 @@ def cluster(tmp_path_factory):
     servers: dict[str, ServerProc] = {}
     router = None
     try:
-        for name in ("a", "b"):
-            servers[name] = launch_server(name, model_dir, log_dir)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for version, server in enumerate(servers.values(), start=1):
-            wait_healthy(server, deadline)
-            status, body = http_json("POST", server.url + "/update_weight_version", {"new_version": str(version)})
-            assert status == 200 and body["success"], (server.name, body)
-            server.version = version
+        launch_versioned(("a", "b"), model_dir, log_dir, servers)
         router = start_router([s.url for s in servers.values()], policy="round_robin", prefer="builtin",
                               start_timeout_s=START_TIMEOUT_S)
         assert isinstance(router, BuiltinRouter)

@@ -34,7 +34,7 @@ import pytest
 import rollout.router as router_mod
 from rollout.builtin_router import BuiltinRouter, PrefixIndex, routing_text
 from rollout.router import SGLangRouter, free_port, http_json, start_router
-from server_procs import START_TIMEOUT_S, ServerProc, launch_server, wait_healthy
+from server_procs import START_TIMEOUT_S, ServerProc, launch_versioned
 from slime_rl.hf_io import init_tiny_model, save_hf_checkpoint, tiny_hf_config
 from slime_rl.tokenizer import CharTokenizer
 
@@ -58,14 +58,7 @@ def servers(model_dir, tmp_path_factory) -> dict[str, ServerProc]:
     log_dir = tmp_path_factory.mktemp("router_logs")
     procs: dict[str, ServerProc] = {}
     try:
-        for name in SERVER_NAMES:
-            procs[name] = launch_server(name, model_dir, log_dir)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for version, server in enumerate(procs.values(), start=1):
-            wait_healthy(server, deadline)
-            status, body = http_json("POST", server.url + "/update_weight_version", {"new_version": str(version)})
-            assert status == 200 and body["success"], (server.name, body)
-            server.version = version
+        launch_versioned(SERVER_NAMES, model_dir, log_dir, procs)
         yield procs
     finally:
         for server in procs.values():

@@ -30,7 +30,6 @@ from slime_rl.types import Sample
 
 from .env import SupportEnv, episode_metrics
 from .policies import oracle_policy
-from .scenarios import make_scenario
 
 SYSTEM_PROMPT = ("You are a support agent. Tools: lookup_order(order_id) start_self_service_refund(order_id,reason) "
                  "create_replacement(order_id) change_address(order_id,new_address) check_delivery(order_id) "
