@@ -1,10 +1,13 @@
 """The customer-support agent on CPU: the SFT warm-up on the scripted oracle's dialogues, then RL, compared on
 held-out scenarios.
 
-    python benchmarks/bench_customer_support.py                      # the task's default job (tiny model)
+    python benchmarks/bench_customer_support.py                      # warm-up, then RL (the task's defaults)
+    python benchmarks/bench_customer_support.py --warmup CKPT        # RL from a warm-up checkpoint
     python benchmarks/bench_customer_support.py -- --algo DAPO       # flags after -- go to `slime-rl train`
 
-Runs `slime-rl train --task customer_support` once. Its validation (the `data.num_val` held-out scenarios,
+The warm-up is `slime-rl sft --task customer_support` (the scripted oracle's dialogues; its checkpoint is
+written under --work), skipped with `--warmup`; RL is `slime-rl train --task customer_support --sft.enabled
+false --model.path <warm-up checkpoint>`. Its validation (the `data.num_val` held-out scenarios,
 seeds no training row uses, `eval.n_samples` episodes each at the rollout temperature) is measured right
 after the warm-up (step 0) and after RL; both are read from the run's metrics.jsonl. Reported: mean episode
 reward, resolution rate (with its 95% Wilson interval), tool-call accuracy, complaint / transfer / evasive
@@ -34,22 +37,22 @@ def main() -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_customer_support"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "customer_support.json"))
     p.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "customer_support.png"))
+    p.add_argument("--warmup", default=None, help="a warm-up checkpoint: skip the SFT stage")
     p.add_argument("train_flags", nargs="*", help="after --: passed to slime-rl train")
     args = p.parse_args()
     from slime_rl.gate import wilson_interval
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "slime_rl", "train", "--task", "customer_support", "--log.output_dir", str(work),
-           "--log.progress", "false", *args.train_flags]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    with open(work / "train.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        print((work / "train.log").read_text()[-3000:])
-        return rc
+    warmup, warmup_s = args.warmup, None
+    if warmup is None:
+        warmup_s = _run(["sft", "--task", "customer_support", "--log.output_dir", str(work / "warmup"),
+                         "--log.progress", "false"], work / "warmup.log")
+        warmup = str(work / "warmup" / "checkpoint")
+    cmd = ["train", "--task", "customer_support", "--sft.enabled", "false", "--model.path", warmup,
+           "--log.output_dir", str(work / "rl"), "--log.progress", "false", *args.train_flags]
+    seconds = _run(cmd, work / "rl.log")
+    work = work / "rl"
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     before = next(r for r in records if r.get("step") == 0 and "val/mean_reward" in r)
     after = [r for r in records if r.get("step", 0) > 0 and "val/mean_reward" in r][-1]
@@ -59,12 +62,13 @@ def main() -> int:
                  "delta": after[f"val/{k}"] - before[f"val/{k}"]} for k in KEYS}
     for key, rec in (("after_sft", before), ("after_rl", after)):
         table["resolution_rate"][f"{key}_ci95"] = wilson_interval(rec["val/resolution_rate"], n)
-    result = {"command": " ".join(cmd[3:]), "episodes_per_eval": n, "rl_steps": after["step"],
-              "seconds": round(seconds, 1), "greedy_resolution_rate": {"after_sft": greedy[0], "after_rl": greedy[-1]},
+    result = {"command": "slime-rl " + " ".join(cmd), "warmup": args.warmup or "slime-rl sft --task customer_support",
+              "episodes_per_eval": n, "rl_steps": after["step"], "rl_seconds": round(seconds, 1),
+              "warmup_seconds": warmup_s and round(warmup_s, 1), "greedy_resolution_rate": {"after_sft": greedy[0], "after_rl": greedy[-1]},
               "metrics": table, "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"held-out scenarios: {n} episodes per evaluation; job {seconds:.0f}s")
+    print(f"held-out scenarios: {n} episodes per evaluation; RL {seconds:.0f}s")
     print(f"{'metric':22s} {'after SFT':>10s} {'after RL':>10s} {'delta':>10s}")
     for k in KEYS:
         row = table[k]
@@ -72,6 +76,17 @@ def main() -> int:
     print(f"results: {args.out}")
     _plot(records, args.png)
     return 0
+
+
+def _run(args: list[str], log: Path) -> float:
+    """`python -m slime_rl ARGS` with its output in `log`; wall seconds; SystemExit with the log's tail on failure."""
+    print("$ slime-rl " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "slime_rl", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"failed (exit {rc}):\n" + log.read_text()[-3000:])
+    return time.perf_counter() - t0
 
 
 def _plot(records: list[dict], png: str) -> None:
