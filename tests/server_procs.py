@@ -112,7 +112,6 @@ def wait_healthy(server: ServerProc, deadline: float) -> None:
         time.sleep(0.1)
 
 
-@contextlib.contextmanager
 def launch_versioned(names, model_dir: Path, log_dir: Path, procs: dict[str, ServerProc]) -> None:
     """Start a server per name into `procs` (the caller stops them), wait until all are healthy, and give the
     i-th weight version i (from 1): every /generate answer then says which server produced it."""
@@ -126,6 +125,7 @@ def launch_versioned(names, model_dir: Path, log_dir: Path, procs: dict[str, Ser
         server.version = version
 
 
+@contextlib.contextmanager
 def weight_group_with(url: str, post: Callable[[str, Any], tuple[int, Any]], group_name: str = "g"):
     """This process as rank 0 of a gloo weight group with the server at `url` (rank 1).
 
