@@ -113,7 +113,7 @@ class CustomerSupportTask:
         tools = {"data.system_prompt": SYSTEM_PROMPT} if cfg.model.path is not None else {}
         return {**tools, "model.max_position_embeddings": 1280, "data.max_prompt_tokens": 600,
                 "rollout.max_new_tokens": 160, "episode.max_total_tokens": 1200, "episode.max_turns": 8,
-                "data.num_sft": 4000, "sft.epochs": 6, "sft.batch_size": 16, "sft.lr": 3e-3,
+                "data.num_sft": 4000, "sft.epochs": 3, "sft.batch_size": 16, "sft.lr": 3e-3,
                 "data.num_train": 4000, "data.num_val": 64,
                 "train.backend": "hf", "train.num_steps": 60, "rollout.prompts_per_step": 16,
                 "rollout.n_samples_per_prompt": 4, "eval.every_n_steps": 20, "eval.n_samples": 2}
