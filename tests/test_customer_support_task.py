@@ -241,3 +241,18 @@ def test_episodes_train_on_megatron_with_a_critic(tmp_path):
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/pg_loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["train/pg_loss"]) and math.isfinite(r["train/critic_value_loss"])
                                    for r in steps)
+
+
+def test_the_word_tokenizer_round_trips_the_simulators_text_and_makes_order_ids_one_token(tmp_path):
+    from slime_rl.tasks.customer_support.vocab import build_tokenizer
+    from slime_rl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(build_tokenizer(tmp_path / "tok", seeds=40))
+    renderer = ChatRenderer(tok)
+    for seed in (1000, 1001):  # scenarios the vocabulary was not read from
+        prompt = tok.apply_chat_template(prompt_messages(seed))
+        ids, _ = conversation_tokens(oracle_dialogue(seed, 8), tok, renderer)
+        text = tok.decode(tok.encode(prompt) + ids, skip_special_tokens=False)
+        assert text.startswith(prompt) and "<unk>" not in text
+    call = '{"order_id": "A9268"}'
+    assert [tok.decode([i]) for i in tok.encode(call)][7:10] == ["A", "9268", '"']

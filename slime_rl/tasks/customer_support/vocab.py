@@ -1,0 +1,78 @@
+"""A word-level tokenizer for tiny models on the support task: one token per word, per number (0-9999, so an
+order id is "A" + one token) and per other character, decoded by plain concatenation.
+
+A character model must copy a 4-digit order id digit by digit from the customer's message into a tool call,
+which a 0.4M-parameter model does not learn on a CPU budget; with numbers as single tokens the copy is one
+token. It is an ordinary HF tokenizer directory (WordLevel model, a split pre-tokenizer that keeps every
+space, the "role: content" chat template of `CharTokenizer`), so `--model.tokenizer DIR` loads it:
+
+    python -m slime_rl.tasks.customer_support.vocab runs/support_tokenizer
+    slime-rl train --task customer_support --model.tokenizer runs/support_tokenizer
+
+Its vocabulary is read off the simulator: the oracle's and an evasive agent's conversations over many seeds
+(every customer template and tool result), plus the printable ASCII characters; anything else is `<unk>`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import sys
+from pathlib import Path
+
+from .env import SupportEnv
+from .policies import evasive_policy, oracle_policy
+from .task import SYSTEM_PROMPT
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PATTERN = r"\d+|[A-Za-z_']+|\s|[^\sA-Za-z\d_']"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _corpus(seeds: int) -> list[str]:
+    texts = [SYSTEM_PROMPT, "system user assistant tool"]
+    env = SupportEnv()
+    for policy in (oracle_policy, evasive_policy):
+        for seed in range(seeds):
+            history = [env.reset(seed)]
+            view, done = env.scenario.view(), False
+            while not done:
+                action = policy(history, view)
+                observation, _, done, _ = env.step(action)
+                texts += [action, observation]
+                history.append(observation)
+            texts.append(history[0])
+    return texts
+
+
+def build_tokenizer(out_dir: str | Path, seeds: int = 3000) -> Path:
+    """Write the tokenizer to `out_dir` (an HF tokenizer directory); returns it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words: set[str] = set()
+    for text in _corpus(seeds):
+        words.update(re.findall(PATTERN, text))
+    words.update(str(i) for i in range(10000))
+    words.update(f"{i:02d}" for i in range(100))
+    words.update(string.printable)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for word in sorted(words - set(SPECIALS)):
+        vocab[word] = len(vocab)
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(PATTERN), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m slime_rl.tasks.customer_support.vocab OUT_DIR")
+    print(f"wrote {build_tokenizer(sys.argv[1])}")
