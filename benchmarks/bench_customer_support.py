@@ -62,7 +62,10 @@ def main() -> int:
                  "delta": after[f"val/{k}"] - before[f"val/{k}"]} for k in KEYS}
     for key, rec in (("after_sft", before), ("after_rl", after)):
         table["resolution_rate"][f"{key}_ci95"] = wilson_interval(rec["val/resolution_rate"], n)
-    result = {"command": "slime-rl " + " ".join(cmd), "warmup": args.warmup or "slime-rl sft --task customer_support",
+    command = "slime-rl " + " ".join(cmd).replace(str(ROOT) + "/", "")
+    if args.warmup:
+        command = command.replace(args.warmup, "<warm-up checkpoint>")  # no machine paths in the results
+    result = {"command": command, "warmup": "given (--warmup)" if args.warmup else "slime-rl sft --task customer_support",
               "episodes_per_eval": n, "rl_steps": after["step"], "rl_seconds": round(seconds, 1),
               "warmup_seconds": warmup_s and round(warmup_s, 1), "greedy_resolution_rate": {"after_sft": greedy[0], "after_rl": greedy[-1]},
               "metrics": table, "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
