@@ -19,6 +19,7 @@ from slime_rl.sft import conversation_tokens, sft_samples
 from slime_rl.tasks import get_task
 from slime_rl.tasks.arithmetic import ArithmeticTask
 from slime_rl.tasks.chat import ChatRenderer
+from slime_rl.tasks.customer_support import SupportEnv
 from slime_rl.tasks.customer_support.task import oracle_dialogue, prompt_messages
 from slime_rl.tokenizer import CharTokenizer, HFTokenizer
 from slime_rl.types import GenerateOutput, SampleStatus, SamplingParams
@@ -254,5 +255,11 @@ def test_the_word_tokenizer_round_trips_the_simulators_text_and_makes_order_ids_
         ids, _ = conversation_tokens(oracle_dialogue(seed, 8), tok, renderer)
         text = tok.decode(tok.encode(prompt) + ids, skip_special_tokens=False)
         assert text.startswith(prompt) and "<unk>" not in text
+    errors = SupportEnv()
+    errors.reset(1002)
+    for bad in ('<tool_call>{"name": "refund", "arguments": {}}</tool_call>', "<tool_call>{oops</tool_call>",
+                '<tool_call>{"name": "lookup_order", "arguments": {"order_id": 7}}</tool_call>'):
+        observation = errors.step(bad)[0]
+        assert "<unk>" not in tok.decode(tok.encode(observation), skip_special_tokens=False), observation
     call = '{"order_id": "A9268"}'
     assert [tok.decode([i]) for i in tok.encode(call)][7:10] == ["A", "9268", '"']

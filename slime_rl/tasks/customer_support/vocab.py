@@ -9,8 +9,9 @@ space, the "role: content" chat template of `CharTokenizer`), so `--model.tokeni
     python -m slime_rl.tasks.customer_support.vocab runs/support_tokenizer
     slime-rl train --task customer_support --model.tokenizer runs/support_tokenizer
 
-Its vocabulary is read off the simulator: the oracle's and an evasive agent's conversations over many seeds
-(every customer template and tool result), plus the printable ASCII characters; anything else is `<unk>`.
+Its vocabulary is read off the simulator: the conversations of the oracle, an evasive agent and one that
+fumbles its tool calls over many seeds (every customer template, tool result and tool error), plus the
+printable ASCII characters; anything else is `<unk>`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,44 @@ from .policies import evasive_policy, oracle_policy
 from .task import SYSTEM_PROMPT
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-PATTERN = r"\d+|[A-Za-z_']+|\s|[^\sA-Za-z\d_']"
+PATTERN = r"\d+|[A-Za-z_]+|\s|[^\sA-Za-z\d_]"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
+def _fumbling(history: list[str], view: dict) -> str:
+    """An agent that gets every kind of tool call wrong in turn, so the error observations are in the corpus."""
+    bad = ('<tool_call>{"name": "lookup_order", "arguments": {"order_id": "A0000"}}</tool_call>',
+           '<tool_call>{"name": "lookup_order", "arguments": {"order": 5}}</tool_call>',
+           '<tool_call>{"name": "refund_everything", "arguments": {}}</tool_call>',
+           '<tool_call>{"name": "lookup_order", "arguments": </tool_call>',
+           '<tool_call>{"name": "change_address", "arguments": {"order_id": "A0000", "new_address": ""}}</tool_call>',
+           '<tool_call>{"name": "start_self_service_refund", "arguments": {"order_id": "A0000", "reason": "x"}}'
+           '</tool_call>') + tuple(f'<tool_call>{{"name": "check_delivery", "arguments": {{"order_id": {v}}}}}</tool_call>'
+                                   for v in ("7", "1.5", "true", "null", '["A1"]', '{"a": 1}', '"' + "A" * 40 + '"'))
+    turn = len(history) - 1
+    if turn >= 3:
+        return oracle_policy(history, view)
+    return bad[(len(history[0]) + turn) % len(bad)]  # the opening's length varies the start: all kinds get tried
+
+
+def _json_errors() -> list[str]:
+    """The messages Python's JSON parser gives for broken calls (they reach the model in error observations)."""
+    import json
+
+    out = []
+    for broken in ("{oops", "{", '{"a" 1}', '{"a": }', '{"a": 1,}', '{"a": "x', '{"a": 1} x', "[1 2]", '{"a":\x01}'):
+        try:
+            json.loads(broken)
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
+
+
 def _corpus(seeds: int) -> list[str]:
-    texts = [SYSTEM_PROMPT, "system user assistant tool"]
+    texts = [SYSTEM_PROMPT, "system user assistant tool", *_json_errors()]
     env = SupportEnv()
-    for policy in (oracle_policy, evasive_policy):
+    for policy in (oracle_policy, evasive_policy, _fumbling):
         for seed in range(seeds):
             history = [env.reset(seed)]
             view, done = env.scenario.view(), False
