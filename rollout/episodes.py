@@ -29,6 +29,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from rollout.groups import merge_output
 from slime_rl.protocols import Environment
 from slime_rl.types import Sample, SampleStatus
 
@@ -39,6 +40,9 @@ class Episode(Protocol):
     async def run(self, runner, group: list[Sample]) -> None:
         """Play every unfinished (`ABORTED`) sample of `group` in place, with `runner` (a GroupRunner)."""
 
+    def length(self, sample: Sample, cfg) -> tuple[int, int]:
+        """(how long `sample` is, the budget it had), for DAPO's overlong penalty."""
+
 
 class SingleTurn:
     """One generation per sample, continued from its tokens after an interruption."""
@@ -47,6 +51,9 @@ class SingleTurn:
 
     async def run(self, runner, group: list[Sample]) -> None:
         await runner.run(group)
+
+    def length(self, sample: Sample, cfg) -> tuple[int, int]:
+        return len(sample.response_ids), cfg.rollout.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ class MultiTurn:
         if errors:  # every episode has stopped by now; the failed ones keep their state and go out again
             raise errors[0]
 
+    def length(self, sample: Sample, cfg) -> tuple[int, int]:
+        """The whole episode (prompt, turns, observations) against its token budget."""
+        return len(sample.prompt_ids) + len(sample.response_ids), self.limits.max_total_tokens
+
     def _start(self, s: Sample, k: tuple) -> _Live:
         s.response_ids, s.rollout_logprobs, s.loss_mask, s.weight_versions = [], [], [], []
         base = s.metadata.setdefault("prompt_len", len(s.prompt_ids))  # a restart drops the reset's ids
@@ -117,7 +128,7 @@ class MultiTurn:
                        lim.max_total_tokens - used)
             if left > 0:
                 out = await runner.continue_sample(s, key, left)
-                runner.merge(s, out)
+                merge_output(s, out, runner.decode)
                 s.status = SampleStatus.ABORTED  # until the episode ends
                 if out.finish_reason == SampleStatus.ABORTED:
                     return  # resumed by the next run, from these tokens

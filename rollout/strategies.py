@@ -40,6 +40,10 @@ class GroupRunner:
     step: int = 0
     decode: Callable[[list[int]], str] | None = None
 
+    def _rid(self, s: Sample) -> str:
+        """Unique per request: the sample and how far it got (a continuation is a new request)."""
+        return f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}"
+
     def _seed(self, s: Sample) -> int | None:
         if self.sampling.temperature == 0:
             return None
@@ -48,8 +52,7 @@ class GroupRunner:
     def requests(self, group: list[Sample]) -> tuple[list[Sample], list[GenerateRequest], str]:
         """The unfinished samples of `group`, a request continuing each, and the group's routing key."""
         todo = _unfinished(group)
-        rids = [f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}" for s in todo]
-        reqs = [resume_request(s, self.sampling, self._seed(s), rid) for s, rid in zip(todo, rids)]
+        reqs = [resume_request(s, self.sampling, self._seed(s), self._rid(s)) for s in todo]
         return todo, reqs, f"group-{self.step}-{group[0].group_id}"
 
     async def run(self, group: list[Sample]) -> list[Sample]:
@@ -65,10 +68,6 @@ class GroupRunner:
     async def continue_sample(self, s: Sample, routing_key: str, max_new_tokens: int) -> GenerateOutput:
         """One more generation for `s` from its tokens so far (a turn of a multi-turn episode)."""
         sampling = replace(self.sampling, max_new_tokens=max_new_tokens, min_new_tokens=0, seed=self._seed(s))
-        rid = f"{self.step}-{s.group_id}-{s.index}-{len(s.response_ids)}"
         (out,) = await agenerate_keyed(self.engine, [GenerateRequest(s.prompt_ids + s.response_ids, sampling,
-                                                                     rid=rid)], [routing_key])
+                                                                     rid=self._rid(s))], [routing_key])
         return out
-
-    def merge(self, s: Sample, out: GenerateOutput) -> None:
-        merge_output(s, out, self.decode)

@@ -117,11 +117,7 @@ def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:
     """The scored groups packed into a padded batch: shaped rewards, group of each row, loss mask."""
     a = run.cfg.algorithm
     samples = [s for g in groups for s in g]
-    if run.episode.one_call:  # the overlong penalty measures a response against its budget
-        length, budget = (lambda s: len(s.response_ids)), run.cfg.rollout.max_new_tokens
-    else:  # an episode: everything against the episode's budget
-        length, budget = (lambda s: len(s.prompt_ids) + len(s.response_ids)), run.cfg.episode.max_total_tokens
-    rewards = [s.scalar_reward + algorithms.overlong_penalty(length(s), budget, a.overlong_buffer_len,
+    rewards = [s.scalar_reward + algorithms.overlong_penalty(*run.episode.length(s, run.cfg), a.overlong_buffer_len,
                                                              a.overlong_penalty) for s in samples]
     return algorithms.build_train_batch(samples, None, run.tokenizer.pad_token_id, loss_agg=a.loss_agg,
                                         temperature=run.cfg.rollout.temperature or 1.0,
