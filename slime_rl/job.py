@@ -121,7 +121,13 @@ def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
 
 
 def _tokenizer(cfg: JobConfig):
-    return load_tokenizer(cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "char"))
+    """`model.tokenizer`, else the checkpoint's, else (a tiny model) the task's (`Task.tokenizer`, "char")."""
+    m = cfg.model
+    if m.tokenizer or m.path:
+        return load_tokenizer(m.tokenizer or m.path)
+    from slime_rl.tasks import task_tokenizer
+
+    return load_tokenizer(task_tokenizer(_task(cfg), cfg))
 
 
 def build_run(cfg: JobConfig) -> Run:

@@ -206,6 +206,7 @@ def test_fully_async_episodes_interrupted_by_pushes_resume_and_are_trained_once(
                  "--eval.every_n_steps", "0", "--eval.n_samples", "1", "--async", "fully_async",
                  "--async_rl.max_staleness", "1", "--debug.save_rollouts", str(saved), "--log.plot", "false",
                  "--log.save_checkpoint", "false", "--log.output_dir", str(out)]) == 0
+    assert (out / "tokenizer" / "tokenizer.json").is_file()  # a tiny model on this task: the word tokenizer
     ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
     uids = [g["uid"] for rec in ledger for g in rec["groups"]]
     assert len(ledger) == steps and len(uids) == steps * per_step == len(set(uids))  # none lost, none twice
@@ -244,7 +245,7 @@ def test_episodes_train_on_megatron_with_a_critic(tmp_path):
                                    for r in steps)
 
 
-def test_the_word_tokenizer_round_trips_the_simulators_text_and_makes_order_ids_one_token(tmp_path):
+def test_the_word_tokenizer_round_trips_the_simulators_text_and_splits_order_ids_in_two_digit_chunks(tmp_path):
     from slime_rl.tasks.customer_support.vocab import build_tokenizer
     from slime_rl.tokenizer import load_tokenizer
 
@@ -262,4 +263,23 @@ def test_the_word_tokenizer_round_trips_the_simulators_text_and_makes_order_ids_
         observation = errors.step(bad)[0]
         assert "<unk>" not in tok.decode(tok.encode(observation), skip_special_tokens=False), observation
     call = '{"order_id": "A9268"}'
-    assert [tok.decode([i]) for i in tok.encode(call)][7:10] == ["A", "9268", '"']
+    assert [tok.decode([i]) for i in tok.encode(call)][7:11] == ["A", "92", "68", '"']
+
+
+def test_the_task_builds_its_tokenizer_once_under_the_output_dir_and_a_configured_one_wins(tmp_path):
+    from slime_rl.job import _tokenizer
+    from slime_rl.tasks.customer_support.vocab import ensure_tokenizer
+
+    cfg = build_config(overrides=[("task", "customer_support"), ("log.output_dir", str(tmp_path / "run"))])
+    tok = _tokenizer(cfg)
+    built = tmp_path / "run" / "tokenizer" / "tokenizer.json"
+    assert isinstance(tok, HFTokenizer) and built.is_file() and tok.vocab_size < 600
+    stamp = built.stat().st_mtime_ns
+    assert ensure_tokenizer(built.parent) == built.parent and built.stat().st_mtime_ns == stamp  # reused
+    assert isinstance(_tokenizer(build_config(overrides=[("task", "customer_support"), ("model.tokenizer", "char")])),
+                      CharTokenizer)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(ValueError, match="holds no tokenizer.json"):
+        ensure_tokenizer(tmp_path / "other")
+    assert not list(tmp_path.glob(".tokenizer-*"))  # the losing build is cleaned up

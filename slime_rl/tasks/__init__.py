@@ -3,7 +3,7 @@
 (multi-turn with tools, in the simulator)."""
 
 from slime_rl.tasks.base import (Task, VerifiedAnswers, get_task, register_task, registered_tasks, reward_metrics,
-                                 task_episode)
+                                 task_episode, task_tokenizer)
 
 __all__ = ["Task", "VerifiedAnswers", "get_task", "register_task", "registered_tasks", "reward_metrics",
-           "task_episode"]
+           "task_episode", "task_tokenizer"]

@@ -9,7 +9,10 @@ factory takes no arguments and returns a Task). The loop and the job ask the tas
 - `eval_metrics(samples, prefix)`: the validation metrics of scored samples, `<prefix>/accuracy` the
   headline;
 - `episode(cfg, tokenizer)` (optional): how a sample is played (`rollout.episodes`): `SingleTurn` (the default:
-  one generation) or `MultiTurn` over an environment (tools, a simulated user).
+  one generation) or `MultiTurn` over an environment (tools, a simulated user);
+- `preset(cfg)` (optional): the defaults the task moves (contexts, warm-up budget), under the file and flags;
+- `tokenizer(cfg)` (optional): the tokenizer spec ("char" or a directory) of a tiny model built for the task
+  (neither `model.path` nor `model.tokenizer` set); "char" when the task defines none.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def task_episode(task: Any, cfg: Any, tokenizer) -> Episode:
     """The task's episode, `SingleTurn` when it defines none."""
     make = getattr(task, "episode", None)
     return make(cfg, tokenizer) if callable(make) else SingleTurn()
+
+
+def task_tokenizer(task: Any, cfg: Any) -> str:
+    """The tokenizer spec a freshly built tiny model uses for `task`."""
+    make = getattr(task, "tokenizer", None)
+    return str(make(cfg)) if callable(make) else "char"
 
 
 def reward_metrics(samples: list[Sample], prefix: str) -> dict[str, float]:

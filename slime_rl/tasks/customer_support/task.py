@@ -8,8 +8,11 @@ Data (generated under <output_dir>/data unless data.train_path is set): one row 
 (data.num_sft dialogues of the scripted oracle: `response` is the list of messages after the prompt —
 assistant turns, tool results, customer replies — so the warm-up learns from whole conversations).
 
-With `model.path` set (a pretrained chat model) the preset puts the tools and the call format in
-`data.system_prompt`; the tiny model learns them from the oracle's dialogues.
+A tiny model (no `model.path`) uses the task's word-level tokenizer (`vocab.py`): one token per word and
+per two digits, so the warm-up can teach it to copy an order id into a tool call.
+
+The preset puts the tools and the call format in `data.system_prompt`, for every model: a warm-up checkpoint
+trained on the dialogues under that prompt must see the same prompt in RL and in validation.
 
 Each sample is an episode (`rollout.episodes.MultiTurn`) against `SupportEnv` seeded by the row's label,
 through the tokenizer's chat template (`ChatEnvironment`); its reward is the sum of the reward table's rows.
@@ -108,15 +111,19 @@ class CustomerSupportTask:
         return {k: str(v) for k, v in paths.items()}
 
     def preset(self, cfg: Any) -> dict[str, Any]:
-        """Defaults: contexts long enough for a conversation; a pretrained model (model.path) is told the tools
-        in the system prompt, the tiny one learns them from the warm-up dialogues alone."""
-        tools = {"data.system_prompt": SYSTEM_PROMPT} if cfg.model.path is not None else {}
-        return {**tools, "model.max_position_embeddings": 1280, "data.max_prompt_tokens": 600,
+        """Defaults: the tools in the system prompt; contexts long enough for a conversation."""
+        return {"data.system_prompt": SYSTEM_PROMPT, "model.max_position_embeddings": 1280, "data.max_prompt_tokens": 600,
                 "rollout.max_new_tokens": 160, "episode.max_total_tokens": 1200, "episode.max_turns": 8,
-                "data.num_sft": 4000, "sft.epochs": 3, "sft.batch_size": 16, "sft.lr": 3e-3,
+                "data.num_sft": 8000, "sft.epochs": 3, "sft.batch_size": 16, "sft.lr": 3e-3,
                 "data.num_train": 4000, "data.num_val": 64,
                 "train.backend": "hf", "train.num_steps": 60, "rollout.prompts_per_step": 16,
                 "rollout.n_samples_per_prompt": 4, "eval.every_n_steps": 20, "eval.n_samples": 2}
+
+    def tokenizer(self, cfg: Any) -> Path:
+        """A tiny model's tokenizer: word-level (`vocab`), built once under the output directory."""
+        from .vocab import ensure_tokenizer
+
+        return ensure_tokenizer(Path(cfg.log.output_dir) / "tokenizer")
 
     def reward_fn(self, cfg: Any):
         return episode_reward

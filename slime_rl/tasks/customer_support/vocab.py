@@ -1,9 +1,12 @@
-"""A word-level tokenizer for tiny models on the support task: one token per word, per number (0-9999, so an
-order id is "A" + one token) and per other character, decoded by plain concatenation.
+"""A word-level tokenizer for tiny models on the support task: one token per word, per two digits of a number
+(order id "A9268" = "A", "92", "68") and per other character, decoded by plain concatenation.
 
 A character model must copy a 4-digit order id digit by digit from the customer's message into a tool call,
-which a 0.4M-parameter model does not learn on a CPU budget; with numbers as single tokens the copy is one
-token. It is an ordinary HF tokenizer directory (WordLevel model, a split pre-tokenizer that keeps every
+which a 0.4M-parameter model does not learn on a CPU budget. One token per number is no better: each of the
+9,000 ids is seen about once in the warm-up, so its embedding stays near its random start and a 1.7M model
+copied 20% of them after 2,250 steps. Two-digit chunks are 110 tokens, each seen thousands of times, and the
+copy is two steps of the pattern "the token after the one I just wrote". It is the task's tokenizer for a tiny model (`CustomerSupportTask.tokenizer`, built once under the run's
+output directory); `--model.tokenizer char` goes back to characters. It is an ordinary HF tokenizer directory (WordLevel model, a split pre-tokenizer that keeps every
 space, the "role: content" chat template of `CharTokenizer`), so `--model.tokenizer DIR` loads it:
 
     python -m slime_rl.tasks.customer_support.vocab runs/support_tokenizer
@@ -26,7 +29,7 @@ from .policies import evasive_policy, oracle_policy
 from .task import SYSTEM_PROMPT
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-PATTERN = r"\d+|[A-Za-z_]+|\s|[^\sA-Za-z\d_]"
+PATTERN = r"\d{1,2}|[A-Za-z_]+|\s|[^\sA-Za-z\d_]"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
@@ -76,16 +79,17 @@ def _corpus(seeds: int) -> list[str]:
     return texts
 
 
-def build_tokenizer(out_dir: str | Path, seeds: int = 3000) -> Path:
-    """Write the tokenizer to `out_dir` (an HF tokenizer directory); returns it."""
+def build_tokenizer(out_dir: str | Path, seeds: int = 500) -> Path:
+    """Write the tokenizer to `out_dir` (an HF tokenizer directory); returns it. The vocabulary is complete by
+    ~300 seeds (every template, product, street and city); more only take longer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words: set[str] = set()
     for text in _corpus(seeds):
         words.update(re.findall(PATTERN, text))
-    words.update(str(i) for i in range(10000))
-    words.update(f"{i:02d}" for i in range(100))
+    words.update(str(i) for i in range(100))
+    words.update(f"{i:02d}" for i in range(10))
     words.update(string.printable)
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for word in sorted(words - set(SPECIALS)):
@@ -99,6 +103,27 @@ def build_tokenizer(out_dir: str | Path, seeds: int = 3000) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
+    return out
+
+
+def ensure_tokenizer(out_dir: str | Path) -> Path:
+    """`out_dir` holding the tokenizer, built there unless it already is. Safe when several processes of one
+    job (torchrun ranks) call it at once: each builds in its own temporary folder, the first rename wins."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if (out / "tokenizer.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out.parent))
+    build_tokenizer(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process got there first (or out exists without a tokenizer: reported below)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "tokenizer.json").is_file():
+        raise ValueError(f"customer_support: {out} exists but holds no tokenizer.json; remove it or set model.tokenizer")
     return out
 
 
