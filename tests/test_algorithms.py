@@ -17,7 +17,7 @@ from slime_rl.algorithms.losses import cispo_loss, gspo_loss
 from slime_rl.config import ConfigError, build_config
 from slime_rl.types import Sample, SampleStatus, TrainBatch
 
-ALL = ("GRPO", "DR_GRPO", "DAPO", "RLOO", "REINFORCE_PP", "REINFORCE_PPB", "PPO", "GSPO", "CISPO")
+ALL = ("GRPO", "DR_GRPO", "DAPO", "RLOO", "REINFORCE_PP", "REINFORCE_PPB", "PPO", "GSPO", "CISPO", "RAFT")
 
 
 def batch_of(rewards, groups, mask_rows, **extra) -> TrainBatch:
@@ -82,8 +82,11 @@ def test_group_estimators_by_hand_including_a_lone_sample_and_equal_rewards():
     assert est.group_normalized(b, False, 0.0).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0], abs=1e-6)
     assert est.leave_one_out(b).tolist() == pytest.approx([1.0, -0.5, -0.5, 0.0, 0.0], abs=1e-6)
     assert est.group_mean_baseline(b).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0], abs=1e-6)
+    assert est.best_of_group(b).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # lone samples: nothing to rank
+    ties = batch_of([2.0, -1.0, 2.0, 0.5], [0, 0, 0, 0], MASK[:4])
+    assert est.best_of_group(ties).tolist() == [1.0, 0.0, 1.0, 0.0]  # every sample at the best reward
     equal = batch_of([1.0, 1.0, 1.0], [0, 0, 0], MASK[:3])
-    for a in ("GRPO", "DR_GRPO", "RLOO"):
+    for a in ("GRPO", "DR_GRPO", "RLOO", "RAFT"):
         adv, ret = algorithms.get(a).advantages(equal, cfg(a))
         assert ret is None and adv.abs().max() == 0
     # per-token: the scalar sits on every loss token, never on masked ones (padding, environment tokens)

@@ -61,6 +61,17 @@ def leave_one_out(batch: TrainBatch) -> torch.Tensor:
     return per_group(batch.rewards_B, batch.group_B, ops.loo_advantages)
 
 
+def best_of_group(batch: TrainBatch) -> torch.Tensor:
+    """RAFT: 1 on the samples that reach their group's best reward, when some sample of the group scored lower;
+    0 elsewhere (a group whose rewards all agree teaches nothing)."""
+
+    def pick(r_GN: torch.Tensor) -> torch.Tensor:
+        top, low = r_GN.max(dim=1, keepdim=True).values, r_GN.min(dim=1, keepdim=True).values
+        return ((r_GN == top) & (top > low)).to(torch.float32)
+
+    return per_group(batch.rewards_B, batch.group_B, pick)
+
+
 def group_mean_baseline(batch: TrainBatch) -> torch.Tensor:
     """REINFORCE++-baseline: r - group mean."""
     return per_group(batch.rewards_B, batch.group_B, lambda r_GN: r_GN - r_GN.mean(dim=1, keepdim=True))

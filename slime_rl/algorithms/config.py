@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-AlgorithmName = Literal["GRPO", "DR_GRPO", "DAPO", "RLOO", "REINFORCE_PP", "REINFORCE_PPB", "PPO", "GSPO", "CISPO"]
+AlgorithmName = Literal["GRPO", "DR_GRPO", "DAPO", "RLOO", "REINFORCE_PP", "REINFORCE_PPB", "PPO", "GSPO", "CISPO", "RAFT"]
 LossAgg = Literal["token", "sequence", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"]
 
 

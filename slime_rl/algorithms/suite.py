@@ -13,6 +13,7 @@
 | PPO           | GAE from a learned critic, whitened         | clipped surrogate; clipped value loss          |
 | GSPO          | group mean / std                            | sequence-level ratio and clip                  |
 | CISPO         | group mean / std                            | clipped IS weight as a stop-gradient coefficient|
+| RAFT          | 1 on each group's best samples, 0 elsewhere | likelihood of the best (reward-ranked SFT)     |
 
 Every option stays a config field: a preset only changes defaults, and e.g.
 `--algo GRPO --algorithm.kl_in_reward true --algorithm.kl_coef 0.01` adds the
@@ -123,6 +124,16 @@ class CISPO(GRPO):
                 "algorithm.loss_agg": "token_mean"}
 
 
+class RAFT(PolicyGradient):
+    name = "RAFT"
+    summary = ("reward-ranked fine-tuning: the likelihood of each group's best samples (advantage 1 when the group's "
+               "rewards differ), nothing pushed down; sharpens a warm-started policy without raising its entropy")
+    paper = "Dong et al., 2023, RAFT: Reward rAnked FineTuning (arXiv:2304.06767)"
+
+    def scalar_advantages(self, batch: TrainBatch, cfg: Any) -> torch.Tensor:
+        return est.best_of_group(batch)
+
+
 class RLOO(PolicyGradient):
     name = "RLOO"
     summary = "leave-one-out baseline: r_i - mean of the other samples of its group"
@@ -180,5 +191,5 @@ class PPO(PolicyGradient):
         return self.finish(adv_BT, batch.response_mask_BT, cfg), returns_BT
 
 
-for _algorithm in (GRPO(), DrGRPO(), DAPO(), RLOO(), ReinforcePP(), ReinforcePPBaseline(), PPO(), GSPO(), CISPO()):
+for _algorithm in (GRPO(), DrGRPO(), DAPO(), RLOO(), ReinforcePP(), ReinforcePPBaseline(), PPO(), GSPO(), CISPO(), RAFT()):
     register(_algorithm)
