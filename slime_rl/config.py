@@ -259,6 +259,8 @@ class JobConfig:
             ("async_rl.buffer_groups", (self.async_rl.buffer_groups or self.rollout.prompts_per_step)
              >= self.rollout.prompts_per_step, ">= rollout.prompts_per_step (a step's batch must fit) or None"),
             ("algorithm.is_cap", self.algorithm.is_cap >= 1, ">= 1"),
+            ("algorithm.best_min_reward", self.algorithm.best_min_reward is None
+             or abs(self.algorithm.best_min_reward) < float("inf"), "a finite number or None"),
             ("ckpt.save_every", self.ckpt.save_every >= 0, ">= 0"),
             ("ckpt.keep", self.ckpt.keep >= 1, ">= 1"),
             ("rollout.health_check_s", self.rollout.health_check_s >= 0, ">= 0"),

@@ -85,6 +85,8 @@ def test_group_estimators_by_hand_including_a_lone_sample_and_equal_rewards():
     assert est.best_of_group(b).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # lone samples: nothing to rank
     ties = batch_of([2.0, -1.0, 2.0, 0.5], [0, 0, 0, 0], MASK[:4])
     assert est.best_of_group(ties).tolist() == [1.0, 0.0, 1.0, 0.0]  # every sample at the best reward
+    assert est.best_of_group(ties, min_reward=2.0).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert est.best_of_group(ties, min_reward=3.0).tolist() == [0.0] * 4  # the best of failures: no example
     equal = batch_of([1.0, 1.0, 1.0], [0, 0, 0], MASK[:3])
     for a in ("GRPO", "DR_GRPO", "RLOO", "RAFT"):
         adv, ret = algorithms.get(a).advantages(equal, cfg(a))

@@ -99,6 +99,6 @@ def test_help_is_readable(capsys):
         main(["train", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for needle in ["--rollout.temperature", "-t N, --num-trainers N", "--algo", "{GRPO,DR_GRPO,DAPO,RLOO,REINFORCE_PP,REINFORCE_PPB,PPO,GSPO,CISPO}",
+    for needle in ["--rollout.temperature", "-t N, --num-trainers N", "--algo", "{GRPO,DR_GRPO,DAPO,RLOO,REINFORCE_PP,REINFORCE_PPB,PPO,GSPO,CISPO,RAFT}",
                    "rollout:", "Generation side"]:
         assert needle in out, needle

@@ -61,13 +61,15 @@ def leave_one_out(batch: TrainBatch) -> torch.Tensor:
     return per_group(batch.rewards_B, batch.group_B, ops.loo_advantages)
 
 
-def best_of_group(batch: TrainBatch) -> torch.Tensor:
-    """RAFT: 1 on the samples that reach their group's best reward, when some sample of the group scored lower;
-    0 elsewhere (a group whose rewards all agree teaches nothing)."""
+def best_of_group(batch: TrainBatch, min_reward: float | None = None) -> torch.Tensor:
+    """RAFT: 1 on the samples that reach their group's best reward, when some sample of the group scored lower
+    (and, with `min_reward`, the best is at least that: the best of failures is no example); 0 elsewhere (a
+    group whose rewards all agree teaches nothing)."""
 
     def pick(r_GN: torch.Tensor) -> torch.Tensor:
         top, low = r_GN.max(dim=1, keepdim=True).values, r_GN.min(dim=1, keepdim=True).values
-        return ((r_GN == top) & (top > low)).to(torch.float32)
+        good = top > low if min_reward is None else (top > low) & (top >= min_reward)
+        return ((r_GN == top) & good).to(torch.float32)
 
     return per_group(batch.rewards_B, batch.group_B, pick)
 

@@ -37,6 +37,7 @@ class AlgorithmConfig:
     gamma: float = 1.0  # discount of token rewards (REINFORCE++ returns, GAE)
     lam: float = 0.95  # GAE's lambda (PPO)
     entropy_coef: float = 0.0
+    best_min_reward: float | None = None  # RAFT: a group's best sample is kept only at this reward or above
     ppo_epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass (the batch split in order)
     # DAPO: dynamic sampling, overlong reward shaping, truncated samples

@@ -13,7 +13,8 @@
 | PPO           | GAE from a learned critic, whitened         | clipped surrogate; clipped value loss          |
 | GSPO          | group mean / std                            | sequence-level ratio and clip                  |
 | CISPO         | group mean / std                            | clipped IS weight as a stop-gradient coefficient|
-| RAFT          | 1 on each group's best samples, 0 elsewhere | likelihood of the best (reward-ranked SFT)     |
+| RAFT          | 1 on each group's best samples (at least    | likelihood of the best (reward-ranked SFT)     |
+|               | best_min_reward when set), 0 elsewhere      |                                                |
 
 Every option stays a config field: a preset only changes defaults, and e.g.
 `--algo GRPO --algorithm.kl_in_reward true --algorithm.kl_coef 0.01` adds the
@@ -131,7 +132,7 @@ class RAFT(PolicyGradient):
     paper = "Dong et al., 2023, RAFT: Reward rAnked FineTuning (arXiv:2304.06767)"
 
     def scalar_advantages(self, batch: TrainBatch, cfg: Any) -> torch.Tensor:
-        return est.best_of_group(batch)
+        return est.best_of_group(batch, cfg.best_min_reward)
 
 
 class RLOO(PolicyGradient):
