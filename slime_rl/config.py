@@ -206,6 +206,7 @@ class JobConfig:
             ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
             ("rollout.top_k", self.rollout.top_k == -1 or self.rollout.top_k >= 1, "-1 or >= 1"),
             ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.adam_eps", self.train.adam_eps > 0, "> 0"),
             ("train.num_steps", self.train.num_steps >= 0, ">= 0"),
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
             ("train.num_trainers", self.train.num_trainers is None or self.train.num_trainers >= 1, ">= 1 or None"),

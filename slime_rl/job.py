@@ -224,7 +224,7 @@ def _rl_opt(cfg: JobConfig):
     t = cfg.train
     return OptimSettings(lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
                          total_steps=max(1, t.num_steps * _updates_per_step(cfg)), weight_decay=t.weight_decay,
-                         betas=(t.adam_beta1, t.adam_beta2), grad_clip=t.grad_clip,
+                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
                          micro_batch_size=t.micro_batch_size)
 
 
@@ -237,7 +237,8 @@ def _critic_opt(cfg: JobConfig):
 
     c, t = cfg.critic, cfg.train
     return OptimSettings(lr=c.lr, schedule="constant", warmup_steps=0, total_steps=max(1, t.num_steps * _updates_per_step(cfg)),
-                         betas=(t.adam_beta1, t.adam_beta2), grad_clip=c.grad_clip, micro_batch_size=c.micro_batch_size)
+                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=c.grad_clip,
+                         micro_batch_size=c.micro_batch_size)
 
 
 def attach_critic(run: Run) -> None:

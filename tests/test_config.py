@@ -102,3 +102,19 @@ def test_help_is_readable(capsys):
     for needle in ["--rollout.temperature", "-t N, --num-trainers N", "--algo", "{GRPO,DR_GRPO,DAPO,RLOO,REINFORCE_PP,REINFORCE_PPB,PPO,GSPO,CISPO,RAFT}",
                    "rollout:", "Generation side"]:
         assert needle in out, needle
+
+
+def test_adam_eps_reaches_the_policy_and_critic_optimizers():
+    from slime_rl.config import build_config
+    from slime_rl.hf_io import init_tiny_model, tiny_hf_config
+    from slime_rl.job import _critic_opt, _rl_opt
+    from training.hf import HFTrainer
+
+    cfg = build_config(overrides=[("train.adam_eps", 1e-2)])
+    assert _rl_opt(cfg).eps == _critic_opt(cfg).eps == 1e-2
+    assert _rl_opt(build_config()).eps == 1e-8  # torch's and Megatron's default
+    hf = tiny_hf_config(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16)
+    trainer = HFTrainer(hf, init_tiny_model(hf, seed=0), _rl_opt(cfg))
+    assert {g["eps"] for g in trainer.optimizer.param_groups} == {1e-2}
+    with pytest.raises(ConfigError, match="train.adam_eps must be > 0"):
+        build_config(overrides=[("train.adam_eps", 0.0)])

@@ -28,6 +28,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    # AdamW's eps (policy and critic). Above the typical gradient entry (~1e-3 for a tiny model's RL batch) the
+    # update becomes momentum SGD with lr / eps: entries that are mostly noise move in proportion instead of a
+    # full lr step each
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 64
     seed: int = 0

@@ -43,6 +43,7 @@ class OptimSettings:
     total_steps: int = 1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 64
 
@@ -136,7 +137,7 @@ class HFModelTrainer:
     def _build_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.opt.lr, betas=self.opt.betas,
-                                           weight_decay=self.opt.weight_decay, eps=1e-8)
+                                           weight_decay=self.opt.weight_decay, eps=self.opt.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.opt))
 
     def reset_optimizer(self, opt: OptimSettings) -> None:

@@ -111,7 +111,7 @@ class MegatronWorker:
 
         o = self.opt
         config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                 adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=1e-8,
+                                 adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps,
                                  clip_grad=o.grad_clip if o.grad_clip > 0 else 0.0,
                                  bf16=self.settings.model.dtype == "bfloat16",
                                  use_distributed_optimizer=self.settings.use_distributed_optimizer)
