@@ -62,7 +62,7 @@ def main() -> int:
                  "delta": after[f"val/{k}"] - before[f"val/{k}"]} for k in KEYS}
     for key, rec in (("after_sft", before), ("after_rl", after)):
         table["resolution_rate"][f"{key}_ci95"] = wilson_interval(rec["val/resolution_rate"], n)
-    command = "slime-rl " + " ".join(cmd).replace(str(ROOT) + "/", "")
+    command = "slime-rl " + " ".join(cmd).replace(str(work), "<work>/rl").replace(str(ROOT) + "/", "")
     if args.warmup:
         command = command.replace(args.warmup, "<warm-up checkpoint>")  # no machine paths in the results
     result = {"command": command, "warmup": "given (--warmup)" if args.warmup else "slime-rl sft --task customer_support",
