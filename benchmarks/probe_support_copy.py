@@ -82,6 +82,7 @@ def cmd_copy(args) -> None:
 def cmd_align(args) -> None:
     from transformers import AutoModelForCausalLM
 
+    from slime_rl.ops import group_normalize
     from slime_rl.producer import load_groups
     from slime_rl.tokenizer import load_tokenizer
 
@@ -108,7 +109,7 @@ def cmd_align(args) -> None:
         r = torch.tensor([float(s.scalar_reward) for s in g])
         if len(g) < 2 or r.std() == 0:
             continue
-        for s, a in zip(g, (r - r.mean()) / (r.std() + 1e-6)):
+        for s, a in zip(g, group_normalize(r[None])[0]):  # GRPO's advantages
             ids = torch.tensor([s.prompt_ids + s.response_ids])
             lp = model(ids).logits[0, :-1].float().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
             mask = torch.tensor(s.loss_mask, dtype=torch.float32)

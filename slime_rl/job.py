@@ -120,14 +120,15 @@ def serve_if_torchrun_rank(cfg: JobConfig) -> bool:
     return True
 
 
-def _tokenizer(cfg: JobConfig):
-    """`model.tokenizer`, else the checkpoint's, else (a tiny model) the task's (`Task.tokenizer`, "char")."""
+def _tokenizer(cfg: JobConfig, task=None):
+    """`model.tokenizer`, else the checkpoint's, else (a tiny model) the task's (`Task.tokenizer`, "char");
+    `task`: the job's, when it has been built already."""
     m = cfg.model
     if m.tokenizer or m.path:
         return load_tokenizer(m.tokenizer or m.path)
     from slime_rl.tasks import task_tokenizer
 
-    return load_tokenizer(task_tokenizer(_task(cfg), cfg))
+    return load_tokenizer(task_tokenizer(task or _task(cfg), cfg))
 
 
 def build_run(cfg: JobConfig) -> Run:
@@ -140,8 +141,8 @@ def build_run(cfg: JobConfig) -> Run:
     out_dir = Path(cfg.log.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    tokenizer = _tokenizer(cfg)
     task = _task(cfg)
+    tokenizer = _tokenizer(cfg, task)
     try:
         paths = task.data(cfg, out_dir)
     except ValueError as exc:
