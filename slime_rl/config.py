@@ -3,7 +3,8 @@
 Components below the job own their config next to their code (rollout/config.py,
 training/config.py, weight_sync/config.py, slime_rl/algorithms/config.py,
 slime_rl/launch/config.py) and never import this module; the job-level sections
-(model, data, reward, async, checkpoints, debug, SFT, eval, log) live here.
+(model, data, async, checkpoints, debug, SFT, eval, log) live here; the reward section is
+slime_rl/rewards/config.py.
 
 A `JobConfig` is built from defaults, then a YAML/JSON file, then CLI flags
 (`--rollout.temperature 0.7`). Unknown keys and bad values raise `ConfigError`
@@ -25,10 +26,12 @@ from typing import Any, Literal
 from rollout.config import RolloutConfig
 from slime_rl.algorithms.config import AlgorithmConfig, CriticConfig
 from slime_rl.launch.config import LaunchConfig
+from slime_rl.rewards.config import RewardConfig, reward_checks
 from training.config import TrainConfig
 from weight_sync.config import SyncConfig
 
-__all__ = ["AlgorithmConfig", "CriticConfig", "LaunchConfig", "RolloutConfig", "SyncConfig", "TrainConfig"]  # composed
+__all__ = ["AlgorithmConfig", "CriticConfig", "LaunchConfig", "RewardConfig", "RolloutConfig", "SyncConfig",
+           "TrainConfig"]  # composed
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the field."""
@@ -71,16 +74,6 @@ class DataConfig:
     num_sft: int = 600
     task_seed: int = 1234
     task_max_operand: int = 49
-
-
-@dataclass
-class RewardConfig:
-    """Reward function: a registry name or a dotted path ("pkg.mod:fn")."""
-
-    name: str | None = None  # None = the task's reward
-    timeout_s: float = 10.0
-    failure_reward: float = 0.0
-    max_workers: int = 4
 
 
 @dataclass
@@ -245,7 +238,7 @@ class JobConfig:
              "> 1 (or null: off)"),
             ("algorithm.loss_agg_len", self.algorithm.loss_agg_len is None or self.algorithm.loss_agg_len >= 1,
              ">= 1 (or null: rollout.max_new_tokens)"),
-            ("reward.timeout_s", self.reward.timeout_s > 0, "> 0"),
+            *reward_checks(self.reward),
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
             ("episode.max_turns", self.episode.max_turns >= 1, ">= 1"),
             ("episode.max_total_tokens", self.episode.max_total_tokens >= 2, ">= 2"),

@@ -25,7 +25,7 @@ from slime_rl.gate import Gate
 from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evaluate_run, gate_passed, maybe_evaluate,
                            refresh_reference, rl_loop, sync_weights)
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
-from slime_rl.rewards import get_reward_fn
+from slime_rl.rewards.compose import build_reward_fn
 from slime_rl.sft import run_sft as sft_train
 from slime_rl.tokenizer import load_tokenizer
 
@@ -177,7 +177,7 @@ def build_run(cfg: JobConfig) -> Run:
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,
                sync=sync,
-               reward_fn=get_reward_fn(cfg.reward.name) if cfg.reward.name else task.reward_fn(cfg), task=task,
+               reward_fn=build_reward_fn(cfg.reward, lambda: task.reward_fn(cfg)), task=task,
                episode=task_episode(task, cfg, tokenizer),
                gate=Gate(cfg.gate.metric, cfg.gate.threshold, out_dir) if cfg.gate.metric else None,
                train_records=train_records, val_records=val_records,

@@ -4,17 +4,23 @@ A reward function takes one `Sample` and returns a float or a dict holding a
 "reward" key (extra keys are logged as metrics). Register one with
 `@register_reward("name")`, or point the config at any importable function:
 "package.module:function" or "package.module.function".
+
+A reward that needs settings (a sandbox, an endpoint) registers a factory instead:
+`@register_reward_factory("name")` on a function taking the `RewardConfig` and returning the reward.
+A reward may also score a list at once: an object with `score_batch(samples) -> list[value | Exception]`
+(and a `batch_size`), which the runner calls on chunks (`slime_rl.rewards.runner`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 from slime_rl.protocols import RewardFn
 
 _REGISTRY: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("slime_rl.rewards.math",)
+_FACTORIES: dict[str, Callable[[Any], RewardFn]] = {}
+_BUILTIN_MODULES = ("slime_rl.rewards.math", "slime_rl.rewards.builtin")
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -30,17 +36,37 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorator
 
 
+def register_reward_factory(name: str) -> Callable:
+    """Decorator: `get_reward_fn(name, reward_cfg)` returns `factory(reward_cfg)`."""
+
+    def decorator(factory: Callable[[Any], RewardFn]) -> Callable[[Any], RewardFn]:
+        existing = _FACTORIES.get(name)
+        if existing is not None and _qualname(existing) != _qualname(factory):
+            raise ValueError(f"reward name {name!r} already registered to {_qualname(existing)}")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
 def registered_rewards() -> list[str]:
     """Names of all registered reward functions (built-ins included)."""
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_FACTORIES})
 
 
-def get_reward_fn(name_or_path: str) -> RewardFn:
-    """A registered reward by name, or a function by "pkg.mod:fn" / "pkg.mod.fn" path."""
+def get_reward_fn(name_or_path: str, reward_cfg: Any = None) -> RewardFn:
+    """A registered reward by name, or a function by "pkg.mod:fn" / "pkg.mod.fn" path. Factories get
+    `reward_cfg` (the job's `RewardConfig`; its defaults when None)."""
     _load_builtins()
     if name_or_path in _REGISTRY:
         return _REGISTRY[name_or_path]
+    if name_or_path in _FACTORIES:
+        if reward_cfg is None:
+            from slime_rl.rewards.config import RewardConfig
+
+            reward_cfg = RewardConfig()
+        return _FACTORIES[name_or_path](reward_cfg)
     if ":" in name_or_path:
         module_name, _, attr_path = name_or_path.partition(":")
     elif "." in name_or_path:
@@ -67,7 +93,7 @@ def _load_builtins() -> None:
 
 def _not_found(name: str, why: str) -> str:
     return (
-        f"unknown reward function {name!r}: {why}. Registered: {', '.join(sorted(_REGISTRY)) or '(none)'}; "
+        f"unknown reward function {name!r}: {why}. Registered: {', '.join(sorted({*_REGISTRY, *_FACTORIES})) or '(none)'}; "
         "or give a dotted path 'package.module:function'"
     )
 

@@ -4,7 +4,10 @@ A reward function that raises, returns something invalid (no "reward" key,
 NaN, not a number) or runs past `timeout_s` never crashes the run: its sample
 gets `{"reward": failure_reward, "reward_error": 1.0}` (plus
 `"reward_timeout": 1.0` for a time-out), the failure is counted in
-`RewardStats` and logged with the sample id `group_id/index`.
+`RewardStats` and logged with the sample id `group_id/index`. A reward with
+`score_batch(samples)` (an HTTP reward model) is called on chunks of its
+`batch_size`; each entry of its answer is a value or an Exception (that
+sample's failure), and `timeout_s` bounds a chunk.
 
 Threads, not processes: reward functions are mostly cheap Python (regex,
 numbers) or I/O (HTTP judges, sandboxes), and they get the `Sample` object
@@ -53,17 +56,22 @@ class RewardStats:
 
 
 class _Scoring:
-    """State shared by the workers and the watcher of one `score_samples` call."""
+    """State shared by the workers and the watcher of one `score_samples` call.
+
+    Work comes in chunks: one sample each, or `batch_size` samples for a reward with `score_batch`."""
 
     def __init__(self, samples: list[Sample], reward_fn: RewardFn):
         self.samples = samples
         self.reward_fn = reward_fn
+        self.batched = callable(getattr(reward_fn, "score_batch", None))
+        size = max(1, int(getattr(reward_fn, "batch_size", 32))) if self.batched else 1
+        self.chunks = [(a, min(a + size, len(samples))) for a in range(0, len(samples), size)]
         self.lock = threading.Lock()
         self.finished = threading.Event()
-        self.next_index = 0
+        self.next_chunk = 0
         self.num_done = 0
         self.outcomes: list[tuple[str, Any] | None] = [None] * len(samples)
-        self.running: dict[int, tuple[int, float]] = {}  # worker id -> (sample index, start time)
+        self.running: dict[int, tuple[int, float]] = {}  # worker id -> (chunk index, start time)
         self.num_workers = 0
 
     def start_worker(self) -> None:
@@ -74,20 +82,30 @@ class _Scoring:
     def _work(self, worker_id: int) -> None:
         while True:
             with self.lock:
-                index = self.next_index
-                if index >= len(self.samples):
+                chunk = self.next_chunk
+                if chunk >= len(self.chunks):
                     return
-                self.next_index += 1
-                self.running[worker_id] = (index, time.monotonic())
-            try:
-                outcome = (_OK, _validate(self.reward_fn(self.samples[index])))
-            except Exception as e:  # any failure of user code is the sample's failure
-                outcome = (_ERROR, f"{type(e).__name__}: {e}")
+                self.next_chunk += 1
+                self.running[worker_id] = (chunk, time.monotonic())
+            a, b = self.chunks[chunk]
+            outcomes = self._score(a, b)
             with self.lock:
-                if self.outcomes[index] is not None:
+                if self.outcomes[a] is not None:
                     return  # timed out meanwhile: this worker was abandoned and replaced
                 del self.running[worker_id]
-                self._finish(index, outcome)
+                for index, outcome in zip(range(a, b), outcomes):
+                    self._finish(index, outcome)
+
+    def _score(self, a: int, b: int) -> list[tuple[str, Any]]:
+        if not self.batched:
+            return [_outcome(lambda: self.reward_fn(self.samples[a]))]
+        try:
+            values = list(self.reward_fn.score_batch(self.samples[a:b]))
+            if len(values) != b - a:
+                raise ValueError(f"score_batch returned {len(values)} values for {b - a} samples")
+        except Exception as e:  # the whole chunk failed
+            return [(_ERROR, f"{type(e).__name__}: {e}")] * (b - a)
+        return [_outcome(lambda v=v: _raise_or_return(v)) for v in values]
 
     def _finish(self, index: int, outcome: tuple[str, Any]) -> None:
         """Record an outcome; caller holds the lock."""
@@ -97,17 +115,31 @@ class _Scoring:
             self.finished.set()
 
     def expire(self, timeout_s: float) -> int:
-        """Mark samples running past `timeout_s` as timed out; returns how many workers were lost."""
+        """Mark chunks running past `timeout_s` as timed out; returns how many workers were lost."""
         now = time.monotonic()
         with self.lock:
-            late = [(w, i, t) for w, (i, t) in self.running.items() if now - t > timeout_s]
-            for worker_id, index, started in late:
+            late = [(w, c, t) for w, (c, t) in self.running.items() if now - t > timeout_s]
+            for worker_id, chunk, started in late:
                 del self.running[worker_id]
-                self._finish(index, (_TIMEOUT, f"timed out after {now - started:.1f}s (limit {timeout_s}s)"))
+                for index in range(*self.chunks[chunk]):
+                    self._finish(index, (_TIMEOUT, f"timed out after {now - started:.1f}s (limit {timeout_s}s)"))
         return len(late)
 
 
-def _validate(value: Any) -> float | dict[str, Any]:
+def _raise_or_return(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _outcome(call) -> tuple[str, Any]:
+    try:
+        return _OK, validate_reward(call())
+    except Exception as e:  # any failure of user code is the sample's failure
+        return _ERROR, f"{type(e).__name__}: {e}"
+
+
+def validate_reward(value: Any) -> float | dict[str, Any]:
     """A float reward, or a dict whose "reward" is a finite number."""
     if isinstance(value, dict):
         if "reward" not in value:
@@ -143,7 +175,7 @@ def score_samples(
     if not samples:
         return stats
     scoring = _Scoring(samples, reward_fn)
-    for _ in range(min(max_workers, len(samples))):
+    for _ in range(min(max_workers, len(scoring.chunks))):
         scoring.start_worker()
     poll_s = min(0.02, timeout_s / 4)
     while not scoring.finished.wait(poll_s):

@@ -60,6 +60,10 @@ def reward_metrics(samples: list[Sample], prefix: str) -> dict[str, float]:
     for key, name in (("answer_correct", "answer_accuracy"), ("format_correct", "format_accuracy")):
         vals = [s.reward[key] for s in samples if isinstance(s.reward, dict) and key in s.reward]
         out[f"{prefix}/{name}"] = sum(vals) / len(vals) if vals else math.nan
+    components = sorted({k for s in samples if isinstance(s.reward, dict) for k in s.reward if k.startswith("reward/")})
+    for key in components:  # the named parts of a weighted reward (slime_rl.rewards.compose)
+        vals = [float(s.reward[key]) for s in samples if isinstance(s.reward, dict) and key in s.reward]
+        out[f"{prefix}/{key}"] = sum(vals) / len(vals)
     return out
 
 
