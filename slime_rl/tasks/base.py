@@ -131,3 +131,5 @@ def _load_builtins() -> None:
     importlib.import_module("slime_rl.tasks.arithmetic")
     importlib.import_module("slime_rl.tasks.math")
     importlib.import_module("slime_rl.tasks.customer_support.task")
+    importlib.import_module("slime_rl.tasks.code")
+    importlib.import_module("slime_rl.tasks.ranked_list")

@@ -1,0 +1,1 @@
+"""Placeholder: the code task is being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the ranked_list task is being written."""
