@@ -93,7 +93,8 @@ def _load_builtins() -> None:
 
 def _not_found(name: str, why: str) -> str:
     return (
-        f"unknown reward function {name!r}: {why}. Registered: {', '.join(sorted({*_REGISTRY, *_FACTORIES})) or '(none)'}; "
+        f"unknown reward function {name!r}: {why}. "
+        f"Registered: {', '.join(sorted({*_REGISTRY, *_FACTORIES})) or '(none)'}; "
         "or give a dotted path 'package.module:function'"
     )
 
