@@ -105,16 +105,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section in _SECTIONS:
         cls = field_types(JobConfig)[section]
         group = parser.add_argument_group(f"{section}", (cls.__doc__ or "").strip().splitlines()[0])
-        section_default = getattr(defaults, section)
-        for f in dataclasses.fields(cls):
-            tp = field_types(cls)[f.name]
-            default = getattr(section_default, f.name)
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar=_type_label(tp), help=f"(default: {default})")
+        _add_section_flags(group, cls, getattr(defaults, section), section)
     for f in dataclasses.fields(JobConfig):
         if f.name not in _SECTIONS:
             parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
                                 help=f"(default: {getattr(defaults, f.name)})")
+
+
+def _add_section_flags(group: Any, cls: type, default_obj: Any, prefix: str) -> None:
+    """`--prefix.field` per field of `cls`; a nested dataclass (reward.remote) gets a flag per field of its own
+    (`--reward.remote.url`), recursively."""
+    for f in dataclasses.fields(cls):
+        tp, default, dest = field_types(cls)[f.name], getattr(default_obj, f.name), f"{prefix}.{f.name}"
+        if is_dataclass_type(tp):
+            _add_section_flags(group, tp, default, dest)
+            continue
+        group.add_argument(f"--{dest}", dest=dest, default=argparse.SUPPRESS, metavar=_type_label(tp),
+                           help=f"(default: {default})")
 
 
 def _field_type(dotted: str) -> Any:

@@ -7,8 +7,8 @@
 - retries with exponential backoff (`backoff_s`, then twice that, ...) when nothing answers (connection
   refused or reset, a timeout) or the server answers 5xx or 429; any other 4xx is the request's fault and
   fails at once, as does a 2xx answer that is not JSON;
-- a limit of `max_concurrency` requests in flight, shared by every thread using the poster (a slot is
-  held for one attempt, never during a backoff wait);
+- a limit of `max_concurrency` requests in flight (None: no limit of its own), shared by every thread
+  using the poster (a slot is held for one attempt, never during a backoff wait);
 - an optional bearer token read once from the environment variable named by `api_key_env`; the token is
   never put in an error message or a log line.
 
@@ -19,6 +19,7 @@ attempt keeps the poster thread-safe without a connection pool.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -47,7 +48,8 @@ class JsonPoster:
     replace it to record the delays)."""
 
     def __init__(self, base_url: str, *, where: str, timeout_s: float, retries: int, backoff_s: float,
-                 max_concurrency: int, api_key_env: str | None = None, sleep: Callable[[float], None] = time.sleep):
+                 max_concurrency: int | None, api_key_env: str | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"{where}.url must be an http:// or https:// URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
@@ -60,7 +62,7 @@ class JsonPoster:
             if not token.strip():
                 raise ValueError(f"{where}.api_key_env: the environment variable {api_key_env} is not set or empty")
             self._headers["Authorization"] = f"Bearer {token.strip()}"
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = contextlib.nullcontext() if max_concurrency is None else threading.Semaphore(max_concurrency)
         self._lock = threading.Lock()
         self.attempts = 0  # HTTP attempts made, retries included (all threads)
 
