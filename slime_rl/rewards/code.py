@@ -9,7 +9,8 @@ the end. The test cases are `sample.label`, a dict or its JSON string:
 
 either key or both. A stdin case passes when the program exits 0 and its stdout equals `output` line by line,
 trailing whitespace of each line and trailing blank lines ignored; an assert case passes when the program with
-the assert appended exits 0. The program is compiled once inside the sandbox first (never in this process): a
+the assert appended exits 0 (it runs as __main__ on an empty stdin: a program reading stdin at the top level
+fails its assert cases). The program is compiled once inside the sandbox first (never in this process): a
 syntax error fails every case (`compile_error` 1). Cases run in parallel on the reward's `SandboxPool`, shared by
 every thread that scores samples.
 

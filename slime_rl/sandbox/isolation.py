@@ -75,8 +75,9 @@ class SandboxSpec:
     as_root: bool = False  # runs drop to a leased throwaway uid
     bwrap_fs: list[str] = field(default_factory=list)  # the filesystem arguments, interpreter binds included
 
-    def command(self, mode: str, uid: int, limits: Limits, ready_fd: int, host_dir: str) -> list[str]:
-        """The argv launching `_boot.py` on the program in `host_dir` (bound at /box under bwrap)."""
+    def command(self, mode: str, uid: int, limits: Limits, ready_fd: int, info_fd: int, host_dir: str) -> list[str]:
+        """The argv launching `_boot.py` on the program in `host_dir` (bound at /box under bwrap); bwrap writes
+        its child's host pid to `info_fd` (`--info-fd`)."""
         box = BOX if self.kind == "bwrap" else host_dir
         boot = [self.python, "-I", "-S", f"{box}/_boot.py", mode, str(uid), str(limits.cpu_s),
                 str(limits.memory_bytes), str(limits.max_procs), str(limits.file_bytes), str(ready_fd),
@@ -88,7 +89,7 @@ class SandboxSpec:
                   "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             ns = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-        return [self.bwrap, *ns, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
+        return [self.bwrap, *ns, "--info-fd", str(info_fd), "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
                 "--setenv", "PATH", SANDBOX_PATH, *self.bwrap_fs, "--ro-bind", host_dir, BOX,
                 "--size", str(limits.file_bytes), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp",
                 "--", *boot]
@@ -177,6 +178,7 @@ class UidLeases:
     """Throwaway uids, one per run in flight, shared by every pool of the process."""
 
     def __init__(self, base: int, count: int, pid: int):
+        self.base, self.count = base, count  # uids base .. base + count - 1
         self.pid = pid  # the process the range belongs to
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(count):

@@ -12,6 +12,7 @@ directory is removed afterwards, whatever happened.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -26,6 +27,7 @@ from slime_rl.sandbox.result import RunResult, RunStatus
 
 _BOOT_SOURCE = Path(_boot.__file__).read_bytes()
 _READ_CHUNK = 65536
+_TEARDOWN_S = 10.0  # bwrap exits once the killed namespace is reaped; this long at most before it is killed too
 
 
 def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = "", *, mode: str = "run",
@@ -33,7 +35,14 @@ def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = ""
     """Run (mode "run") or only compile (mode "check") `program` in the sandbox; never raises for what the
     program does. `uid` >= 0: the throwaway uid the run drops to (as root)."""
     host_dir = tempfile.mkdtemp(prefix="slime-sandbox-")
-    ready_r, ready_w = os.pipe()
+    ready_r, ready_w = os.pipe()  # the bootstrap's byte: the limits hold, the program starts
+    info_r, info_w = os.pipe()  # bwrap's --info-fd: the host pid of the namespace's init
+    open_fds = {ready_r, ready_w, info_r, info_w}
+
+    def close(fd: int) -> None:
+        open_fds.discard(fd)
+        os.close(fd)
+
     try:
         _write_box(host_dir, program, uid)
         with tempfile.TemporaryFile() as stdin_file:
@@ -41,19 +50,18 @@ def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = ""
             stdin_file.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(
-                spec.command(mode, uid, limits, ready_w, host_dir), stdin=stdin_file, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(ready_w,), env={"PATH": SANDBOX_PATH}, cwd=host_dir,
-                start_new_session=True)
-            os.close(ready_w)
-            ready_w = -1
-            out, err, limit_hit = _pump(proc, start + wall_s, max_output_bytes)
+                spec.command(mode, uid, limits, ready_w, info_w, host_dir), stdin=stdin_file,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ready_w, info_w),
+                env={"PATH": SANDBOX_PATH}, cwd=host_dir, start_new_session=True)
+            close(ready_w)
+            close(info_w)
+            out, err, limit_hit = _pump(proc, start + wall_s, max_output_bytes, info_r)
             elapsed = time.monotonic() - start
-        started = _read_ready(ready_r)
+        started = _read_nonblocking(ready_r) == b"R"
         return _result(spec, mode, proc.returncode, out, err, limit_hit, started, elapsed)
     finally:
-        for fd in (ready_r, ready_w):
-            if fd >= 0:
-                os.close(fd)
+        for fd in list(open_fds):
+            close(fd)
         _remove(host_dir)
 
 
@@ -73,7 +81,7 @@ def _write_box(host_dir: str, program: str, uid: int) -> None:
     os.chmod(host_dir, 0o511 if uid >= 0 else 0o700)
 
 
-def _pump(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, RunStatus | None]:
+def _pump(proc: subprocess.Popen, deadline: float, cap: int, info_fd: int) -> tuple[bytes, bytes, RunStatus | None]:
     """Read stdout and stderr until both close and the process exits, or a limit kills it.
 
     Returns (stdout, stderr, TIMEOUT / OUTPUT_LIMIT when a limit killed the run else None)."""
@@ -105,14 +113,25 @@ def _pump(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, byt
         except subprocess.TimeoutExpired:
             limit_hit = RunStatus.TIMEOUT
     if limit_hit is not None:
-        _kill(proc)
+        _kill(proc, info_fd)
     proc.stdout.close()
     proc.stderr.close()
     return bytes(kept[out_fd]), bytes(kept[err_fd]), limit_hit
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group (bwrap and its namespace init), then reap it."""
+def _kill(proc: subprocess.Popen, info_fd: int) -> None:
+    """SIGKILL the sandbox and return once every process in it is gone.
+
+    Under bwrap the namespace's init is killed first: its parent (bwrap) reaps it only after the kernel has
+    killed and reaped every other process of the pid namespace, and then exits; killing bwrap first would leave
+    that teardown running after this returns. Then the process group (bwrap itself; the program under rlimits)."""
+    found = re.search(rb'"child-pid":\s*(\d+)', _read_nonblocking(info_fd, 4096))
+    if found and proc.poll() is None:  # bwrap alive: its child's pid is still that child's
+        try:
+            os.kill(int(found.group(1)), signal.SIGKILL)
+            proc.wait(timeout=_TEARDOWN_S)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -120,13 +139,13 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _read_ready(fd: int) -> bool:
-    """Whether the bootstrap reported the limits in place (its one byte), without blocking."""
+def _read_nonblocking(fd: int, n: int = 1) -> bytes:
+    """What a pipe holds now (b"" when nothing was written)."""
     os.set_blocking(fd, False)
     try:
-        return os.read(fd, 1) == b"R"
-    except BlockingIOError:  # a writer survived somewhere: the byte was never written
-        return False
+        return os.read(fd, n)
+    except BlockingIOError:  # a writer still holds it open but wrote nothing
+        return b""
 
 
 def _result(spec: SandboxSpec, mode: str, rc: int, out: bytes, err: bytes, limit_hit: RunStatus | None,
