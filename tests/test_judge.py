@@ -185,6 +185,14 @@ def test_rubric_rendering_and_sources(tmp_path):
         LLMJudge(JudgeConfig())
 
 
+def test_config_needs_a_url_when_judge_is_used():
+    from slime_rl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"reward\.judge\.url must be an http\(s\) URL"):
+        build_config(overrides=[("reward.weights", {"task": 1.0, "judge": 0.2}), ("reward.judge.url", "host:1")])
+    build_config(overrides=[("reward.name", "judge"), ("reward.judge.url", "https://judge.example/v1")])
+
+
 # ---- cache, retries, key ---------------------------------------------------------------------------
 
 

@@ -228,6 +228,15 @@ def test_client_errors_are_not_retried():
     assert len(stub.requests) == 1
 
 
+def test_config_needs_a_url_when_remote_rm_is_used():
+    from slime_rl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"reward\.remote\.url must be an http\(s\) URL"):
+        build_config(overrides=[("reward.weights", {"task": 1.0, "remote_rm": 0.5})])
+    build_config(overrides=[("reward.name", "remote_rm"), ("reward.remote.url", "http://127.0.0.1:8000/score")])
+    build_config()  # not used: no URL needed
+
+
 def test_missing_api_key_env_is_named():
     with pytest.raises(ValueError, match="reward.remote.api_key_env.*NO_SUCH_VAR_XYZ"):
         _model("http://127.0.0.1:1/score", api_key_env="NO_SUCH_VAR_XYZ")

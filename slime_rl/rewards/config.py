@@ -92,6 +92,7 @@ class RewardConfig:
 def reward_checks(rc: RewardConfig) -> list[tuple[str, bool, str]]:
     """(field, ok, allowed) for every reward value the type cannot bound; the job's validate reports them."""
     sb, rm, j = rc.code.sandbox, rc.remote, rc.judge
+    named = {rc.name, *rc.weights}
     return [
         ("reward.timeout_s", rc.timeout_s > 0, "> 0"),
         ("reward.max_workers", rc.max_workers >= 1, ">= 1"),
@@ -106,11 +107,13 @@ def reward_checks(rc: RewardConfig) -> list[tuple[str, bool, str]]:
         ("reward.code.sandbox.max_parallel", sb.max_parallel >= 0, ">= 0 (0: the CPU count)"),
         ("reward.ranked_list.decay", 0 <= rc.ranked_list.decay <= 1, "in [0, 1]"),
         ("reward.ranked_list.max_items", rc.ranked_list.max_items >= 1, ">= 1"),
+        ("reward.remote.url", "remote_rm" not in named or _is_http(rm.url), "an http(s) URL when remote_rm is used"),
         ("reward.remote.batch_size", rm.batch_size >= 1, ">= 1"),
         ("reward.remote.timeout_s", rm.timeout_s > 0, "> 0"),
         ("reward.remote.retries", rm.retries >= 0, ">= 0"),
         ("reward.remote.backoff_s", rm.backoff_s >= 0, ">= 0"),
         ("reward.remote.max_concurrency", rm.max_concurrency >= 1, ">= 1"),
+        ("reward.judge.url", "judge" not in named or _is_http(j.url), "an http(s) URL when judge is used"),
         ("reward.judge.max_score", j.max_score > j.min_score, "> reward.judge.min_score"),
         ("reward.judge.max_new_tokens", j.max_new_tokens >= 1, ">= 1"),
         ("reward.judge.timeout_s", j.timeout_s > 0, "> 0"),
@@ -118,3 +121,7 @@ def reward_checks(rc: RewardConfig) -> list[tuple[str, bool, str]]:
         ("reward.judge.backoff_s", j.backoff_s >= 0, ">= 0"),
         ("reward.judge.cache_size", j.cache_size >= 0, ">= 0"),
     ]
+
+
+def _is_http(url: str | None) -> bool:
+    return bool(url) and url.startswith(("http://", "https://"))
