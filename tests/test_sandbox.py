@@ -98,7 +98,7 @@ for path in ({str(secret_file)!r}, "/proc/1/root" + {str(secret_file)!r}, "/proc
         "write_outside": (f"""
 wrote = []
 for path in ({str(target)!r}, {str(existing)!r}, "/proc/1/root" + {str(existing)!r}, "/box/solution.py",
-             "/usr/escaped", "/escaped"):
+             "/usr/escaped", "/escaped", "/dev/shm/escaped", "/dev/escaped"):
     try:
         with open(path, "w") as f:
             f.write("escaped")
@@ -319,7 +319,8 @@ def test_hand_written_solutions_score_right_in_both_modes(reward):
                          {"reward": 0.0, "compile_error": 1.0, "passed": 0.0, "total": 3.0, "timeouts": 0.0}, 0.0),
         "asserts_right": ("```py\ndef f(x):\n    return 3 * x + 1\n```", asserts, {"reward": 1.0, "total": 3.0}, 1.0),
         "asserts_wrong": ("def f(x):\n    return 3 * x + 2", asserts, {"reward": 0.0, "crashes": 3.0}, 0.0),
-        "both_styles": ("import sys\ndef f(x):\n    return 3 * x + 1\nfor n in sys.stdin.read().split():\n    print(f(int(n)))",
+        "both_styles": ("import sys\ndef f(x):\n    return 3 * x + 1\n"
+                        "for n in sys.stdin.read().split():\n    print(f(int(n)))",
                         {"tests": [{"input": "4\n", "output": "13\n"}], "asserts": ["assert f(1) == 4"]},
                         {"reward": 1.0, "total": 2.0}, 1.0),
         "json_label": (SOLUTION, '{"tests": [{"input": "2 2", "output": "4"}]}', {"reward": 1.0}, 1.0),

@@ -89,10 +89,11 @@ class SandboxSpec:
                   "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             ns = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-        return [self.bwrap, *ns, "--info-fd", str(info_fd), "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
-                "--setenv", "PATH", SANDBOX_PATH, *self.bwrap_fs, "--ro-bind", host_dir, BOX,
-                "--size", str(limits.file_bytes), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp",
-                "--", *boot]
+        return [self.bwrap, *ns, "--info-fd", str(info_fd), "--hostname", "sandbox", "--die-with-parent",
+                "--new-session", "--clearenv", "--setenv", "PATH", SANDBOX_PATH, *self.bwrap_fs,
+                "--ro-bind", host_dir, BOX, "--size", str(limits.file_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+                "--remount-ro", "/dev", "--remount-ro", "/",  # in a user namespace the run would own both
+                "--chdir", "/tmp", "--", *boot]
 
 
 def find_bwrap() -> str | None:
