@@ -104,7 +104,7 @@ def reward_checks(rc: RewardConfig) -> list[tuple[str, bool, str]]:
         ("reward.code.sandbox.max_procs", sb.max_procs >= 1, ">= 1"),
         ("reward.code.sandbox.max_file_mb", sb.max_file_mb >= 1, ">= 1"),
         ("reward.code.sandbox.max_output_kb", sb.max_output_kb >= 1, ">= 1"),
-        ("reward.code.sandbox.max_parallel", sb.max_parallel >= 0, ">= 0 (0: the CPU count)"),
+        ("reward.code.sandbox.max_parallel", 0 <= sb.max_parallel <= 256, "in [0, 256] (0: the CPU count)"),
         ("reward.ranked_list.decay", 0 <= rc.ranked_list.decay <= 1, "in [0, 1]"),
         ("reward.ranked_list.max_items", rc.ranked_list.max_items >= 1, ">= 1"),
         ("reward.remote.url", "remote_rm" not in named or _is_http(rm.url), "an http(s) URL when remote_rm is used"),

@@ -40,7 +40,7 @@ from slime_rl.rewards.config import SandboxConfig
 logger = logging.getLogger(__name__)
 
 BOX = "/box"  # the program's directory inside the sandbox
-MAX_SLOTS = 256  # runs at once per process (uids leased per run)
+MAX_SLOTS = 256  # runs at once per process (uids leased per run); reward_checks bounds max_parallel by it
 UID_BASE = 1 << 30  # clear of system users and of the usual subuid ranges (100000 + 65536 k)
 SANDBOX_PATH = "/usr/bin:/bin"
 _LINKS_OR_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
