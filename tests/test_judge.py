@@ -278,3 +278,27 @@ def test_broken_judge_gives_failure_rewards_and_counts(kind):
     assert stats.errors == len(samples) and stats.timeouts == 0
     assert all(s.reward == {"reward": -1.0, "reward_error": 1.0} for s in samples)
     assert judge.cache.hits == 0 and len(judge.cache) == 0
+
+
+# ---- end to end: slime-rl train with the judge in a weighted reward ---------------------------------
+
+
+def test_train_with_a_served_judge_finishes(judge_server, tmp_path):
+    import json
+
+    from slime_rl.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model.hidden_size", "32", "--model.intermediate_size", "64", "--data.task_max_operand", "29",
+            "--data.num_train", "32", "--data.num_val", "4", "--data.num_sft", "8", "--rollout.max_new_tokens", "4",
+            "--rollout.prompts_per_step", "2", "--rollout.n_samples_per_prompt", "4", "--eval.n_samples", "1",
+            "--sft.enabled", "false", "--train.num_steps", "2", "--log.progress", "false", "--log.plot", "false",
+            "--log.save_checkpoint", "false", "--reward.weights", '{"task": 1.0, "judge": 0.2}',
+            "--reward.judge.url", judge_server.url, "--reward.judge.api", "sglang", "--reward.judge.score_mode",
+            "logprobs", "--reward.judge.rubric", RUBRIC, "--reward.judge.max_score", "9", "--log.output_dir", str(out)]
+    assert main(argv) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "rollout/reward_mean" in r]
+    assert len(steps) == 2
+    judged = [r for r in steps if "rollout/reward/judge" in r]
+    assert judged and all(0.0 <= r["rollout/reward/judge"] <= 1.0 for r in judged)  # some samples were judged
+    assert steps[-1]["reward/errors"] < 16  # a sample fails only when no score token is among the top 20
