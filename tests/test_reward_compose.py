@@ -110,3 +110,21 @@ def test_reward_settings_are_validated(field, value, words):
 def test_name_and_weights_together_are_refused():
     with pytest.raises(ConfigError, match="reward.name"):
         build_config(overrides=[("reward.name", "math"), ("reward.weights", {"math": 1.0})])
+
+
+def test_runner_waits_for_a_rewards_own_retries():
+    import threading
+
+    release = threading.Event()
+
+    class Slow:
+        min_timeout_s = 5.0
+
+        def __call__(self, sample):
+            release.wait(0.3)  # longer than reward.timeout_s below, shorter than min_timeout_s
+            return 1.0
+
+    samples = _samples(2)
+    stats = score_samples(samples, Slow(), timeout_s=0.05)
+    assert stats.timeouts == 0 and [s.scalar_reward for s in samples] == [1.0, 1.0]
+    assert WeightedReward({"a": (1.0, Slow()), "b": (1.0, Slow())}).min_timeout_s == 10.0

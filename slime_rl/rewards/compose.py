@@ -4,11 +4,14 @@
 `{"reward": sum_i w_i r_i, "reward/code": r_code, "reward/judge": r_judge, ...}`; the task's metrics log
 each `reward/<name>` as its own curve. A component's extra keys (e.g. `answer_correct`) are kept when no
 other component set them first. A component that fails fails the sample (it gets `reward.failure_reward`
-and is counted), like a single reward would.
+and is counted), like a single reward would. Components run one after another for a sample, so the sum
+waits as long as all their `min_timeout_s` together; when a batched component makes the sum batched, the
+per-sample components score the batch's samples in parallel.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from slime_rl.protocols import RewardFn
@@ -16,7 +19,8 @@ from slime_rl.rewards.registry import get_reward_fn
 from slime_rl.rewards.runner import validate_reward
 from slime_rl.types import Sample
 
-TASK_REWARD = "task"  # the name under which reward.weights refers to the task's own reward
+TASK_REWARD = "task"
+_PARALLEL_IN_BATCH = 8  # per-sample components scored at once inside a batch  # the name under which reward.weights refers to the task's own reward
 
 
 class WeightedReward:
@@ -27,6 +31,7 @@ class WeightedReward:
             raise ValueError("a weighted reward needs at least one component")
         self.components = components
         self.__name__ = "+".join(f"{w:g}*{name}" for name, (w, _) in components.items())
+        self.min_timeout_s = sum(float(getattr(fn, "min_timeout_s", 0.0)) for _, fn in components.values())
         sizes = [int(getattr(fn, "batch_size", 32)) for _, fn in components.values() if _batched(fn)]
         if sizes:  # otherwise the runner calls it per sample, in parallel
             self.batch_size = min(sizes)
@@ -83,13 +88,16 @@ def _score_all(fn: RewardFn, samples: list[Sample]) -> list[Any]:
         if len(values) != len(samples):
             return [ValueError(f"score_batch returned {len(values)} values for {len(samples)} samples")] * len(samples)
         return values
-    out: list[Any] = []
-    for sample in samples:
+    def one(sample: Sample) -> Any:
         try:
-            out.append(fn(sample))
+            return fn(sample)
         except Exception as e:  # noqa: BLE001 - user code: the sample's failure
-            out.append(e)
-    return out
+            return e
+
+    if len(samples) == 1:
+        return [one(samples[0])]
+    with ThreadPoolExecutor(min(len(samples), _PARALLEL_IN_BATCH)) as pool:  # a judge beside a batched RM
+        return list(pool.map(one, samples))
 
 
 def build_reward_fn(reward_cfg: Any, task_reward: Callable[[], RewardFn]) -> RewardFn:

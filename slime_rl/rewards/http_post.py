@@ -69,6 +69,12 @@ class JsonPoster:
     def url(self, path: str = "") -> str:
         return self.base_url + path
 
+    @property
+    def worst_case_s(self) -> float:
+        """The longest one `post` may take when every attempt times out: attempts x timeout + backoffs."""
+        backoffs = sum(self.backoff_s * 2 ** k for k in range(self.retries))
+        return (self.retries + 1) * self.timeout_s + backoffs
+
     def post(self, path: str, body: Any) -> Any:
         """The JSON answer of POST `path`; raises RewardHTTPError when every attempt failed."""
         url = self.url(path)

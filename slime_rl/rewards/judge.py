@@ -82,6 +82,11 @@ class LLMJudge:
         self.path = root + "/chat/completions" if cfg.api == "openai" else "/generate"
         self.cache = LRUCache(cfg.cache_size)
 
+    @property
+    def min_timeout_s(self) -> float:
+        """The runner waits at least this long for one call (every retry may run its course)."""
+        return self.poster.worst_case_s + 1.0
+
     def __call__(self, sample: Sample) -> float:
         prompt = self.render(sample)
         cached = self.cache.get(prompt)

@@ -41,6 +41,11 @@ class RemoteRewardModel:
                                  backoff_s=cfg.backoff_s, max_concurrency=cfg.max_concurrency,
                                  api_key_env=cfg.api_key_env)
 
+    @property
+    def min_timeout_s(self) -> float:
+        """The runner waits at least this long for one call (every retry may run its course)."""
+        return self.poster.worst_case_s + 1.0
+
     def __call__(self, sample: Sample) -> float:
         value = self.score_batch([sample])[0]
         if isinstance(value, BaseException):

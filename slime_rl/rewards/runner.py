@@ -7,7 +7,9 @@ gets `{"reward": failure_reward, "reward_error": 1.0}` (plus
 `RewardStats` and logged with the sample id `group_id/index`. A reward with
 `score_batch(samples)` (an HTTP reward model) is called on chunks of its
 `batch_size`; each entry of its answer is a value or an Exception (that
-sample's failure), and `timeout_s` bounds a chunk.
+sample's failure), and `timeout_s` bounds a chunk. A reward that retries on
+its own (HTTP) declares `min_timeout_s`, the longest its retries may take,
+and the runner never gives up on it sooner.
 
 Threads, not processes: reward functions are mostly cheap Python (regex,
 numbers) or I/O (HTTP judges, sandboxes), and they get the `Sample` object
@@ -170,6 +172,7 @@ def score_samples(
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    timeout_s = max(timeout_s, float(getattr(reward_fn, "min_timeout_s", 0.0)))
     start = time.perf_counter()
     stats = RewardStats(num_samples=len(samples))
     if not samples:
