@@ -74,6 +74,7 @@ class DataConfig:
     num_sft: int = 600
     task_seed: int = 1234
     task_max_operand: int = 49
+    warmup_hedging: float = 0.0  # customer_support: share of the warm-up dialogues logged from a hedging agent
 
 
 @dataclass
@@ -244,6 +245,7 @@ class JobConfig:
             ("episode.max_total_tokens", self.episode.max_total_tokens >= 2, ">= 2"),
             ("gate.metric", self.gate.metric is None or bool(self.gate.metric.strip()), "a metric name or null"),
             ("data.max_prompt_tokens", self.data.max_prompt_tokens >= 1, ">= 1"),
+            ("data.warmup_hedging", 0 <= self.data.warmup_hedging <= 1, "in [0, 1]"),
             ("sync.bucket_mb", self.sync.bucket_mb > 0, "> 0"),
             ("async_rl.max_staleness", (self.async_rl.max_staleness or 0) >= 0, ">= 0 or None"),
             ("async_rl.max_staleness", self.async_rl.mode == "sync" or self.async_rl.staleness >= 1,

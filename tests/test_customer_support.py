@@ -8,7 +8,7 @@ import math
 import pytest
 
 from slime_rl.tasks.customer_support import (INTENTS, REWARDS, SupportEnv, episode_metrics, evasive_policy,
-                                             make_scenario, make_scenarios, oracle_policy, run_episode,
+                                             hedging_policy, is_evasive, make_scenario, make_scenarios, oracle_policy, run_episode,
                                              run_episodes, tool_call, with_order)
 
 
@@ -75,6 +75,33 @@ def test_oracle_resolves_and_evasive_loses():
     assert sum(r for r, _ in oracle) / 200 == pytest.approx(m["mean_reward"])
     evasive = episode_metrics([i for _, i in run_episodes(evasive_policy, range(200))])
     assert evasive["mean_reward"] < 0 and evasive["resolution_rate"] == 0.0 and evasive["evasive_rate"] == 1.0
+
+
+def test_hedging_agent_sits_between_oracle_and_evasive():
+    """The warm-up's bad habit: two evasive messages before the oracle's work; it costs reward and cases."""
+    seeds = range(300)
+    hedging = episode_metrics([i for _, i in run_episodes(hedging_policy, seeds)])
+    oracle = episode_metrics([i for _, i in run_episodes(oracle_policy, seeds)])
+    evasive = episode_metrics([i for _, i in run_episodes(evasive_policy, seeds)])
+    assert evasive["mean_reward"] < hedging["mean_reward"] < oracle["mean_reward"] - 10
+    assert 0.3 < hedging["resolution_rate"] < oracle["resolution_rate"] - 0.3
+    env = SupportEnv()
+    history = [env.reset(5)]
+    view = env.scenario.view()
+    for turn in range(3):
+        text = hedging_policy(history, view)
+        assert is_evasive(text) == (turn < 2)
+        history.append(env.step(text)[0])
+
+
+def test_warmup_team_share_is_drawn_from_the_seed():
+    from slime_rl.tasks.customer_support.task import warmup_agent
+
+    agents = [warmup_agent(s, 0.5) for s in range(2000)]
+    assert agents == [warmup_agent(s, 0.5) for s in range(2000)]
+    assert 0.45 < sum(a is hedging_policy for a in agents) / 2000 < 0.55
+    assert all(warmup_agent(s, 0.0) is oracle_policy for s in range(200))
+    assert all(warmup_agent(s, 1.0) is hedging_policy for s in range(200))
 
 
 # ---- the reward table, row by row ----------------------------------------------------------------------

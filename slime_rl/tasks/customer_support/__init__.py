@@ -12,11 +12,11 @@ Modules: `scenarios` (who wants what), `tools` (the order system), `customer` (t
 
 from .customer import Customer, CustomerTurn, is_evasive
 from .env import REWARDS, SupportEnv, episode_metrics
-from .policies import evasive_policy, oracle_policy, run_episode, run_episodes, tool_call
+from .policies import evasive_policy, hedging_policy, oracle_policy, run_episode, run_episodes, tool_call
 from .scenarios import INTENTS, MOODS, TAGS, Order, Scenario, make_scenario, make_scenarios, with_order
 from .tools import SupportBackend, SupportState, make_registry
 
 __all__ = ["Customer", "CustomerTurn", "INTENTS", "MOODS", "Order", "REWARDS", "Scenario", "SupportBackend",
            "SupportEnv", "SupportState", "TAGS", "episode_metrics", "evasive_policy", "is_evasive",
-           "make_registry", "make_scenario", "make_scenarios", "oracle_policy", "run_episode", "run_episodes",
+           "hedging_policy", "make_registry", "make_scenario", "make_scenarios", "oracle_policy", "run_episode", "run_episodes",
            "tool_call", "with_order"]

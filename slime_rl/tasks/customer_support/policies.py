@@ -96,6 +96,17 @@ def evasive_policy(observation_history: list[str], scenario_view: dict) -> str:
     return _EVASIVE[(len(observation_history) - 1) % len(_EVASIVE)]
 
 
+_HEDGES = ("I'm not sure, let me see what I can do.", "Sorry, I don't know yet. One moment.")
+
+
+def hedging_policy(observation_history: list[str], scenario_view: dict) -> str:
+    """A logged agent with a bad habit: hedges for its first two messages, then works like the oracle. Each
+    hedge is evasive (-3, the customer angrier), and the delay costs the speed bonus; an angry customer asks
+    for a human or leaves before the fix."""
+    turn = len(observation_history) - 1
+    return _HEDGES[turn] if turn < len(_HEDGES) else oracle_policy(observation_history, scenario_view)
+
+
 def run_episode(env: SupportEnv, policy: Policy, seed: int) -> tuple[float, dict[str, Any]]:
     """Play one episode of `make_scenario(seed)`; returns (total reward, final info)."""
     history = [env.reset(seed)]

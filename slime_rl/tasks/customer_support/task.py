@@ -5,8 +5,10 @@ Data (generated under <output_dir>/data unless data.train_path is set): one row 
     {"prompt": [{"role": "user", "content": <the customer's opening>}], "label": <seed>}
 
 `train.jsonl` (data.num_train scenarios), `val.jsonl` (data.num_val, held out: other seeds) and `sft.jsonl`
-(data.num_sft dialogues of the scripted oracle: `response` is the list of messages after the prompt —
-assistant turns, tool results, customer replies — so the warm-up learns from whole conversations).
+(data.num_sft logged dialogues: `response` is the list of messages after the prompt — assistant turns, tool
+results, customer replies — so the warm-up learns from whole conversations). The logs come from a team of
+scripted agents: the oracle, and for a `data.warmup_hedging` share of them an agent that hedges twice before
+acting (`hedging_policy`), a habit the reward table punishes and RL can unlearn.
 
 A tiny model (no `model.path`) uses the task's word-level tokenizer (`vocab.py`): one token per word and
 per two digits, so the warm-up can teach it to copy an order id into a tool call.
@@ -22,6 +24,7 @@ Validation metrics: the simulator's per-episode breakdown (`episode_metrics`), `
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from slime_rl.tasks.chat import ChatEnvironment, ChatRenderer
 from slime_rl.types import Sample
 
 from .env import SupportEnv, episode_metrics
-from .policies import oracle_policy
+from .policies import Policy, hedging_policy, oracle_policy
 
 SYSTEM_PROMPT = ("You are a support agent. Tools: lookup_order(order_id) start_self_service_refund(order_id,reason) "
                  "create_replacement(order_id) change_address(order_id,new_address) check_delivery(order_id) "
@@ -46,20 +49,26 @@ def prompt_messages(seed: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": SupportEnv().reset(seed)}]
 
 
-def oracle_dialogue(seed: int, max_turns: int) -> list[dict[str, str]]:
-    """The scripted oracle's conversation after the prompt, up to its last turn (the customer's last reply,
-    which ends the episode, is not part of it)."""
+def oracle_dialogue(seed: int, max_turns: int, policy: Policy = oracle_policy) -> list[dict[str, str]]:
+    """A scripted agent's conversation after the prompt (the oracle's by default), up to its last turn (the
+    customer's last reply, which ends the episode, is not part of it)."""
     env = SupportEnv(max_turns=max_turns)
     history = [env.reset(seed)]
     view, done, messages = env.scenario.view(), False, []
     while not done:
-        text = oracle_policy(history, view)
+        text = policy(history, view)
         messages.append({"role": "assistant", "content": text})
         observation, _, done, _ = env.step(text)
         history.append(observation)
         if not done:
             messages.append({"role": _role(env), "content": observation})
     return messages
+
+
+def warmup_agent(seed: int, hedging: float) -> Policy:
+    """Who wrote the logged dialogue of `seed`: the hedging agent for a `hedging` share of the seeds (drawn
+    from the seed, so the same files come back), the oracle otherwise."""
+    return hedging_policy if random.Random(seed * 7919 + 3).random() < hedging else oracle_policy
 
 
 def _role(env: SupportEnv) -> str:
@@ -104,9 +113,12 @@ class CustomerSupportTask:
         paths = {"train": out / "train.jsonl", "val": out / "val.jsonl", "sft": out / "sft.jsonl"}
         write_jsonl(paths["train"], ({"prompt": prompt_messages(s), "label": s} for s in seeds("train", d.num_train)))
         write_jsonl(paths["val"], ({"prompt": prompt_messages(s), "label": s} for s in seeds("val", d.num_val)))
-        write_jsonl(paths["sft"], ({"prompt": prompt_messages(s), "response": oracle_dialogue(s, cfg.episode.max_turns),
-                                    "label": s} for s in seeds("sft", d.num_sft)))
-        print(f"[data] customer-support scenarios: {d.num_sft} oracle dialogues (SFT) / {d.num_train} RL / "
+        turns, hedging = cfg.episode.max_turns, d.warmup_hedging
+        write_jsonl(paths["sft"], ({"prompt": prompt_messages(s), "label": s,
+                                    "response": oracle_dialogue(s, turns, warmup_agent(s, hedging))}
+                                   for s in seeds("sft", d.num_sft)))
+        team = f"{hedging:.0%} from the hedging agent" if hedging else "all from the oracle"
+        print(f"[data] customer-support scenarios: {d.num_sft} logged dialogues (SFT, {team}) / {d.num_train} RL / "
               f"{d.num_val} val -> {out}")
         return {k: str(v) for k, v in paths.items()}
 
