@@ -30,7 +30,7 @@ from slime_rl.tasks.base import register_task, reward_metrics
 from slime_rl.types import Sample
 
 # name -> (argument kind, spec in words, body, reference implementation); {a} is the family's parameter
-_FAMILIES: dict[str, tuple[str, str, str, Callable[[Any, int, int], Any]]] = {
+_FUNCTION_FAMILIES: dict[str, tuple[str, str, str, Callable[[Any, int, int], Any]]] = {
     "affine": ("int", "x times {a} plus {b}", "x*{a}+{b}", lambda x, a, b: x * a + b),
     "square": ("int", "x squared plus {a}", "x*x+{a}", lambda x, a, b: x * x + a),
     "mod": ("int", "x modulo {a}", "x%{a}", lambda x, a, b: x % a),
@@ -47,7 +47,9 @@ _FAMILIES: dict[str, tuple[str, str, str, Callable[[Any, int, int], Any]]] = {
 _ARG = {"int": "x", "str": "s", "list": "xs"}
 _PARAM_RANGE = {"repeat": (2, 4), "prefix": (1, 6)}  # small values keep strings short; others: 2..99
 _STDIN_FAMILIES = ("stdin_add", "stdin_repeat")
+FAMILIES = (*_FUNCTION_FAMILIES, *_STDIN_FAMILIES)
 _NUM_TESTS = 3
+_MAX_MISSES = 5000  # draws in a row finding no new prompt: the families are exhausted (~10,900 prompts)
 
 
 def _arg(rng: random.Random, kind: str) -> Any:
@@ -58,9 +60,10 @@ def _arg(rng: random.Random, kind: str) -> Any:
     return [rng.randint(-9, 9) for _ in range(rng.randint(0, 4))]
 
 
-def make_problem(rng: random.Random) -> dict[str, Any]:
-    """One problem: {"prompt", "response" (a reference solution), "label" (its tests)}."""
-    family = rng.choice([*_FAMILIES, *_STDIN_FAMILIES])
+def make_problem(rng: random.Random, family: str | None = None) -> dict[str, Any]:
+    """One problem of `family` (one of FAMILIES; None: drawn at random): {"prompt", "response" (a reference
+    solution), "label" (its tests)}."""
+    family = family or rng.choice(FAMILIES)
     lo, hi = _PARAM_RANGE.get(family, (2, 99))
     a, b = rng.randint(lo, hi), rng.randint(0, 99)
     if family == "stdin_add":
@@ -73,7 +76,7 @@ def make_problem(rng: random.Random) -> dict[str, Any]:
         return {"prompt": f"Write a program: read a line, print it {a} times joined.\n",
                 "response": f"print(input()*{a})",
                 "label": {"tests": [{"input": f"{w}\n", "output": f"{w * a}\n"} for w in words]}}
-    kind, spec, body, reference = _FAMILIES[family]
+    kind, spec, body, reference = _FUNCTION_FAMILIES[family]
     name = _ARG[kind]
     args = [_arg(rng, kind) for _ in range(_NUM_TESTS)]
     if family == "divisible":  # one multiple of a at least, so "return False" does not pass
@@ -89,14 +92,14 @@ def make_code_task(out_dir: str | Path, num_train: int, num_val: int, num_sft: i
     total = num_train + num_val + num_sft
     seen: set[str] = set()
     problems: list[dict[str, Any]] = []
-    for _ in range(50 * total + 1000):
-        if len(problems) == total:
-            break
+    misses = 0
+    while len(problems) < total and misses < _MAX_MISSES:
         problem = make_problem(rng)
-        if problem["prompt"] not in seen:
+        misses = misses + 1 if problem["prompt"] in seen else 0
+        if not misses:
             seen.add(problem["prompt"])
             problems.append(problem)
-    else:
+    if len(problems) < total:
         raise ValueError(f"the code task found only {len(problems)} distinct problems for the {total} asked "
                          "(data.num_train + data.num_val + data.num_sft); ask for fewer")
     sft, val, train = problems[:num_sft], problems[num_sft:num_sft + num_val], problems[num_sft + num_val:]
