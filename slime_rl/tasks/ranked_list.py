@@ -162,5 +162,8 @@ class RankedListTask:
         return ranked_list_metrics(samples, prefix)
 
     def preset(self, cfg: Any) -> dict[str, Any]:
-        """Defaults for the tiny character-level model: short prompts and lists, a small SFT warm-up."""
-        return {"data.num_sft": 200, "data.num_train": 300, "data.num_val": 40, "rollout.max_new_tokens": 16}
+        """Defaults for the tiny character-level model on CPU: short lists, a small SFT warm-up (200 labelled
+        cases: ~30% top-1, so RL has room), 2,500 answer-only RL cases, 200 RL steps on the single-process
+        trainer (~6 minutes on two CPU cores)."""
+        return {"data.num_sft": 200, "data.num_train": 2500, "data.num_val": 200, "rollout.max_new_tokens": 16,
+                "train.backend": "hf", "train.num_steps": 200, "eval.every_n_steps": 50}
