@@ -375,6 +375,12 @@ def test_without_bubblewrap_the_reward_refuses_to_run(monkeypatch):
         SandboxPool(SandboxConfig(isolation="rlimits"))
 
 
+@needs_bwrap
+def test_limits_too_tight_for_the_interpreter_fail_at_set_up_naming_the_fields():
+    with pytest.raises(SandboxUnavailable, match="raise memory_mb, cpu_s or wall_s"):
+        SandboxPool(SandboxConfig(memory_mb=4))
+
+
 def test_rlimits_only_runs_behind_the_flag_with_one_loud_warning(monkeypatch, caplog):
     monkeypatch.setattr(isolation, "find_bwrap", lambda: None)
     monkeypatch.setattr(isolation, "_warned", threading.Event())

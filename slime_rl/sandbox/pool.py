@@ -20,7 +20,8 @@ from slime_rl.sandbox.run import run_program
 
 class SandboxPool:
     """Sandboxed runs under one `SandboxConfig`. Raises SandboxUnavailable at construction when no sandbox can
-    run as configured (bubblewrap missing and not `allow_unsandboxed`, or bubblewrap failing to start here)."""
+    run as configured: bubblewrap missing and not `allow_unsandboxed`, bubblewrap failing to start here, or limits
+    too tight for the interpreter to print one line."""
 
     def __init__(self, cfg: SandboxConfig):
         self.cfg = cfg
@@ -29,8 +30,7 @@ class SandboxPool:
         self.max_parallel = min(cfg.max_parallel or os.cpu_count() or 1, MAX_SLOTS)
         self._slots = threading.BoundedSemaphore(self.max_parallel)
         self._executor = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="sandbox")
-        if self.spec.kind == "bwrap":
-            self._probe()
+        self._probe()
 
     def run(self, program: str, stdin: str = "", mode: str = "run") -> RunResult:
         """One run of `program` on `stdin` (mode "check": compile only), once a slot is free."""
@@ -59,12 +59,19 @@ class SandboxPool:
         self._executor.shutdown(wait=True)
 
     def _probe(self) -> None:
-        """Start one sandbox now, so a host where bubblewrap cannot (no user namespaces, an old version) fails at
-        set-up with bubblewrap's own message rather than on every sample."""
-        result = self.check("pass")
-        if result.status is not RunStatus.OK:
+        """Run one trivial program now, so a host where bubblewrap cannot start a sandbox (no user namespaces, an
+        old version), or limits too tight for the interpreter itself, fail at set-up rather than on every sample
+        (where they would read as the model's failures)."""
+        result = self.run("print('ok')")
+        if result.status is RunStatus.SANDBOX_ERROR:
             raise SandboxUnavailable(
-                f"bubblewrap ({self.spec.bwrap}) could not start a sandbox here ({result.status.value}, exit "
-                f"{result.returncode}): {result.stderr.strip()[-500:] or '(no message)'}. It needs user namespaces "
-                "(not as root) and bubblewrap >= 0.8; or set reward.code.sandbox.allow_unsandboxed=true with "
-                "isolation=rlimits to run code unisolated")
+                f"the {self.spec.kind} sandbox ({self.spec.bwrap or 'no bwrap'}) did not start here "
+                f"(exit {result.returncode}): "
+                f"{result.stderr.strip()[-500:] or '(no message)'}. It needs bubblewrap >= 0.8 and, not as root, "
+                "user namespaces; or set reward.code.sandbox.allow_unsandboxed=true with isolation=rlimits to run "
+                "code unisolated")
+        if result.status is not RunStatus.OK or result.stdout != "ok\n":
+            raise SandboxUnavailable(
+                f"print('ok') fails in the sandbox under reward.code.sandbox's limits ({result.status.value}, exit "
+                f"{result.returncode}): {result.stderr.strip()[-500:] or '(no message)'}; raise memory_mb, cpu_s "
+                "or wall_s")
