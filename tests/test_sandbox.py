@@ -107,6 +107,13 @@ for path in ({str(target)!r}, {str(existing)!r}, "/proc/1/root" + {str(existing)
         pass
 print("escaped" if wrote else "contained")
 """, ESCAPED, {}),
+        "nested_user_namespace": ("""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000  # root in a namespace of its own: mounts, more kernel
+print("escaped" if any(libc.unshare(flags) == 0 for flags in (CLONE_NEWUSER, CLONE_NEWUSER | CLONE_NEWNS))
+      else "contained")
+""", ESCAPED, {}),
         "fork_bomb": ("""
 import os
 while True:
@@ -225,6 +232,21 @@ print(n)
     result = pool.run(program)
     assert result.status is RunStatus.OK, result
     assert 1 <= int(result.stdout) <= LIMITS.max_procs - 1  # the program itself is one of max_procs
+
+
+@needs_bwrap
+def test_the_seccomp_filter_holds_and_leaves_threads_and_subprocesses_working(pool):
+    if pool.spec.seccomp is None:
+        pytest.skip("no seccomp filter for this machine")
+    result = pool.run("""
+import subprocess, threading
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp:")][0])
+t = threading.Thread(target=print, args=("thread",))
+t.start()
+t.join()
+print(subprocess.run(["echo", "subprocess"], capture_output=True, text=True).stdout.strip())
+""")
+    assert result.status is RunStatus.OK and result.stdout.split() == ["2", "thread", "subprocess"], result
 
 
 @needs_bwrap

@@ -4,8 +4,9 @@ With bubblewrap (`bwrap`, Debian's `bubblewrap` package, >= 0.8) a run gets new 
 namespaces (only a loopback interface: no network), a root filesystem holding read-only binds of /usr, the /bin and
 /lib* links and the interpreter's own prefix (found from `sys.base_prefix` and the real path of the base
 executable; its site-packages hidden under an empty read-only tmpfs), the program's directory read-only at /box,
-a size-limited tmpfs as /tmp and the working directory, a fresh /proc and a minimal /dev, an empty environment
-(PATH only), no capabilities, `--new-session` and `--die-with-parent`. Nothing else of the host is visible: not
+a size-limited tmpfs as /tmp and the working directory (/ and /dev read-only), a fresh /proc and a minimal /dev,
+an empty environment (PATH only), no capabilities, a seccomp filter refusing new user namespaces and a few
+exploit-prone interfaces (`seccomp`), `--new-session` and `--die-with-parent`. Nothing else of the host is visible: not
 $HOME, not the virtual environment, not the other files under /tmp.
 
 As root, bubblewrap runs without a user namespace and keeps only CAP_SETUID/CAP_SETGID for the bootstrap
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from slime_rl.rewards.config import SandboxConfig
+from slime_rl.sandbox.seccomp import build_filter
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ class Limits:
                    max_procs=cfg.max_procs, file_bytes=cfg.max_file_mb << 20)
 
 
+@dataclass(frozen=True)
+class RunFds:
+    """The pipe ends one run hands to the sandbox (-1: none)."""
+
+    ready: int  # the bootstrap writes one byte once the limits hold
+    info: int  # bwrap's --info-fd: the host pid of its child, the pid namespace's init
+    seccomp: int  # bwrap's --seccomp: the filter's bytes to read
+
+
 @dataclass
 class SandboxSpec:
     """Everything a run needs that does not change between runs: resolved once per pool."""
@@ -74,13 +85,13 @@ class SandboxSpec:
     bwrap: str | None = None
     as_root: bool = False  # runs drop to a leased throwaway uid
     bwrap_fs: list[str] = field(default_factory=list)  # the filesystem arguments, interpreter binds included
+    seccomp: bytes | None = None  # the BPF filter (`seccomp.build_filter`); None: this machine has none
 
-    def command(self, mode: str, uid: int, limits: Limits, ready_fd: int, info_fd: int, host_dir: str) -> list[str]:
-        """The argv launching `_boot.py` on the program in `host_dir` (bound at /box under bwrap); bwrap writes
-        its child's host pid to `info_fd` (`--info-fd`)."""
+    def command(self, mode: str, uid: int, limits: Limits, fds: "RunFds", host_dir: str) -> list[str]:
+        """The argv launching `_boot.py` on the program in `host_dir` (bound at /box under bwrap)."""
         box = BOX if self.kind == "bwrap" else host_dir
         boot = [self.python, "-I", "-S", f"{box}/_boot.py", mode, str(uid), str(limits.cpu_s),
-                str(limits.memory_bytes), str(limits.max_procs), str(limits.file_bytes), str(ready_fd),
+                str(limits.memory_bytes), str(limits.max_procs), str(limits.file_bytes), str(fds.ready),
                 f"{box}/solution.py"]
         if self.kind == "rlimits":
             return boot
@@ -89,7 +100,9 @@ class SandboxSpec:
                   "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             ns = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-        return [self.bwrap, *ns, "--info-fd", str(info_fd), "--hostname", "sandbox", "--die-with-parent",
+        if fds.seccomp >= 0:
+            ns += ["--seccomp", str(fds.seccomp)]
+        return [self.bwrap, *ns, "--info-fd", str(fds.info), "--hostname", "sandbox", "--die-with-parent",
                 "--new-session", "--clearenv", "--setenv", "PATH", SANDBOX_PATH, *self.bwrap_fs,
                 "--ro-bind", host_dir, BOX, "--size", str(limits.file_bytes), "--perms", "1777", "--tmpfs", "/tmp",
                 "--remount-ro", "/dev", "--remount-ro", "/",  # in a user namespace the run would own both
@@ -144,7 +157,8 @@ def resolve(cfg: SandboxConfig) -> SandboxSpec:
     if cfg.isolation == "bwrap":
         bwrap = find_bwrap()
         if bwrap is not None:
-            return SandboxSpec("bwrap", exe, bwrap=bwrap, as_root=as_root, bwrap_fs=interpreter_binds(exe, prefix))
+            return SandboxSpec("bwrap", exe, bwrap=bwrap, as_root=as_root, bwrap_fs=interpreter_binds(exe, prefix),
+                               seccomp=build_filter())
         why = "bubblewrap (bwrap) is not on PATH"
         if not cfg.allow_unsandboxed:
             raise SandboxUnavailable(

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from slime_rl.sandbox import _boot
-from slime_rl.sandbox.isolation import SANDBOX_PATH, Limits, SandboxSpec
+from slime_rl.sandbox.isolation import SANDBOX_PATH, Limits, RunFds, SandboxSpec
 from slime_rl.sandbox.result import RunResult, RunStatus
 
 _BOOT_SOURCE = Path(_boot.__file__).read_bytes()
@@ -37,7 +37,8 @@ def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = ""
     host_dir = tempfile.mkdtemp(prefix="slime-sandbox-")
     ready_r, ready_w = os.pipe()  # the bootstrap's byte: the limits hold, the program starts
     info_r, info_w = os.pipe()  # bwrap's --info-fd: the host pid of the namespace's init
-    open_fds = {ready_r, ready_w, info_r, info_w}
+    seccomp_r, seccomp_w = os.pipe()  # bwrap's --seccomp: the filter, read once at start
+    open_fds = {ready_r, ready_w, info_r, info_w, seccomp_r, seccomp_w}
 
     def close(fd: int) -> None:
         open_fds.discard(fd)
@@ -45,16 +46,20 @@ def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = ""
 
     try:
         _write_box(host_dir, program, uid)
+        if spec.seccomp is not None:
+            os.write(seccomp_w, spec.seccomp)  # a few hundred bytes: fits the pipe's buffer
+        close(seccomp_w)
+        fds = RunFds(ready=ready_w, info=info_w, seccomp=seccomp_r if spec.seccomp is not None else -1)
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin.encode("utf-8", errors="replace"))
             stdin_file.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(
-                spec.command(mode, uid, limits, ready_w, info_w, host_dir), stdin=stdin_file,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ready_w, info_w),
+                spec.command(mode, uid, limits, fds, host_dir), stdin=stdin_file,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ready_w, info_w, seccomp_r),
                 env={"PATH": SANDBOX_PATH}, cwd=host_dir, start_new_session=True)
-            close(ready_w)
-            close(info_w)
+            for fd in (ready_w, info_w, seccomp_r):
+                close(fd)
             out, err, limit_hit = _pump(proc, start + wall_s, max_output_bytes, info_r)
             elapsed = time.monotonic() - start
         started = _read_nonblocking(ready_r) == b"R"
