@@ -87,7 +87,7 @@ class SandboxSpec:
     bwrap_fs: list[str] = field(default_factory=list)  # the filesystem arguments, interpreter binds included
     seccomp: bytes | None = None  # the BPF filter (`seccomp.build_filter`); None: this machine has none
 
-    def command(self, mode: str, uid: int, limits: Limits, fds: "RunFds", host_dir: str) -> list[str]:
+    def command(self, mode: str, uid: int, limits: Limits, fds: RunFds, host_dir: str) -> list[str]:
         """The argv launching `_boot.py` on the program in `host_dir` (bound at /box under bwrap)."""
         box = BOX if self.kind == "bwrap" else host_dir
         boot = [self.python, "-I", "-S", f"{box}/_boot.py", mode, str(uid), str(limits.cpu_s),

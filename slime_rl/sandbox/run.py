@@ -3,10 +3,11 @@
 The program and the bootstrap go to a fresh host directory (bound read-only at /box, owned by the run's uid),
 stdin comes from an unlinked temporary file, stdout and stderr are read as they come, 64 KiB at a time, and at most
 `max_output_bytes` of them together are kept: one byte more and the run is killed, so a program printing a gigabyte
-costs a few milliseconds and that many bytes of host memory. At the wall limit (or the output limit) the whole
-process group is killed with SIGKILL; under bubblewrap that ends the pid namespace's init, and the kernel kills
-every process left in the namespace (daemons included) before the sandbox's exit is reported. The host
-directory is removed afterwards, whatever happened.
+costs a few milliseconds and that many bytes of host memory. At the wall limit (or the output limit) the run is
+killed with SIGKILL: under bubblewrap its pid namespace's init first, so the kernel kills every process left in
+the namespace (daemons included) before bubblewrap reports the exit, then the process group. A run that ends by
+itself ends the same way: when the program exits, so does the namespace's init, and everything it left behind.
+The host directory is removed afterwards, whatever happened.
 """
 
 from __future__ import annotations
@@ -49,18 +50,20 @@ def run_program(spec: SandboxSpec, limits: Limits, program: str, stdin: str = ""
         if spec.seccomp is not None:
             os.write(seccomp_w, spec.seccomp)  # a few hundred bytes: fits the pipe's buffer
         close(seccomp_w)
-        fds = RunFds(ready=ready_w, info=info_w, seccomp=seccomp_r if spec.seccomp is not None else -1)
+        bwrap = spec.kind == "bwrap"  # under rlimits the program itself would inherit bwrap's pipes: none
+        fds = RunFds(ready=ready_w, info=info_w if bwrap else -1,
+                     seccomp=seccomp_r if bwrap and spec.seccomp is not None else -1)
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin.encode("utf-8", errors="replace"))
             stdin_file.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(
-                spec.command(mode, uid, limits, fds, host_dir), stdin=stdin_file,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ready_w, info_w, seccomp_r),
+                spec.command(mode, uid, limits, fds, host_dir), stdin=stdin_file, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=[fd for fd in (fds.ready, fds.info, fds.seccomp) if fd >= 0],
                 env={"PATH": SANDBOX_PATH}, cwd=host_dir, start_new_session=True)
             for fd in (ready_w, info_w, seccomp_r):
                 close(fd)
-            out, err, limit_hit = _pump(proc, start + wall_s, max_output_bytes, info_r)
+            out, err, limit_hit = _pump(proc, start + wall_s, max_output_bytes, info_r if bwrap else -1)
             elapsed = time.monotonic() - start
         started = _read_nonblocking(ready_r) == b"R"
         return _result(spec, mode, proc.returncode, out, err, limit_hit, started, elapsed)
@@ -87,7 +90,8 @@ def _write_box(host_dir: str, program: str, uid: int) -> None:
 
 
 def _pump(proc: subprocess.Popen, deadline: float, cap: int, info_fd: int) -> tuple[bytes, bytes, RunStatus | None]:
-    """Read stdout and stderr until both close and the process exits, or a limit kills it.
+    """Read stdout and stderr until both close and the process exits, or a limit kills it (`info_fd`: bwrap's
+    --info-fd, -1 under rlimits).
 
     Returns (stdout, stderr, TIMEOUT / OUTPUT_LIMIT when a limit killed the run else None)."""
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
@@ -130,7 +134,7 @@ def _kill(proc: subprocess.Popen, info_fd: int) -> None:
     Under bwrap the namespace's init is killed first: its parent (bwrap) reaps it only after the kernel has
     killed and reaped every other process of the pid namespace, and then exits; killing bwrap first would leave
     that teardown running after this returns. Then the process group (bwrap itself; the program under rlimits)."""
-    found = re.search(rb'"child-pid":\s*(\d+)', _read_nonblocking(info_fd, 4096))
+    found = re.search(rb'"child-pid":\s*(\d+)', _read_nonblocking(info_fd, 4096)) if info_fd >= 0 else None
     if found and proc.poll() is None:  # bwrap alive: its child's pid is still that child's
         try:
             os.kill(int(found.group(1)), signal.SIGKILL)
