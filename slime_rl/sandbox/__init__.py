@@ -10,11 +10,12 @@ that vanishes with the run); the host's environment (emptied, PATH only) and pro
 root it runs as a throwaway uid); the host's resources (RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
 no core files, a wall clock, a cap on output); and outliving its run (the pid namespace dies with the run).
 
-What it is not: a defence against kernel exploits (the program makes system calls to the host kernel, with no
-seccomp filter beyond bubblewrap's own), against side channels (timing, caches, speculative execution), or
-against CPU and memory-bandwidth contention with the trainer beyond the limits above. The interpreter's standard
-library and everything in /usr are readable. Without bubblewrap nothing runs unless
-`reward.code.sandbox.allow_unsandboxed` says so, and then only rlimits stand between the program and the host.
+What it is not: a defence against kernel exploits (the program makes system calls to the host kernel; a seccomp
+filter only refuses new user namespaces and a few exploit-prone interfaces, `seccomp`), against side channels
+(timing, caches, speculative execution), or against CPU and memory-bandwidth contention with the trainer beyond
+the limits above. The interpreter's standard library and everything in /usr are readable. Without bubblewrap
+nothing runs unless `reward.code.sandbox.allow_unsandboxed` says so, and then only rlimits stand between the
+program and the host.
 """
 
 from slime_rl.sandbox.isolation import Limits, SandboxSpec, SandboxUnavailable, find_bwrap, resolve
