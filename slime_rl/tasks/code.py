@@ -13,7 +13,9 @@ so both kinds of test case of the `code` reward (`slime_rl.rewards.code`) run en
 
 Validation: `reward_metrics` plus `accuracy` (every test passed), `pass_rate` (the mean fraction of tests
 passed), `compile_error_rate`, `timeout_rate` and `crash_rate`. The preset sizes a tiny character-level model
-for it: prompts up to ~50 characters, responses up to ~40.
+for it (prompts up to ~55 characters, responses up to ~30) and a CPU-sized run: measured on 2 busy CPUs, the
+warm-up (2000 references x 10 epochs, 6 min) gives 86.5% validation accuracy sampled at temperature 1 and 100%
+greedy; 20 GRPO steps at the default learning rate after it left 83.0% (no gain measured yet).
 """
 
 from __future__ import annotations
@@ -133,10 +135,14 @@ class CodeTask:
         return get_reward_fn("code", cfg.reward)
 
     def preset(self, cfg: Any) -> dict[str, Any]:
-        """A tiny character-level model: prompts <= 64 characters, responses <= 48, both in 128 positions;
-        per-sample reward time for 3 cases at the sandbox's wall limit."""
+        """A tiny character-level model: prompts <= 64 characters, responses <= 48, both in 128 positions; a
+        warm-up that reaches ~87% sampled (100% greedy) validation accuracy in ~6 CPU minutes; RL steps of 64
+        samples (~4 sandboxed runs each: ~9 s a step on 2 CPUs); a per-sample reward time-out covering 3 cases
+        at the sandbox's wall limit."""
         return {"data.max_prompt_tokens": 64, "rollout.max_new_tokens": 48, "model.max_position_embeddings": 128,
-                "data.num_sft": 2000, "data.num_train": 2000, "data.num_val": 100, "reward.timeout_s": 30.0}
+                "data.num_sft": 2000, "data.num_train": 2000, "data.num_val": 100, "sft.epochs": 10,
+                "train.num_steps": 50, "rollout.prompts_per_step": 16, "rollout.n_samples_per_prompt": 4,
+                "eval.every_n_steps": 25, "eval.n_samples": 2, "reward.timeout_s": 30.0}
 
     def eval_metrics(self, samples: list[Sample], prefix: str) -> dict[str, float]:
         metrics = reward_metrics(samples, prefix)
