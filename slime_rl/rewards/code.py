@@ -111,6 +111,12 @@ class CodeReward:
         self.cfg = cfg
         self.pool = SandboxPool(cfg.sandbox)
 
+    @property
+    def min_timeout_s(self) -> float:
+        """The runner gives a sample at least this long (`slime_rl.rewards.runner`): the compile check and one
+        wave of cases, each at the wall limit. More cases than free slots need a longer `reward.timeout_s`."""
+        return 2 * self.cfg.sandbox.wall_s
+
     def __call__(self, sample: Sample) -> dict[str, float]:
         program = extract_program(sample.response_text)
         cases = parse_cases(sample.label, program)
