@@ -43,7 +43,7 @@ def test_registry_and_dotted_paths():
     assert {"arithmetic", "math"} <= set(registered_tasks())
     assert get_task("arithmetic").name == "arithmetic"
     assert isinstance(get_task("test_tasks:make_shout"), Shout)
-    with pytest.raises(ValueError, match="registered: arithmetic, customer_support, math"):
+    with pytest.raises(ValueError, match="registered: arithmetic, code, customer_support, math, ranked_list"):
         get_task("chess")
     with pytest.raises(ValueError, match="cannot load 'nope'"):
         get_task("test_tasks:nope")
