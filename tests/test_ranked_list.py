@@ -149,7 +149,7 @@ def task_files(tmp_path_factory):
     return make_ranked_list_task(tmp_path_factory.mktemp("rl_data"), num_train=60, num_val=20, num_sft=30, seed=7)
 
 
-def test_rows_are_refT_shaped_and_follow_the_hidden_rule(task_files):
+def test_rows_are_reft_shaped_and_follow_the_hidden_rule(task_files):
     spec = RuleSpec()
     table = hidden_table(7, spec)
     for split in ("sft", "train", "val"):
