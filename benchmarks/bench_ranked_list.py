@@ -21,25 +21,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_algorithms import slime_rl  # runs `python -m slime_rl ARGS` with its output in a log
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("top1", "top5", "topmax")
-
-
-def slime_rl(args: list[str], log: Path) -> float:
-    """Run `python -m slime_rl ARGS`, output to `log`; returns wall seconds; raises on failure."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "slime_rl", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if rc != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise RuntimeError(f"slime_rl {' '.join(args[:3])}... failed (exit {rc}); last lines of {log}:\n"
-                           + "\n".join(tail))
-    return time.perf_counter() - t0
 
 
 def summarize(task_seed: int, seed: int, run_dir: Path, seconds: float) -> dict:

@@ -17,7 +17,9 @@ its `_request_count`, and `Server`'s `_loop` / `_kwargs`): a test covers it.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import signal
+from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -91,3 +93,26 @@ def guarded_runner(app: web.Application, header_timeout_s: float) -> web.AppRunn
     """An AppRunner for `app` whose connections are guarded (module docstring)."""
     return _Runner(app, header_timeout_s, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
                    keepalive_timeout=KEEPALIVE_TIMEOUT_S, auto_decompress=False, lingering_time=LINGER_S)
+
+
+async def serve_until_signal(runner: web.AppRunner, host: str, port: int, name: str, banner: str,
+                             bad_address: Callable[[str], Exception], path: str = "") -> int:
+    """Serve `runner` on host:port until SIGINT or SIGTERM; returns 0. A host/port that cannot be bound raises
+    `bad_address(message)` naming the flags. `name` and `path` make the "listening on" line."""
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise bad_address(f"--host {host} --port {port}: cannot listen: {' '.join(str(exc).split())}") from exc
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        bound = runner.addresses[0][1]
+        print(f"{name}: listening on http://{host}:{bound}{path} ({banner})", flush=True)
+        await stop.wait()
+        print(f"{name}: shutting down", flush=True)
+        return 0
+    finally:
+        await runner.cleanup()

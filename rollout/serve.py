@@ -16,7 +16,6 @@ import gc
 import ipaddress
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -24,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from aiohttp import web
 
+from rollout.http_conn import serve_until_signal
 from rollout.limits import ServerLimits
 from rollout.server import create_app, make_runner
 
@@ -173,27 +172,6 @@ def _load(cfg: ServeConfig) -> tuple[Any, Any, str]:
     return engine, tokenizer, tokenizer_spec
 
 
-async def _serve_until_signal(app: web.Application, cfg: ServeConfig, banner: str) -> int:
-    runner = make_runner(app)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, cfg.host, cfg.port).start()
-        except OSError as exc:
-            raise ServeConfigError(f"--host {cfg.host} --port {cfg.port}: cannot listen: {_one_line(exc)}") from exc
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        port = runner.addresses[0][1]
-        print(f"slime-rl serve: listening on http://{cfg.host}:{port} ({banner})", flush=True)
-        await stop.wait()
-        print("slime-rl serve: shutting down", flush=True)
-        return 0
-    finally:
-        await runner.cleanup()
-
-
 def serve_main(cfg: ServeConfig) -> int:
     """Validate, load the model, serve it until SIGINT/SIGTERM, close the engine. Returns the exit code;
     a bad setting or a checkpoint that does not load raises ServeConfigError."""
@@ -218,7 +196,8 @@ def serve_main(cfg: ServeConfig) -> int:
         # Threads parsing or shaping large requests hand the GIL over every 1 ms instead of 5 ms, so the
         # event loop waits little for it even when several of them are busy.
         sys.setswitchinterval(0.001)
-        code = asyncio.run(_serve_until_signal(app, cfg, banner))
+        code = asyncio.run(serve_until_signal(make_runner(app), cfg.host, cfg.port, "slime-rl serve", banner,
+                                                 ServeConfigError))
     finally:
         closed = _close_within(engine, ENGINE_CLOSE_TIMEOUT_S)
     _exit_now_if_stuck(threads_before, code, closed)

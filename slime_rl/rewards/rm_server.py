@@ -25,7 +25,6 @@ import hmac
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from typing import Any, Awaitable, Callable, Literal
 
 from aiohttp import web
 
-from rollout.http_conn import guarded_runner
+from rollout.http_conn import guarded_runner, serve_until_signal
 from rollout.http_json import BadRequest, error_response, json_response, read_json, short
 
 log = logging.getLogger(__name__)
@@ -203,27 +202,6 @@ def create_rm_app(scorer: Any, *, max_batch_size: int = 64, api_key: str | None 
     return app
 
 
-async def _serve_until_signal(app: web.Application, cfg: RMServeConfig, banner: str) -> int:
-    runner = guarded_runner(app, header_timeout_s=HEADER_TIMEOUT_S)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, cfg.host, cfg.port).start()
-        except OSError as e:
-            raise RMServeError(f"--host {cfg.host} --port {cfg.port}: cannot listen: {e}") from e
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        port = runner.addresses[0][1]
-        print(f"slime-rl serve-rm: listening on http://{cfg.host}:{port}{SCORE_PATH} ({banner})", flush=True)
-        await stop.wait()
-        print("slime-rl serve-rm: shutting down", flush=True)
-        return 0
-    finally:
-        await runner.cleanup()
-
-
 def serve_rm_main(cfg: RMServeConfig) -> int:
     """Validate, load the model, serve it until SIGINT/SIGTERM. Returns the exit code; a bad setting or a
     checkpoint that does not load raises RMServeError."""
@@ -241,4 +219,6 @@ def serve_rm_main(cfg: RMServeConfig) -> int:
     app = create_rm_app(scorer, max_batch_size=cfg.max_batch_size, api_key=cfg.api_key,
                         max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
     banner = f"model {os.path.abspath(cfg.model)}, max batch {cfg.max_batch_size}, max length {scorer.max_length}"
-    return asyncio.run(_serve_until_signal(app, cfg, banner))
+    runner = guarded_runner(app, header_timeout_s=HEADER_TIMEOUT_S)
+    return asyncio.run(serve_until_signal(runner, cfg.host, cfg.port, "slime-rl serve-rm", banner, RMServeError,
+                                          path=SCORE_PATH))
