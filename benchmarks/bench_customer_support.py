@@ -4,11 +4,14 @@ held-out scenarios.
     python benchmarks/bench_customer_support.py                      # warm-up, then RL (the task's defaults)
     python benchmarks/bench_customer_support.py --warmup CKPT        # RL from a warm-up checkpoint
     python benchmarks/bench_customer_support.py -- --algo DAPO       # flags after -- go to `slime-rl train`
+    python benchmarks/bench_customer_support.py --logged-team 0.5 -- --train.lr 3e-4 --train.num_steps 30 \
+        --rollout.n_samples_per_prompt 8 --eval.every_n_steps 15 --data.num_val 128   # the README's RL gain
 
 The warm-up is `slime-rl sft --task customer_support` (the scripted oracle's dialogues; its checkpoint is
 written under --work), skipped with `--warmup`; RL is `slime-rl train --task customer_support --sft.enabled
-false --model.path <warm-up checkpoint>`. Its validation (the `data.num_val` held-out scenarios,
-seeds no training row uses, `eval.n_samples` episodes each at the rollout temperature) is measured right
+false --model.path <warm-up checkpoint>`. `--logged-team SHARE` adds a second warm-up stage on logged
+dialogues of a team where SHARE of the agents hedge before acting (`data.warmup_hedging`). Its validation
+(the `data.num_val` held-out scenarios, seeds no training row uses, `eval.n_samples` episodes each at the rollout temperature) is measured right
 after the warm-up (step 0) and after RL; both are read from the run's metrics.jsonl. Reported: mean episode
 reward, resolution rate (with its 95% Wilson interval), tool-call accuracy, complaint / transfer / evasive
 rates, mean turns and simulated minutes, each after SFT, after RL and the difference; greedy resolution
@@ -38,6 +41,9 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "customer_support.json"))
     p.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "customer_support.png"))
     p.add_argument("--warmup", default=None, help="a warm-up checkpoint: skip the SFT stage")
+    p.add_argument("--logged-team", type=float, default=None, metavar="SHARE",
+                   help="a second warm-up stage from the first's checkpoint: 1,600 logged dialogues, SHARE of them "
+                        "from the hedging agent (data.warmup_hedging), 1 epoch at lr 1e-3")
     p.add_argument("train_flags", nargs="*", help="after --: passed to slime-rl train")
     args = p.parse_args()
     from slime_rl.gate import wilson_interval
@@ -49,6 +55,12 @@ def main() -> int:
         warmup_s = _run(["sft", "--task", "customer_support", "--log.output_dir", str(work / "warmup"),
                          "--log.progress", "false"], work / "warmup.log")
         warmup = str(work / "warmup" / "checkpoint")
+    if args.logged_team is not None:
+        warmup_s = (warmup_s or 0.0) + _run(
+            ["sft", "--task", "customer_support", "--model.path", warmup,
+             "--data.warmup_hedging", str(args.logged_team), "--data.num_sft", "1600", "--sft.epochs", "1",
+             "--sft.lr", "1e-3", "--log.output_dir", str(work / "team"), "--log.progress", "false"], work / "team.log")
+        warmup = str(work / "team" / "checkpoint")
     cmd = ["train", "--task", "customer_support", "--sft.enabled", "false", "--model.path", warmup,
            "--log.output_dir", str(work / "rl"), "--log.progress", "false", *args.train_flags]
     seconds = _run(cmd, work / "rl.log")
@@ -65,7 +77,11 @@ def main() -> int:
     command = "slime-rl " + " ".join(cmd).replace(str(work), "<work>/rl").replace(str(ROOT) + "/", "")
     if args.warmup:
         command = command.replace(args.warmup, "<warm-up checkpoint>")  # no machine paths in the results
-    result = {"command": command, "warmup": "given (--warmup)" if args.warmup else "slime-rl sft --task customer_support",
+    command = command.replace(str(work.parent / "team" / "checkpoint"), "<warm-up checkpoint>")
+    stages = ["given (--warmup)" if args.warmup else "slime-rl sft --task customer_support"]
+    if args.logged_team is not None:
+        stages.append(f"then 1,600 logged dialogues ({args.logged_team:.0%} from the hedging agent), 1 epoch, lr 1e-3")
+    result = {"command": command, "warmup": "; ".join(stages),
               "episodes_per_eval": n, "rl_steps": after["step"], "rl_seconds": round(seconds, 1),
               "warmup_seconds": warmup_s and round(warmup_s, 1), "greedy_resolution_rate": {"after_sft": greedy[0], "after_rl": greedy[-1]},
               "metrics": table, "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
