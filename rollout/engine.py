@@ -13,8 +13,10 @@ token is stamped with the weight version that sampled it.
 
 Pause modes (SGLang's): "abort" finishes every request now with what it has;
 "in_place" stops stepping and keeps requests with their KV (a weight update
-meanwhile makes later tokens come from the new weights, over KV computed by
-the old ones, as in SGLang); "retract" sends running requests back to the
+meanwhile that flushes the cache, the default, retracts them: their later
+tokens come from the new weights over KV the new weights recompute, so each
+token's logprob is the new policy's; SGLang keeps the old KV; with
+flush_cache=False the old KV is kept here too); "retract" sends running requests back to the
 queue and releases their KV, so after `continue_generation` they are
 re-prefilled from their tokens under the weights current then.
 

@@ -4,7 +4,7 @@
 `EngineWeights` is a mixin of `rollout.engine.EmbeddedEngine` (module docstring
 there: the step lock, staging under its own lock, what a failed transfer
 leaves). It needs from its host: `config` (ModelConfig), `device`, `model`
-(DecoderLM), `_lock` (the step lock), `_sched.version`, `_apply_pending()` and
+(DecoderLM), `_lock` (the step lock), `_sched` (version, running, retract), `_apply_pending()` and
 `_invalidate_cache()`; the host calls `_init_weights()` once its model exists.
 """
 
@@ -164,14 +164,17 @@ class EngineWeights:
                 pairs = [(self._params[self._key_of[id(dst)]], src) for dst, src in pairs]
             self._apply(pairs)
             self._sched.version = int(weight_version)
-            if flush_cache:
+            if flush_cache:  # no KV of the old weights survives, not even a request's paused in place: its
+                for r in reversed(list(self._sched.running)):  # later tokens would be conditioned on it
+                    self._sched.retract(r)  # (re-prefilled from its tokens under the new weights)
                 self._invalidate_cache()
 
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int, flush_cache: bool = True
     ) -> None:
         """Partial or full update in HF naming; validated first, then applied whole.
-        `flush_cache` drops prefix KV computed by the old weights."""
+        `flush_cache` drops all KV computed by the old weights: the prefix cache, and running requests are
+        retracted (re-prefilled under the new weights when generation continues)."""
         pairs = self._check_tensors(list(named_tensors), full=False)
         self._update(pairs, weight_version, flush_cache)
 
