@@ -37,11 +37,24 @@ def new_group(prompt: Any, group_id: int, n: int) -> list[Sample]:
             for i in range(n)]
 
 
+def settled_status(s: Sample, sampling: SamplingParams) -> SampleStatus | None:
+    """The status an interrupted sample has already earned, so it must not be continued: COMPLETED when it
+    ends in a stop token (an abort that raced its EOS), TRUNCATED when it holds its whole token budget;
+    None when it should be resumed."""
+    n = len(s.response_ids)
+    if n and n >= sampling.min_new_tokens and s.response_ids[-1] in sampling.stop_token_ids:
+        return SampleStatus.COMPLETED
+    if n >= sampling.max_new_tokens:
+        return SampleStatus.TRUNCATED
+    return None
+
+
 def resume_request(s: Sample, sampling: SamplingParams, seed: int | None, rid: str) -> GenerateRequest:
-    """The request that continues `s` from its tokens so far (a fresh sample: no tokens yet)."""
+    """The request that continues `s` from its tokens so far (a fresh sample: no tokens yet); its budget is
+    what `sampling.max_new_tokens` leaves (0 when spent: the engine then adds no token)."""
     left = sampling.max_new_tokens - len(s.response_ids)
     return GenerateRequest(s.prompt_ids + s.response_ids,
-                           replace(sampling, max_new_tokens=max(left, 1), seed=seed,
+                           replace(sampling, max_new_tokens=max(left, 0), seed=seed,
                                    min_new_tokens=max(0, sampling.min_new_tokens - len(s.response_ids))), rid=rid)
 
 

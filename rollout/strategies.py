@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from rollout.groups import merge_output, request_seed, resume_request
+from rollout.groups import merge_output, request_seed, resume_request, settled_status
 from slime_rl.types import GenerateOutput, GenerateRequest, Sample, SampleStatus, SamplingParams
 
 
@@ -50,7 +50,10 @@ class GroupRunner:
         return request_seed(self.base_seed, self.step, s.group_id, s.index) + len(s.response_ids)
 
     def requests(self, group: list[Sample]) -> tuple[list[Sample], list[GenerateRequest], str]:
-        """The unfinished samples of `group`, a request continuing each, and the group's routing key."""
+        """The unfinished samples of `group`, a request continuing each, and the group's routing key. An
+        interrupted sample that already ended (its stop token, its whole budget) is settled, not continued."""
+        for s in _unfinished(group):
+            s.status = settled_status(s, self.sampling) or s.status
         todo = _unfinished(group)
         reqs = [resume_request(s, self.sampling, self._seed(s), self._rid(s)) for s in todo]
         return todo, reqs, f"group-{self.step}-{group[0].group_id}"
