@@ -47,7 +47,9 @@ class GroupRunner:
     def _seed(self, s: Sample) -> int | None:
         if self.sampling.temperature == 0:
             return None
-        return request_seed(self.base_seed, self.step, s.group_id, s.index) + len(s.response_ids)
+        seed = request_seed(self.base_seed, self.step, s.group_id, s.index)
+        # a continuation draws a stream of its own: seed + n would be the next sample's seed (its uniforms)
+        return request_seed(seed, len(s.response_ids), 0, 0) if s.response_ids else seed
 
     def requests(self, group: list[Sample]) -> tuple[list[Sample], list[GenerateRequest], str]:
         """The unfinished samples of `group`, a request continuing each, and the group's routing key. An

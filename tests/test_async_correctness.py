@@ -114,6 +114,16 @@ def test_an_interrupted_sample_that_already_ended_is_not_continued(versions):
     assert len(spent.response_ids) == MAX_NEW and spent.status == SampleStatus.TRUNCATED
 
 
+def test_a_resumed_sample_draws_randomness_no_other_sample_of_its_group_uses():
+    """Seeds of sample i and of its continuation after k tokens: never another sample's (seed + k was)."""
+    runner = GroupRunner(None, SamplingParams(temperature=1.0), base_seed=3, step=2)
+    group = [Sample(prompt_ids=[1], group_id=5, index=i) for i in range(8)]
+    fresh = [runner._seed(s) for s in group]
+    resumed = [runner._seed(Sample(prompt_ids=[1], response_ids=[7] * k, group_id=5, index=i))
+               for i in range(8) for k in range(1, 17)]
+    assert len(set(fresh)) == 8 and len(set(resumed)) == len(resumed) and not set(fresh) & set(resumed)
+
+
 # ---- decoupled PPO ------------------------------------------------------------------------------------
 
 
