@@ -22,8 +22,9 @@ from rollout import EmbeddedEngine
 from rollout.groups import merge_output, new_group, resume_request
 from rollout.strategies import GroupRunner
 from slime_rl.algorithms import build_train_batch, off_policy, policy_loss
-from slime_rl.buffer import RolloutBuffer
-from slime_rl.types import PAUSE_MODES, Sample, SampleStatus, SamplingParams
+from slime_rl.buffer import RolloutBuffer, group_version
+from slime_rl.producer import AsyncRollout, PromptStream, RolloutWorker, staleness_of
+from slime_rl.types import PAUSE_MODES, GenerateOutput, Sample, SampleStatus, SamplingParams
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -226,3 +227,45 @@ def test_token_mean_never_scales_up_the_gradient_of_the_same_samples():
     assert grad_norm(mixed, 2) <= grad_norm(sync, 2) + 1e-7
     assert float(sync.loss_weights_BT.sum()) == pytest.approx(1.0)
     assert float(mixed.loss_weights_BT.sum()) == pytest.approx(1.0)
+
+
+
+class _VersionEngine:
+    """An engine that answers at once with one token stamped with its current weight version."""
+
+    def __init__(self):
+        self.version = 1  # the loop's first push, before the producer starts
+
+    async def agenerate(self, requests):
+        return [GenerateOutput(rid=r.rid, output_ids=[1], output_logprobs=[-0.5], finish_reason=SampleStatus.COMPLETED,
+                               weight_version=self.version, output_versions=[self.version]) for r in requests]
+
+
+@pytest.mark.parametrize("k,interruptible", [(1, False), (2, True), (3, True)])
+def test_the_producer_runs_exactly_max_staleness_waves_ahead(k, interruptible):
+    """Before the first update the producer generates waves 0..k and no more; the group of wave k is then
+    trained at step k (trainer version k + 1, as the loop numbers them) from version 1: a lag of exactly k,
+    which the buffer accepts; the first push admits wave k + 1."""
+    per_step = 2
+    engine = _VersionEngine()
+    worker = RolloutWorker(engine, SamplingParams(max_new_tokens=4), seed=0, decode=None,
+                           score=lambda group: [setattr(s, "reward", 1.0) for s in group])
+    prompts = PromptStream([Sample(prompt_ids=[1, 2], label=None) for _ in range(20)], seed=0, per_step=per_step,
+                           n_samples=2)
+    rollout = AsyncRollout(worker, prompts, staleness=k, interruptible=interruptible)
+    try:
+        rollout.start()
+        groups = rollout.buffer.get(per_step * (k + 1), trainer_version=k + 1, timeout=60)
+        assert rollout.prompts.drawn == per_step * (k + 1), "the producer ran past max_staleness waves"
+        assert sorted(g[0].metadata["uid"] for g in groups)[-1].startswith(f"{k}:")
+        assert staleness_of(groups, k + 1) == k and rollout.buffer.metrics()["buffer/stale"] == 0
+
+        def push() -> dict:
+            engine.version += 1
+            return {}
+
+        rollout.push(push)
+        (group,) = rollout.buffer.get(1, trainer_version=k + 2, timeout=60)
+        assert group[0].metadata["uid"].startswith(f"{k + 1}:") and group_version(group, -1) == 2
+    finally:
+        rollout.close()
