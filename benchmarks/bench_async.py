@@ -459,8 +459,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver and of the trainer rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra", nargs="*", default=[], help="more `slime_rl train` flags for every RL run, e.g. "
-                   "--extra=--algorithm.off_policy=tis (one token per flag: --extra A=1 B=2)")
+    p.add_argument("--extra", nargs="*", action="extend", default=[], help="more `slime_rl train` flags for every RL run, e.g. "
+                   "--extra=--algorithm.off_policy=tis; repeat it for several")
     p.add_argument("--sft-checkpoint", default=None, help="reuse an SFT checkpoint (skip SFT)")
     p.add_argument("--work", default="runs/bench/async")
     p.add_argument("--child-timeout", type=int, default=3600)
