@@ -154,6 +154,7 @@ def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
     method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
     batch.is_weights_BT, is_stats = off_policy.importance_weights(batch.old_logprobs_BT, batch.rollout_logprobs_BT,
                                                                   mask, method, a.is_cap)
+    batch.old_logprobs_BT = off_policy.ratio_reference(method, batch.old_logprobs_BT, batch.rollout_logprobs_BT)
     return {**stats, **is_stats}
 
 

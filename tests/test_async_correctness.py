@@ -150,6 +150,26 @@ def test_decoupled_ppo_gradient_matches_the_hand_computed_one():
     torch.testing.assert_close(lp_theta.grad, expected)
 
 
+def test_coupled_correction_clips_against_the_behaviour_policy():
+    """With one update per batch the proximal ratio is 1 and never clips; "coupled" takes the ratio against the
+    sampling policy, so a token whose probability already rose past 1 + eps since it was sampled gets no push."""
+    eps = 0.2
+    lp_theta = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)  # the trainer now (= proximal)
+    lp_behav = torch.tensor([[-1.5, -1.05, -0.5]])  # sampled when these were less / as / more likely
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    weights = torch.full((1, 3), 1 / 3)
+    is_w, stats = off_policy.importance_weights(lp_theta.detach(), lp_behav, torch.ones(1, 3), "coupled", 2.0)
+    assert is_w is None and stats == {}
+    reference = off_policy.ratio_reference("coupled", lp_theta.detach(), lp_behav)
+    loss, _ = policy_loss(lp_theta, reference, adv, weights, eps, eps)
+    loss.backward()
+    r = torch.exp(lp_theta.detach() - lp_behav)  # 1.65 (past 1 + eps, A > 0), 1.05, 0.61 (past 1 - eps, A < 0)
+    expected = torch.tensor([[0.0, -r[0, 1].item() / 3, 0.0]])
+    torch.testing.assert_close(lp_theta.grad, expected)
+    proximal = off_policy.ratio_reference("decoupled", lp_theta.detach(), lp_behav)
+    assert proximal is not lp_behav and torch.equal(proximal, lp_theta.detach())
+
+
 class _RecordingTrainer:
     """A trainer whose logprobs change after every update; it records what each update saw."""
 

@@ -50,7 +50,7 @@ class AlgorithmConfig:
     # tis = truncated importance sampling, weight min(pi_old / pi_behaviour, is_cap);
     # decoupled = decoupled PPO, weight pi_old / pi_behaviour, tokens past is_cap masked out;
     # auto = none in sync mode, decoupled in the async modes
-    off_policy: Literal["auto", "none", "tis", "decoupled"] = "auto"
+    off_policy: Literal["auto", "none", "tis", "decoupled", "coupled"] = "auto"
     is_cap: float = 2.0
 
 

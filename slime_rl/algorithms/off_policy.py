@@ -11,6 +11,12 @@ token's policy-gradient term is reweighted by pi_old / pi_behaviour:
   every token keeps some weight.
 - "decoupled" (decoupled PPO): weight pi_old / pi_behaviour, and tokens whose
   weight exceeds `cap` are dropped from the loss (weight 0).
+- "coupled" (PPO against the behaviour policy): no weights; the clipped ratio is
+  pi_theta / pi_behaviour itself, so a token whose probability has already moved
+  past the clip range since it was sampled gets no further push. With one update
+  per batch (ppo_epochs 1, mini_batches 1) the proximal ratio of "decoupled" is
+  exactly 1 and never clips: nothing bounds how far a stale batch moves the
+  policy from the one that sampled it. "coupled" is that bound.
 
 The weights are constants (no gradient) computed once per batch, so micro-batching
 and data-parallel splits leave the loss unchanged.
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("none", "tis", "decoupled")
+METHODS = ("none", "tis", "decoupled", "coupled")
 
 
 def resolve(method: str, async_mode: str) -> str:
@@ -35,7 +41,7 @@ def resolve(method: str, async_mode: str) -> str:
 def importance_weights(old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
                        method: str, cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Per-token weights [B, T] (None for "none") and statistics over the masked tokens."""
-    if method == "none":
+    if method in ("none", "coupled"):
         return None, {}
     if cap < 1:
         raise ValueError(f"importance-weight cap must be >= 1, got {cap}")
@@ -53,3 +59,9 @@ def importance_weights(old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: tor
     stats = {"is_weight_mean": float(weights_BT.sum() / n), "is_ratio_max": float(ratio_BT[mask_BT].max())
              if bool(mask_BT.any()) else 1.0, "is_capped_frac": float(over_BT.sum() / n)}
     return weights_BT, stats
+
+
+def ratio_reference(method: str, old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: torch.Tensor) -> torch.Tensor:
+    """The logprobs the clipped ratio is taken against: the behaviour policy's for "coupled", else the
+    proximal (trainer's, before this update) ones."""
+    return behaviour_logprobs_BT.to(old_logprobs_BT.dtype) if method == "coupled" else old_logprobs_BT
