@@ -194,7 +194,7 @@ def test_proximal_logprobs_are_the_trainers_weights_before_the_update():
 
     cfg = JobConfig()
     cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs = 2, 2
-    cfg.async_rl.mode = "fully_async"
+    cfg.async_rl.mode, cfg.algorithm.off_policy = "fully_async", "decoupled"
     trainer = _RecordingTrainer()
     run = SimpleNamespace(cfg=cfg, trainer=trainer, critic=None)
     samples = [Sample(prompt_ids=[1, 2], response_ids=[3, 4, 5], rollout_logprobs=[-0.7] * 3, loss_mask=[1] * 3,
