@@ -25,26 +25,21 @@ _BUILTIN_MODULES = ("slime_rl.rewards.math", "slime_rl.rewards.builtin")
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make `fn` available as `get_reward_fn(name)`."""
-
-    def decorator(fn: RewardFn) -> RewardFn:
-        existing = _REGISTRY.get(name)
-        if existing is not None and _qualname(existing) != _qualname(fn):
-            raise ValueError(f"reward name {name!r} already registered to {_qualname(existing)}")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _registrar(_REGISTRY, name)
 
 
 def register_reward_factory(name: str) -> Callable:
     """Decorator: `get_reward_fn(name, reward_cfg)` returns `factory(reward_cfg)`."""
+    return _registrar(_FACTORIES, name)
 
-    def decorator(factory: Callable[[Any], RewardFn]) -> Callable[[Any], RewardFn]:
-        existing = _FACTORIES.get(name)
-        if existing is not None and _qualname(existing) != _qualname(factory):
+
+def _registrar(table: dict[str, Callable], name: str) -> Callable:
+    def decorator(obj: Callable) -> Callable:
+        existing = table.get(name)
+        if existing is not None and _qualname(existing) != _qualname(obj):
             raise ValueError(f"reward name {name!r} already registered to {_qualname(existing)}")
-        _FACTORIES[name] = factory
-        return factory
+        table[name] = obj
+        return obj
 
     return decorator
 
