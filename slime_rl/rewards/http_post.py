@@ -103,13 +103,13 @@ class JsonPoster:
                     http.client.HTTPException) as e:
                 raise _Retryable(_describe(e)) from None
         if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_excerpt(raw)}")
+            raise _Retryable(f"HTTP {status}: {excerpt(raw)}")
         if status >= 400:
-            raise RewardHTTPError(f"POST {url}: HTTP {status} (not retried): {_excerpt(raw)}")
+            raise RewardHTTPError(f"POST {url}: HTTP {status} (not retried): {excerpt(raw)}")
         try:
             return json.loads(raw)
         except ValueError:
-            raise RewardHTTPError(f"POST {url}: the answer is not JSON: {_excerpt(raw)}") from None
+            raise RewardHTTPError(f"POST {url}: the answer is not JSON: {excerpt(raw)}") from None
 
 
 def _read_quietly(e: urllib.error.HTTPError) -> bytes:
@@ -127,6 +127,11 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _excerpt(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
-    return repr(text if len(text) <= _ERROR_BODY_CHARS else text[:_ERROR_BODY_CHARS] + "...")
+def excerpt(value: Any, limit: int = _ERROR_BODY_CHARS) -> str:
+    """A quoted excerpt for an error message: an answer's body (bytes, decoded and stripped), a text, or the
+    repr of anything else, cut at `limit` characters."""
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", errors="replace").strip()
+    else:
+        text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -37,7 +37,7 @@ import threading
 from typing import Any
 
 from slime_rl.rewards.config import JudgeConfig
-from slime_rl.rewards.http_post import JsonPoster
+from slime_rl.rewards.http_post import JsonPoster, excerpt
 from slime_rl.types import Sample
 
 TOP_LOGPROBS = 20  # alternatives read in logprobs mode (OpenAI's maximum)
@@ -180,7 +180,7 @@ def parse_score(text: str, lo: float, hi: float) -> float:
     if explicit:
         score = float(explicit[-1])
         if not lo <= score <= hi:
-            raise ValueError(f"judge score {score:g} is outside [{lo:g}, {hi:g}] in {_excerpt(text)}")
+            raise ValueError(f"judge score {score:g} is outside [{lo:g}, {hi:g}] in {excerpt(text)}")
         return score
     fractions = [float(n) for n, d in _FRACTION.findall(text) if float(d) == hi and lo <= float(n) <= hi]
     if fractions:
@@ -188,7 +188,7 @@ def parse_score(text: str, lo: float, hi: float) -> float:
     numbers = [float(n) for n in _ANY_NUMBER.findall(text) if lo <= float(n) <= hi]
     if numbers:
         return numbers[-1]
-    raise ValueError(f"no score in [{lo:g}, {hi:g}] in the judge's answer {_excerpt(text)}")
+    raise ValueError(f"no score in [{lo:g}, {hi:g}] in the judge's answer {excerpt(text)}")
 
 
 def expected_score(top: list[tuple[str, float]], lo: float, hi: float, where: str = "judge") -> float:
@@ -214,7 +214,7 @@ def _answer_text(answer: Any, api: str, where: str) -> str:
         text = None
     if not isinstance(text, str):
         field = "choices[0].message.content" if api == "openai" else "text"
-        raise ValueError(f"{where}: the answer has no string {field}: {_excerpt(answer)}")
+        raise ValueError(f"{where}: the answer has no string {field}: {excerpt(answer)}")
     return text
 
 
@@ -232,7 +232,7 @@ def _top_tokens(answer: Any, api: str, where: str) -> list[tuple[str, float]]:
     except (KeyError, IndexError, TypeError):
         field = ("choices[0].logprobs.content[0].top_logprobs" if api == "openai"
                  else "meta_info.output_top_logprobs[0] with token texts")
-        raise ValueError(f"{where}: the answer has no {field}: {_excerpt(answer)}") from None
+        raise ValueError(f"{where}: the answer has no {field}: {excerpt(answer)}") from None
     return [(t, float(lp)) for t, lp in top]
 
 
@@ -253,8 +253,3 @@ def _label_text(label: Any) -> str:
 
 def _number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _excerpt(value: Any, limit: int = 200) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
