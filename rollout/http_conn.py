@@ -12,7 +12,9 @@
   whose `finally` aborts its engine requests.
 
 The header deadline needs aiohttp's request handler class (`RequestHandler`,
-its `_request_count`, and `Server`'s `_loop` / `_kwargs`): a test covers it.
+its `_request_count` and `_messages` (whose payloads say when a body is whole), and `Server`'s
+`_loop` / `_kwargs`): tests cover it, including a body that arrives slower
+than the header deadline (it is the body timeout's to judge, not this one's).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class _HeaderDeadline(RequestHandler):
     """A connection must complete each request's headers within `header_timeout_s` of its first byte
     (or of connecting): half-sent requests are cut instead of holding a socket forever."""
 
-    __slots__ = ("header_timeout_s", "_deadline", "_armed_at_count")
+    __slots__ = ("header_timeout_s", "_deadline", "_armed_at_count", "_body")
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._deadline = None
+        self._body = None  # the payload (StreamReader) of the last request whose headers arrived
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -44,12 +47,17 @@ class _HeaderDeadline(RequestHandler):
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
-        elif data and self._deadline is None:
+            self._body = self._messages[-1][1] if self._messages else None
+        elif data and self._deadline is None and self._between_requests():
             self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        """The last request's body arrived whole: a byte now starts new headers (not more of that body)."""
+        return self._body is None or self._body.is_eof()
 
     def _arm(self) -> None:
         self._armed_at_count = self._request_count

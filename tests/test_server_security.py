@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import http.client as httpclient
 import json
@@ -242,6 +243,25 @@ def test_body_limits_compressed_bodies_and_read_timeouts(tiny):
                 sock.close()
         assert time.monotonic() - started < SMALL.header_timeout_s + 3
         assert post(url + "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}})[0] == 200
+
+
+def test_a_body_slower_than_the_header_deadline_is_not_cut(tiny):
+    """The header deadline guards headers only: a request whose headers arrived, whose body comes in parts over
+    longer than header_timeout_s (but within body_timeout_s) gets its answer, not a closed socket."""
+    limits = dataclasses.replace(SMALL, header_timeout_s=0.5, body_timeout_s=10.0)
+    with serve(tiny, limits=limits) as (engine, url):
+        body = json.dumps({"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            for i in range(0, len(body), 8):  # 8 bytes every 0.3 s: ~2 s in all, 4 header deadlines
+                time.sleep(0.3)
+                sock.sendall(body[i:i + 8])
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert status_of(raw) == 200, raw[:300]
 
 
 class HealthProbe:
