@@ -85,6 +85,9 @@ class AsyncConfig:
     max_staleness: int | None = None  # trained tokens at most this many versions old; None = 0 / 1 / 2 per mode
     partial_rollout: bool = True  # fully async: a weight push interrupts generation, samples resume on new weights
     buffer_groups: int | None = None  # rollout buffer capacity in groups; None = prompts_per_step x (staleness + 1)
+    # groups the producer generates (and scores) at once; None = prompts_per_step. More lets rollouts that wait
+    # (a slow reward, tool calls) overlap each other, up to (staleness + 1) steps' worth
+    max_inflight_groups: int | None = None
 
     @property
     def staleness(self) -> int:
@@ -254,6 +257,8 @@ class JobConfig:
              "0 (or None) in sync mode"),
             ("async_rl.buffer_groups", (self.async_rl.buffer_groups or self.rollout.prompts_per_step)
              >= self.rollout.prompts_per_step, ">= rollout.prompts_per_step (a step's batch must fit) or None"),
+            ("async_rl.max_inflight_groups", self.async_rl.max_inflight_groups is None
+             or self.async_rl.max_inflight_groups >= 1, ">= 1 or None"),
             ("algorithm.is_cap", self.algorithm.is_cap >= 1, ">= 1"),
             ("algorithm.best_min_reward", self.algorithm.best_min_reward is None
              or abs(self.algorithm.best_min_reward) < float("inf"), "a finite number or None"),

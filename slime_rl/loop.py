@@ -104,13 +104,16 @@ def _source(run: Run, start_step: int):
                               failure_reward=cfg.reward.failure_reward, max_workers=cfg.reward.max_workers)
         run.reward_errors += stats.errors + stats.timeouts
 
-    worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score, episode=run.episode)
+    in_flight = max(r.prompts_per_step, cfg.async_rl.max_inflight_groups or 0)  # groups scored at once, at most
+    worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score, episode=run.episode,
+                           score_threads=in_flight)
     prompts = PromptStream(run.train_records, cfg.train.seed, r.prompts_per_step, r.n_samples_per_prompt)
     if mode == "sync":
         return SyncRollout(worker, prompts)
     worker.partial = cfg.async_rl.partial_rollout
     return AsyncRollout(worker, prompts, cfg.async_rl.staleness, interruptible=mode == "fully_async",
-                        capacity=cfg.async_rl.buffer_groups, start_step=start_step)
+                        capacity=cfg.async_rl.buffer_groups, start_step=start_step,
+                        max_inflight=cfg.async_rl.max_inflight_groups)
 
 
 def prepare(run: Run, groups: list[list[Sample]]) -> TrainBatch:

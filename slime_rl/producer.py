@@ -14,8 +14,9 @@ come from (seed, wave, id, sample index). So sync and async runs of one seed
 draw the same prompts with the same seeds.
 
 - `SyncRollout`: step s generates wave s with the weights of step s, all at once.
-- `AsyncRollout`: a producer keeps up to B groups in flight and puts scored
-  groups into a `RolloutBuffer`; wave w may start once the trainer has finished
+- `AsyncRollout`: a producer keeps up to B groups in flight (`max_inflight`:
+  more, so that rollouts which wait on a slow reward or tool overlap each
+  other) and puts scored groups into a `RolloutBuffer`; wave w may start once the trainer has finished
   w - max_staleness steps, so no group is older than max_staleness versions
   when trained (the buffer checks it too, and groups that are older anyway are
   generated again). Weight pushes are either waited for (one-step-off: the
@@ -33,6 +34,7 @@ import copy
 import math
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -79,12 +81,16 @@ class RolloutWorker:
     """Generates and scores groups on an event loop of its own (see the module docstring)."""
 
     def __init__(self, engine, sampling: SamplingParams, seed: int, decode: Callable | None,
-                 score: Callable[[list[Sample]], Any], log=print, episode: Episode | None = None):
+                 score: Callable[[list[Sample]], Any], log=print, episode: Episode | None = None,
+                 score_threads: int = 32):
         self.engine, self.sampling, self.seed, self.decode, self.score, self.log = \
             engine, sampling, seed, decode, score, log
         self.episode = episode or SingleTurn()
         self.stats = RolloutStats()
         self.partial = True  # resume interrupted samples from their tokens (False: restart them)
+        # groups are scored on threads of their own: a reward that waits (HTTP, sandbox) must not queue behind
+        # the event loop's default executor (min(32, cpus + 4) threads), nor hold it
+        self._scoring = ThreadPoolExecutor(score_threads, thread_name_prefix="score")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="rollout", daemon=True)
         self._thread.start()
@@ -112,7 +118,7 @@ class RolloutWorker:
                 self.log(f"[rollout] group {group_uid(group)} failed ({type(exc).__name__}: {exc}); re-queued "
                          f"(attempt {failures + 1})")
                 await asyncio.sleep(min(0.25 * 2 ** failures, 5.0))
-        await asyncio.get_running_loop().run_in_executor(None, self.score, group)
+        await asyncio.get_running_loop().run_in_executor(self._scoring, self.score, group)
         return group
 
     async def generate_wave(self, items: list[tuple[int, Group]]) -> list[Group]:
@@ -143,6 +149,7 @@ class RolloutWorker:
                     self.log(f"[rollout] closing the engine client's session: {exc}")
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+        self._scoring.shutdown(wait=False, cancel_futures=True)
 
 
 class PromptStream:
@@ -210,10 +217,11 @@ class AsyncRollout:
     """A producer ahead of the trainer by at most `staleness` steps (see the module docstring)."""
 
     def __init__(self, worker: RolloutWorker, prompts: PromptStream, staleness: int, interruptible: bool,
-                 capacity: int | None = None, start_step: int = 0):
+                 capacity: int | None = None, start_step: int = 0, max_inflight: int | None = None):
         self.worker, self.prompts = worker, prompts
         self.staleness, self.interruptible = staleness, interruptible
         self.per_step = prompts.per_step
+        self.max_inflight = max_inflight or self.per_step
         self.buffer = RolloutBuffer(capacity or self.per_step * (staleness + 1), max_staleness=staleness)
         self.trained_steps = start_step  # steps whose weights were pushed; wave w may start at w <= this + staleness
         self.requeue: deque[tuple[int, Group]] = deque()  # (wave, group) to generate before drawing new prompts
@@ -230,7 +238,7 @@ class AsyncRollout:
 
     # ---- the producer (on the worker's loop) --------------------------------
     def _admissible(self) -> tuple[int, Group] | None:
-        if self._holding or len(self.inflight) >= self.per_step:
+        if self._holding or len(self.inflight) >= self.max_inflight:
             return None
         for group in self.buffer.take_stale():  # too old to train: generate again from the prompt
             _restart(group)

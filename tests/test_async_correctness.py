@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from rollout.groups import merge_output, new_group, resume_request
 from rollout.strategies import GroupRunner
 from slime_rl.algorithms import build_train_batch, off_policy, policy_loss
 from slime_rl.buffer import RolloutBuffer, group_version
-from slime_rl.producer import AsyncRollout, PromptStream, RolloutWorker, staleness_of
+from slime_rl.producer import AsyncRollout, PromptStream, RolloutWorker, SyncRollout, staleness_of
 from slime_rl.types import PAUSE_MODES, GenerateOutput, Sample, SampleStatus, SamplingParams
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -289,3 +290,61 @@ def test_the_producer_runs_exactly_max_staleness_waves_ahead(k, interruptible):
         assert group[0].metadata["uid"].startswith(f"{k + 1}:") and group_version(group, -1) == 2
     finally:
         rollout.close()
+
+
+class _SlowReward:
+    """A reward that waits `delay_s` per group (a remote grader's latency) and records how many groups it held
+    at once."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.now, self.peak, self._lock = delay_s, 0, 0, threading.Lock()
+
+    def __call__(self, group):
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.now -= 1
+        for s in group:
+            s.reward = 1.0
+
+
+@pytest.mark.parametrize("max_inflight", [None, 8])
+def test_rollouts_that_wait_overlap_up_to_max_inflight_groups(max_inflight):
+    """Groups wait on their reward together: a step's worth at once by default (not the event loop's default
+    executor's min(32, cpus + 4) threads), and `max_inflight` groups when more are allowed (staleness 3 lets
+    waves 0..3 start before the first update)."""
+    per_step, delay = 2, 0.3
+    reward = _SlowReward(delay)
+    worker = RolloutWorker(_VersionEngine(), SamplingParams(max_new_tokens=4), seed=0, decode=None, score=reward,
+                           score_threads=8)
+    prompts = PromptStream([Sample(prompt_ids=[1, 2], label=None) for _ in range(20)], seed=0, per_step=per_step,
+                           n_samples=2)
+    rollout = AsyncRollout(worker, prompts, staleness=3, interruptible=True, max_inflight=max_inflight)
+    try:
+        started = time.perf_counter()
+        rollout.start()
+        rollout.buffer.get(per_step * 4, trainer_version=4, timeout=60)  # waves 0..3
+        took = time.perf_counter() - started
+    finally:
+        rollout.close()
+    want = max_inflight or per_step
+    assert reward.peak == want
+    assert delay * (per_step * 4 / want) - 0.05 <= took < delay * (per_step * 4 / want) + 3.0
+
+
+def test_a_sync_wave_scores_every_group_at_once():
+    """Sync: the B groups of a wave wait on their reward together (12 groups > the 6 threads the event loop's
+    default executor has on 2 cores)."""
+    reward = _SlowReward(0.3)
+    worker = RolloutWorker(_VersionEngine(), SamplingParams(max_new_tokens=4), seed=0, decode=None, score=reward,
+                           score_threads=12)
+    prompts = PromptStream([Sample(prompt_ids=[1, 2], label=None) for _ in range(20)], seed=0, per_step=12,
+                           n_samples=2)
+    try:
+        started = time.perf_counter()
+        groups = SyncRollout(worker, prompts).get(0, trainer_version=1)
+        assert len(groups) == 12 and reward.peak == 12 and time.perf_counter() - started < 0.3 * 2
+    finally:
+        worker.close()
