@@ -1,43 +1,56 @@
-"""Async RL on a long-tail workload: trained samples/s and time to an accuracy, sync vs one-step-off vs fully async.
+"""Async RL vs sync on the default job: accuracy over seeds, throughput against the ideal-overlap bound.
 
-    python benchmarks/bench_async.py                               # ~15 min on 2 CPUs: SFT once, then 4 modes
-    python benchmarks/bench_async.py --steps 90 --repeats 2        # longer; every mode twice, in ABBA order
-    python benchmarks/bench_async.py --modes sync fully_async_s2 --sft-checkpoint DIR   # DIR outside --work
-    python benchmarks/bench_async.py --lr 2e-4 --steps 30          # the higher learning rate (see README)
+    python benchmarks/bench_async.py                                  # lr 5e-5, 3 seeds x 5 modes (~60 min, 2 CPUs)
+    python benchmarks/bench_async.py --lr 1e-4 --out benchmarks/results/async_lr1e-4.json
+    python benchmarks/bench_async.py --reward-delay-s 1.5 --inflight-waves 4 --modes sync fully_async_s4 \\
+        --out benchmarks/results/async_waiting.json                   # the waiting workload
+    python benchmarks/bench_async.py --sft-checkpoint DIR --seeds 0   # reuse an SFT checkpoint; one seed
 
-Workload. Copy a 4-digit number: "6311=" -> `\\boxed{6311}` (`--task reverse`: `\\boxed{1136}`), followed by a
-countdown filler ("c....b....a....") whose length is heavy-tailed over prompts: Pareto(xm 8, alpha 1.2)
-quantiles by the answer's first digit (1 to 22 blocks of 5 characters), clipped to `--max-new-tokens`. The
-reward (`countdown_reward`) needs the right answer AND the exact filler, so RL cannot cut the tail. A short
-SFT (tiny Llama, char tokenizer) teaches the format; sampled at temperature 1 the model then generates the
-heavy-tailed lengths itself (reported per mode: p50/p90/max of the trained responses, from the recorded
-rollouts) and GRPO raises its accuracy. Two designs that did not work on this 0.4M-parameter model: the filler
-*before* the answer (the model could not find the operands again), and a Pareto length drawn per sample
-(RL cut the tail within 7 steps); tying the length to the answer's first digit keeps the tail under RL.
+Workload (`--task arithmetic`, the default): the default job's synthetic arithmetic task (`37+08=` ->
+`\\boxed{045}`, 2,500 RL prompts, 200 validation problems), its 0.4M-parameter Llama and its SFT warm-up
+(`slime-rl sft`, run once; validation accuracy ~31% after it). Every run then trains from that checkpoint with
+`slime-rl train --sft.enabled false --model.path CKPT`, Megatron TP1 (one trainer rank, CPU, fp32) beside the
+embedded engine, `--steps` steps of `--prompts` x `--samples`, one torch thread per process (`--threads`): on
+a 2-core machine the engine and the trainer each have a core, so sync leaves one idle while the other works.
+`--task copy` / `reverse` is the long-tail workload of earlier rounds (a heavy-tailed countdown after a copied
+4-digit number; `--max-new-tokens 128`).
 
-Runs. One `sft` writes an HF checkpoint; every mode then runs `python -m slime_rl train --sft.enabled false
---model.path CKPT` from it with the same seed, prompts, steps and sampling seeds, each in a child process
-(`--child`: sets `--threads` torch threads in the driver, and reports `--threads` CPUs to the Megatron backend,
-which gives its rank os.cpu_count() // ranks threads). Driver = the embedded engine + RL loop; trainer = one
-spawned Megatron TP1 rank (CPU, fp32); default 1 thread each, i.e. one core each on a 2-core machine: sync
-leaves one of them idle while the other works, which is what async RL is meant to recover.
+The waiting workload (`--reward-delay-s D`): the same job, but scoring a rollout sample waits D seconds first
+(a remote grader's, a sandbox's or a tool's latency: it holds no core), with `--reward.max_workers` =
+samples per prompt so a group waits D once. Validation is scored without the wait (it is not part of a
+training step). `--inflight-waves K` lets the async producers keep K steps' worth of groups in flight
+(`--async_rl.max_inflight_groups`, at most staleness + 1 waves), so that waits overlap each other.
 
+Modes (each with its `max_staleness`):
 - sync:            wave s generated with the weights of step s, then trained
-- one_step_off:    a producer one step ahead; a weight push waits for in-flight groups
-- fully_async_s1:  the push interrupts generation, samples resume under the new weights (partial rollouts)
-- fully_async_s2:  the same, up to two versions stale
+- one_step_off:    a producer one step ahead; a weight push waits for in-flight groups (staleness 1)
+- fully_async_sK:  the push interrupts generation, samples resume under the new weights (partial rollouts),
+                   groups at most K versions old (K = 1, 2, 4)
+The async modes use the default correction for async (`--algorithm.off_policy auto` = coupled);
+`one_step_off_decoupled` and `fully_async_s2_decoupled` (not run by default) use decoupled PPO instead.
 
-Measured per mode, from its records (the child stamps every metrics record with the wall clock). The
-headline is samples/s over the WALL CLOCK from RL start to the last step, validation included: every mode runs
-the same validations, and in the async modes the producer keeps generating during them, so leaving them out
-would credit async with work done in time that sync spends only on validation. The RL-only figure (sum of the
-loop's `time/step_s`) is printed beside it as an upper bound. tokens/s = trained response tokens / RL seconds
-(samples differ in length between modes); the wall seconds to the first validation at or above a threshold
-(the sync run's accuracy at the eval nearest 2/3 of its steps, unless `--threshold`); the final accuracy of the
-mode's last checkpoint on a separate held-out set (`slime_rl eval`, sampled, same seeds for every mode);
-max staleness, resumed samples, CPU seconds and the load average around each run. Ratios are against the
-sync run of the same round. Results: `--out` (JSON), `--png` (reward, val accuracy and mean response length
-vs wall seconds).
+Measured per run, from its records (the child stamps each metrics record with the wall clock and samples the
+CPU time of its process tree every 0.1 s):
+- final validation accuracy: the job's own validation at the last step (200 problems x 4 samples at
+  temperature 1), i.e. at the same number of trained samples for every mode;
+- samples/s = trained samples / the sum of the steps' wall seconds (validation excluded: sync idles through
+  it while async producers keep working); the wall clock with validation included is reported beside it;
+- the phase times of sync: rollout R (generation + reward) and train T (train + weight push) per step, and the
+  cores the process tree kept busy in each (c_R, c_T), from the CPU samples, on steps without validation.
+
+The ideal-overlap bound of a mode (its best samples/s over sync's, from sync's measured phases of the same
+seed): an async step cannot be shorter than the trainer's T, than the rollout's latency over the waves in
+flight R / k (k = 1 for one_step_off, min(--inflight-waves, K + 1) for fully_async_sK), than the engine's own
+compute R c_R / max(1, c_R) (one engine process: at most one busy core per thread), nor than all the CPU work
+spread over the machine's cores (R c_R + T c_T) / cores. So bound = (R + T) / max(T, R / k, R c_R / max(1,
+c_R), (R c_R + T c_T) / cores): overlapping two compute phases on 2 cores gains at most 2x and less when either
+needs more than one core; overlapping a phase that waits gains as much as the waves in flight allow.
+
+Reported per mode: medians over seeds with min-max of final accuracy, its difference to sync (same seed),
+samples/s, the ratio to sync (same seed), the bound and the fraction of it reached; max staleness. Runs go
+seed by seed, the mode order reversed every other seed (ABBA), so drifts in the machine's load even out.
+Results: `--out` (JSON, with "seeds" and every mode's "max_staleness") and `--png` (validation accuracy vs
+wall seconds per mode, median line with the min-max band over seeds; mean reward per step beside it).
 """
 
 from __future__ import annotations
@@ -51,27 +64,47 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {  # name: CLI flags
-    "sync": ["--async", "sync"],
-    "one_step_off": ["--async", "one_step_off", "--async_rl.max_staleness", "1"],
-    "fully_async_s1": ["--async", "fully_async", "--async_rl.max_staleness", "1", "--async_rl.partial_rollout", "true"],
-    "fully_async_s2": ["--async", "fully_async", "--async_rl.max_staleness", "2", "--async_rl.partial_rollout", "true"],
-}
+STALENESS = {"sync": 0, "one_step_off": 1, "fully_async_s1": 1, "fully_async_s2": 2, "fully_async_s4": 4}
+DEFAULT_MODES = list(STALENESS)
+for _mode in ("one_step_off", "fully_async_s2"):  # the same, corrected with decoupled PPO instead of coupled
+    STALENESS[_mode + "_decoupled"] = STALENESS[_mode]
 STAMP = "bench/t"  # perf_counter seconds, stamped by the child on every record
+CPU_TRACE = "cpu_trace.json"  # the child's samples of its process tree's CPU seconds, in the run's directory
+DELAY_ENV = "BENCH_REWARD_DELAY_S"
+
+
+def mode_flags(mode: str, prompts: int, inflight_waves: int) -> list[str]:
+    """`slime-rl train` flags of a mode (see the module docstring)."""
+    k = STALENESS[mode]
+    correction = ["--algorithm.off_policy", "decoupled"] if mode.endswith("_decoupled") else []
+    if mode == "sync":
+        return ["--async", "sync"]
+    if mode.startswith("one_step_off"):
+        return ["--async", "one_step_off", "--async_rl.max_staleness", "1", *correction]
+    return ["--async", "fully_async", "--async_rl.max_staleness", str(k), "--async_rl.partial_rollout", "true",
+            "--async_rl.max_inflight_groups", str(prompts * waves_in_flight(mode, inflight_waves)), *correction]
+
+
+def waves_in_flight(mode: str, inflight_waves: int) -> int:
+    """Steps' worth of groups a mode's producer may have in flight at once."""
+    return min(inflight_waves, STALENESS[mode] + 1) if mode.startswith("fully_async") else 1
 
 
 # --------------------------------------------------------------------------- the child: one `slime_rl` command
 def child_main(threads: int, cli_args: list[str]) -> int:
     """`python -m slime_rl ...` with `threads` torch threads in this process and in the trainer rank it spawns,
-    each metrics record stamped with the wall clock (`bench/t`)."""
+    each metrics record stamped with the wall clock (`bench/t`), the CPU seconds of the process tree sampled
+    every 0.1 s into <log.output_dir>/cpu_trace.json."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.cpu_count = lambda: threads  # the Megatron backend gives each rank os.cpu_count() // ranks threads
+    import psutil
     import torch
 
     torch.set_num_threads(threads)
@@ -83,12 +116,45 @@ def child_main(threads: int, cli_args: list[str]) -> int:
         return log(self, {**record, STAMP: time.perf_counter()})
 
     metrics.MetricsLogger.log = stamped
+    trace, stop = [], threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.1):
+            total = 0.0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass  # gone between listing and reading
+            trace.append((time.perf_counter(), total))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     from slime_rl.cli import main
 
-    return main(cli_args)
+    try:
+        return main(cli_args)
+    finally:
+        stop.set()
+        sampler.join()
+        out = cli_args[cli_args.index("--log.output_dir") + 1] if "--log.output_dir" in cli_args else None
+        if out:
+            Path(out, CPU_TRACE).write_text(json.dumps(trace))
 
 
-# --------------------------------------------------------------------------- the workload
+def delayed_reward(sample) -> dict[str, float]:
+    """The default task's reward (math), after waiting $BENCH_REWARD_DELAY_S seconds for a training rollout's
+    sample (it has a group uid); validation samples are scored at once."""
+    from slime_rl.rewards.math import math_reward
+
+    if "uid" in sample.metadata:
+        time.sleep(float(os.environ.get(DELAY_ENV, "0")))
+    return math_reward(sample)
+
+
+# --------------------------------------------------------------------------- the long-tail workload (copy/reverse)
 BLOCK = 5  # filler block: a countdown letter + 4 dots
 
 
@@ -150,19 +216,17 @@ def percentiles(xs: list[int]) -> dict[str, float]:
     if not s:
         return {}
     q = lambda p: s[min(len(s) - 1, int(p * len(s)))]  # noqa: E731
-    return {"n": len(s), "mean": sum(s) / len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
-            "frac_ge_64": sum(x >= 64 for x in s) / len(s)}
+    return {"n": len(s), "mean": sum(s) / len(s), "p50": q(0.5), "p90": q(0.9), "max": s[-1]}
 
 
 # --------------------------------------------------------------------------- running the commands
-def run_child(args, cli: list[str], log_path: Path) -> dict:
-    """Run one `slime_rl` command in a child process; its wall seconds, CPU seconds (the child and the trainer
-    rank it spawns) and the load average around it."""
+def run_child(args, cli: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Run one `slime_rl` command in a child process; its wall seconds, CPU seconds and the load around it."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(args.threads), "--", *cli]
     t0, c0, load0 = time.perf_counter(), os.times(), os.getloadavg()[0]
     with log_path.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=args.child_timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=args.child_timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     c1 = os.times()
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
@@ -173,78 +237,101 @@ def run_child(args, cli: list[str], log_path: Path) -> dict:
 
 
 def common_flags(args, task: dict) -> list[str]:
-    return ["-b", "megatron", "--tp", "1", "--seed", str(args.seed), "--train.seed", str(args.seed),
-            "--data.train_path", task["train"], "--data.val_path", task["val"], "--data.sft_path", task["sft"],
-            "--rollout.max_new_tokens", str(args.max_new_tokens), "--rollout.prompts_per_step", str(args.prompts),
-            "--rollout.n_samples_per_prompt", str(args.samples), "--rollout.seed", str(args.seed),
-            "--model.hidden_size", str(args.hidden), "--model.num_layers", str(args.layers),
-            "--model.max_position_embeddings", str(args.max_new_tokens + 32),
-            "--data.metadata_keys", "filler", "--reward.name", "bench_async:countdown_reward",
-            "--eval.greedy", "false", "--eval.n_samples", str(args.eval_samples), "--eval.temperature", "1.0",
-            "--log.progress", "false", "--log.plot", "false", "--ckpt.save_every", "0"]
+    flags = ["-b", "megatron", "--tp", "1", "--rollout.prompts_per_step", str(args.prompts),
+             "--rollout.n_samples_per_prompt", str(args.samples), "--eval.n_samples", str(args.eval_samples),
+             "--eval.greedy", "false", "--eval.temperature", "1.0", "--log.progress", "false", "--log.plot", "false",
+             "--ckpt.save_every", "0"]
+    if args.task != "arithmetic":
+        flags += ["--data.train_path", task["train"], "--data.val_path", task["val"], "--data.sft_path", task["sft"],
+                  "--rollout.max_new_tokens", str(args.max_new_tokens),
+                  "--model.hidden_size", str(args.hidden), "--model.num_layers", str(args.layers),
+                  "--model.max_position_embeddings", str(args.max_new_tokens + 32),
+                  "--data.metadata_keys", "filler", "--reward.name", "bench_async:countdown_reward"]
+    elif args.reward_delay_s:
+        flags += ["--reward.name", "bench_async:delayed_reward", "--reward.max_workers", str(args.samples),
+                  "--reward.timeout_s", str(max(10.0, 4 * args.reward_delay_s))]
+    return flags
 
 
-def sft(args, task: dict, work: Path) -> dict:
+def sft(args, task: dict, work: Path) -> str:
     out = work / "sft"
-    proc = run_child(args, ["sft", *common_flags(args, task), "--sft.epochs", str(args.sft_epochs),
-                            "--sft.lr", str(args.sft_lr), "--log.output_dir", str(out)], work / "sft.log")
-    return {"seconds": proc["process_s"], "checkpoint": str(out / "checkpoint")}
+    flags = [] if args.task == "arithmetic" else ["--sft.epochs", str(args.sft_epochs), "--sft.lr", str(args.sft_lr)]
+    proc = run_child(args, ["sft", *common_flags(args, task), *flags, "--log.output_dir", str(out)],
+                     work / "sft.log")
+    print(f"SFT: {proc['process_s']:.0f}s -> {out / 'checkpoint'}", flush=True)
+    return str(out / "checkpoint")
 
 
-def rl(args, task: dict, ckpt: str, mode: str, out: Path, log: Path) -> dict:
-    return run_child(args, ["train", *common_flags(args, task), *MODES[mode], "--sft.enabled", "false",
-                            "--model.path", ckpt, "--model.tokenizer", ckpt, "--train.num_steps", str(args.steps),
-                            "--train.lr", str(args.lr), "--train.warmup_steps", str(args.warmup),
-                            "--eval.every_n_steps", str(args.eval_every), "--log.output_dir", str(out),
-                            "--log.save_checkpoint", "true", "--debug.save_rollouts", str(out / "rollouts"), *args.extra], log)
-
-
-def final_eval(args, task: dict, ckpt: str, out: Path) -> float:
-    run_child(args, ["eval", *common_flags(args, task), "-b", "hf", "--data.val_path", task["final_val"],
-                     "--eval.n_samples", str(args.final_samples),
-                     "--model.path", ckpt, "--model.tokenizer", ckpt, "--log.output_dir", str(out)],
-              out.with_suffix(".log"))
-    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    return rec["val/accuracy"]
+def rl(args, task: dict, ckpt: str, mode: str, seed: int, out: Path, log: Path) -> dict:
+    flags = ["train", *common_flags(args, task), *mode_flags(mode, args.prompts, args.inflight_waves),
+             "--seed", str(seed), "--train.seed", str(seed), "--rollout.seed", str(seed),
+             "--sft.enabled", "false", "--model.path", ckpt, "--model.tokenizer", ckpt,
+             "--train.num_steps", str(args.steps), "--train.lr", str(args.lr), "--eval.every_n_steps",
+             str(args.eval_every), "--log.output_dir", str(out), "--debug.save_rollouts", str(out / "rollouts"),
+             *args.extra]
+    return run_child(args, flags, log, env={DELAY_ENV: str(args.reward_delay_s)})
 
 
 # --------------------------------------------------------------------------- reading a run
+def cores_between(trace: list, t0: float, t1: float) -> float | None:
+    """Mean busy cores of the process tree between t0 and t1 (perf_counter), from the CPU samples."""
+    inside = [(t, c) for t, c in trace if t0 <= t <= t1]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
 def read_run(out: Path) -> dict:
     from slime_rl.producer import load_groups
 
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in recs if r.get("step") == 0 and STAMP in r)
     steps = [r for r in recs if "time/step_s" in r]
-    t_step, t_wall = 0.0, []
-    for r in steps:
-        t_step += r["time/step_s"]
-        t_wall.append((r["step"], t_step, r[STAMP] - start[STAMP]))
-    ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
-    samples = sum(g["n"] for rec in ledger for g in rec["groups"])
+    trace = json.loads((out / CPU_TRACE).read_text())
     lengths = []
     for path in sorted((out / "rollouts").glob("step_*.pt")):
         lengths += [len(s.response_ids) for g in load_groups(path) for s in g]
+    ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
+    # phases of the steps without validation: [end - step_s, + rollout_s] rolls out, the rest trains and pushes
+    phases = {"rollout_s": [], "train_s": [], "rollout_cores": [], "train_cores": []}
+    for r in steps:
+        if "val/accuracy" in r or r["step"] <= 2:  # (the first steps warm up)
+            continue
+        t_end = r[STAMP]
+        t_start = t_end - r["time/step_s"]
+        t_mid = t_start + r["time/rollout_s"]
+        phases["rollout_s"].append(r["time/rollout_s"])
+        phases["train_s"].append(r["time/step_s"] - r["time/rollout_s"])
+        for key, (a, b) in (("rollout_cores", (t_start, t_mid)), ("train_cores", (t_mid, t_end))):
+            if (c := cores_between(trace, a, b)) is not None:
+                phases[key].append(c)
     return {
-        "records": steps, "step0_accuracy": start.get("val/accuracy"),
-        "steps": len(steps), "samples": samples, "rl_s": t_step, "wall_incl_eval_s": t_wall[-1][2],
-        "time_at_step": {s: (a, b) for s, a, b in t_wall},
-        "curve": [(r["step"], r["val/accuracy"]) for r in steps if "val/accuracy" in r],
-        "lengths": percentiles(lengths), "tokens": sum(lengths),
-        "truncated_frac": statistics.fmean(r.get("rollout/truncated_frac", 0.0) for r in steps),
+        "records": steps, "step0_accuracy": start.get("val/accuracy"), "steps": len(steps),
+        "samples": sum(g["n"] for rec in ledger for g in rec["groups"]),
+        "rl_s": sum(r["time/step_s"] for r in steps), "wall_incl_eval_s": steps[-1][STAMP] - start[STAMP],
+        "curve": [(0, 0.0, start.get("val/accuracy"))]
+                 + [(r["step"], r[STAMP] - start[STAMP], r["val/accuracy"]) for r in steps if "val/accuracy" in r],
+        "final_accuracy": steps[-1]["val/accuracy"],
+        "lengths": percentiles(lengths),
         "max_staleness": max(r.get("rollout/max_staleness", 0) for r in steps),
         "resumed_samples": steps[-1].get("rollout/resumed_samples", 0),
         "regenerated_groups": steps[-1].get("rollout/regenerated_groups", 0),
-        "rollout_wait_s": sum(r.get("time/rollout_s", 0.0) for r in steps),
+        "phases": {k: statistics.median(v) if v else None for k, v in phases.items()},
     }
 
 
-def time_to(run: dict, threshold: float) -> tuple[float | None, float | None, int | None]:
-    """(RL seconds, wall seconds incl. eval, step) at the first evaluation with accuracy >= threshold."""
-    for step, acc in run["curve"]:
-        if acc >= threshold - 1e-9:
-            a, b = run["time_at_step"][step]
-            return a, b, step
-    return None, None, None
+def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int) -> dict:
+    """The best samples/s ratio over sync a mode can reach, from sync's phases (module docstring)."""
+    R, T = sync_phases["rollout_s"], sync_phases["train_s"]
+    cR, cT = sync_phases["rollout_cores"], sync_phases["train_cores"]
+    k = waves_in_flight(mode, inflight_waves)
+    if mode == "sync":
+        return {"bound": 1.0, "limit": "sync", "waves_in_flight": 1}
+    limits = {"train": T, "rollout latency / waves in flight": R / k, "engine compute": R * cR / max(1.0, cR),
+              f"CPU work / {cores} cores": (R * cR + T * cT) / cores}
+    limit = max(limits, key=limits.get)
+    return {"bound": (R + T) / limits[limit], "limit": limit, "waves_in_flight": k,
+            "step_s_limits": limits}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -253,13 +340,12 @@ def machine() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "torch": torch.__version__,
-            "loadavg_start": os.getloadavg()}
+            "platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
 
 
 def run_bench(args) -> None:
@@ -273,159 +359,126 @@ def run_bench(args) -> None:
     env = machine()
     print(f"machine: {env['cpu']}, {env['cpu_count']} CPUs, torch {env['torch']}, load {env['loadavg_start']}")
     print(f"processes: driver (embedded engine + loop) and 1 Megatron TP1 trainer rank, {args.threads} torch "
-          f"thread(s) each")
-    task = make_task(work / "data", args)
-    sft_len = {**percentiles(task.pop("sft_lengths")), "filler_table": task.pop("filler_table")}
-    print(f"task: {args.num_sft} SFT / {args.num_train} RL / {args.num_val} val (curve) / {args.final_val} val "
-          f"(final); SFT response lengths p50 {sft_len['p50']} p90 {sft_len['p90']} max {sft_len['max']}")
-    if args.sft_checkpoint:
-        sft_res = {"checkpoint": args.sft_checkpoint, "seconds": 0.0}
-    else:
-        sft_res = sft(args, task, work)
-    sft_final = final_eval(args, task, sft_res["checkpoint"], work / "final_eval_sft")
-    print(f"SFT: {sft_res['seconds']:.0f}s; final-eval accuracy after SFT {sft_final:.3f}", flush=True)
-    order = []
-    for r in range(args.repeats):  # repeats in ABBA order, so drifts in the machine's load even out
-        order += [(m, r) for m in (args.modes if r % 2 == 0 else list(reversed(args.modes)))]
-    runs: dict[str, list[dict]] = {m: [] for m in args.modes}
-    for mode, rep in order:
-        out = work / f"{mode}_{rep}"
-        proc = rl(args, task, sft_res["checkpoint"], mode, out, work / f"{mode}_{rep}.log")
-        res = {**read_run(out), **proc, "rep": rep}
-        res["cores_used"] = proc["cpu_s"] / proc["process_s"]
-        res["final_accuracy"] = final_eval(args, task, str(out / "checkpoint"), work / f"final_eval_{mode}_{rep}")
-        runs[mode].append(res)
-        L = res["lengths"]
-        print(f"  {mode:15s} #{rep}: {res['steps']} steps, {res['samples'] / res['rl_s']:.2f} samples/s "
-              f"(RL {res['rl_s']:.0f}s, wall incl. eval {res['wall_incl_eval_s']:.0f}s; process {proc['process_s']:.0f}s "
-              f"using {res['cores_used']:.2f} cores, load {proc['load1_before']:.1f}->{proc['load1_after']:.1f}), "
-              f"final accuracy {res['final_accuracy']:.3f}, lengths p50/p90/max {L['p50']}/{L['p90']}/{L['max']}",
-              flush=True)
-    report(args, env, sft_res, sft_final, sft_len, runs, time.perf_counter() - t_start)
+          f"thread(s) each; task {args.task}, lr {args.lr}, {args.steps} steps x {args.prompts} x {args.samples}, "
+          f"seeds {args.seeds}, reward delay {args.reward_delay_s} s, waves in flight <= {args.inflight_waves}")
+    task = make_task(work / "data", args) if args.task != "arithmetic" else {}
+    ckpt = args.sft_checkpoint or sft(args, task, work)
+    runs: dict[str, dict[int, dict]] = {m: {} for m in args.modes}
+    for i, seed in enumerate(args.seeds):  # ABBA: the mode order is reversed every other seed
+        for mode in (args.modes if i % 2 == 0 else list(reversed(args.modes))):
+            out = work / f"{mode}_seed{seed}"
+            proc = rl(args, task, ckpt, mode, seed, out, work / f"{mode}_seed{seed}.log")
+            res = {**read_run(out), **proc, "seed": seed}
+            runs[mode][seed] = res
+            ph = res["phases"]
+            print(f"  {mode:15s} seed {seed}: {res['samples'] / res['rl_s']:.1f} samples/s (steps {res['rl_s']:.0f}s, "
+                  f"wall incl. validation {res['wall_incl_eval_s']:.0f}s, process {proc['process_s']:.0f}s, load "
+                  f"{proc['load1_before']:.1f}->{proc['load1_after']:.1f}); val {res['step0_accuracy']:.3f} -> "
+                  f"{res['final_accuracy']:.3f}; staleness max {res['max_staleness']}; rollout/train per step "
+                  f"{ph['rollout_s']:.2f}/{ph['train_s']:.2f}s", flush=True)
+    report(args, env, ckpt, runs, time.perf_counter() - t_start)
 
 
-def pick_threshold(sync_run: dict, steps: int) -> float:
-    """The sync run's validation accuracy at the evaluation nearest 2/3 of its steps."""
-    return min(sync_run["curve"], key=lambda sa: abs(sa[0] - 2 * steps / 3))[1]
+def med(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def fmt_time(t: float | None, step: int | None) -> str:
-    return f"{t:.0f}s (step {step})" if t is not None else "not reached"
-
-
-def report(args, env, sft_res, sft_final, sft_len, runs, total_s) -> None:
-    base = "sync" if "sync" in runs else next(iter(runs))
-    threshold = args.threshold if args.threshold is not None else pick_threshold(runs[base][0], args.steps)
-    rows = []
-    for mode, reps in runs.items():
-        for r in reps:
-            ref = runs[base][min(r["rep"], len(runs[base]) - 1)]  # the sync run of the same round
-            t_rl, t_wall, t_step = time_to(r, threshold)
+def report(args, env, ckpt, runs, total_s) -> None:
+    cores = env["cpu_count"]
+    sync = runs.get("sync")
+    if not sync:
+        raise SystemExit("--modes must include sync (every ratio is against it)")
+    rows, summary = [], {}
+    for mode, by_seed in runs.items():
+        for seed, r in by_seed.items():
+            ref = sync[seed]
+            ratio = (r["samples"] / r["rl_s"]) / (ref["samples"] / ref["rl_s"])
+            bound = ideal_bound(ref["phases"], mode, args.inflight_waves, cores)
             rows.append({
-                "mode": mode, "rep": r["rep"], "steps": r["steps"], "samples": r["samples"],
-                "samples_per_s": r["samples"] / r["rl_s"], "ratio_vs_sync": ref["rl_s"] / r["rl_s"] * r["samples"] / ref["samples"],
+                "mode": mode, "seed": seed, "steps": r["steps"], "samples": r["samples"],
+                "samples_per_s": r["samples"] / r["rl_s"], "ratio_vs_sync": ratio,
                 "samples_per_s_wall_incl_eval": r["samples"] / r["wall_incl_eval_s"],
-                "response_tokens": r["tokens"], "tokens_per_s": r["tokens"] / r["rl_s"],
-                "tokens_ratio_vs_sync": r["tokens"] / r["rl_s"] / (ref["tokens"] / ref["rl_s"]),
-                "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / r["wall_incl_eval_s"] * r["samples"] / ref["samples"],
-                "rl_s": r["rl_s"], "wall_incl_eval_s": r["wall_incl_eval_s"], "rollout_wait_s": r["rollout_wait_s"],
-                "time_to_threshold_s": t_rl, "wall_to_threshold_s": t_wall, "step_to_threshold": t_step,
-                "final_accuracy": r["final_accuracy"], "accuracy_delta_vs_sync": r["final_accuracy"] - ref["final_accuracy"],
-                "curve": r["curve"], "step0_accuracy": r["step0_accuracy"],
+                "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / r["wall_incl_eval_s"] * r["samples"]
+                / ref["samples"],
+                **bound, "fraction_of_bound": ratio / bound["bound"],
+                "final_accuracy": r["final_accuracy"], "accuracy_delta_vs_sync": r["final_accuracy"]
+                - ref["final_accuracy"], "step0_accuracy": r["step0_accuracy"], "curve": r["curve"],
+                "reward_curve": [(x["step"], x["rollout/reward_mean"]) for x in r["records"]],
+                "rl_s": r["rl_s"], "wall_incl_eval_s": r["wall_incl_eval_s"], "phases": r["phases"],
                 "max_staleness": r["max_staleness"], "resumed_samples": r["resumed_samples"],
                 "regenerated_groups": r["regenerated_groups"], "lengths": r["lengths"],
-                "truncated_frac": r["truncated_frac"], "process_s": r["process_s"], "cpu_s": r["cpu_s"],
-                "cores_used": r["cores_used"], "load1_before": r["load1_before"], "load1_after": r["load1_after"]})
-    print(f"\nthreshold: validation accuracy >= {threshold:.3f} "
-          f"({'given' if args.threshold is not None else 'the sync run at the eval nearest 2/3 of its steps'}; "
-          f"{args.num_val} prompts x {args.eval_samples} samples at temperature 1, every {args.eval_every} steps)")
-    print(f"final accuracy: {args.final_val} held-out prompts x {args.final_samples} samples at temperature 1 "
-          f"(after SFT: {sft_final:.3f})")
-    print("samples/s = trained samples / wall seconds from RL start to the last step, validation included (the "
-          "headline); 'RL only': / the sum of time/step_s, validation excluded (an upper bound for the async modes, "
-          "whose producer works during validation); tokens/s: trained response tokens / RL seconds\n")
-    hdr = ("mode", "steps", "samples/s", "x sync", "x sync (RL only)", "tokens/s x sync", "wall time to threshold",
-           "final acc", "vs sync", "staleness max", "resumed samples", "length p50/p90/max")
+                "process_s": r["process_s"], "cpu_s": r["cpu_s"], "load1_before": r["load1_before"],
+                "load1_after": r["load1_after"]})
+        mine = [x for x in rows if x["mode"] == mode]
+        summary[mode] = {
+            "max_staleness": max(x["max_staleness"] for x in mine), "configured_staleness": STALENESS[mode],
+            "waves_in_flight": waves_in_flight(mode, args.inflight_waves),
+            **{key: med([x[key] for x in mine]) for key in (
+                "final_accuracy", "accuracy_delta_vs_sync", "samples_per_s", "ratio_vs_sync",
+                "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound")}}
+    phases = {k: med([r["phases"][k] for r in sync.values()]) for k in sync[args.seeds[0]]["phases"]}
+    print(f"\nsync's phases per step (medians over seeds): rollout {phases['rollout_s']['median']:.2f}s at "
+          f"{phases['rollout_cores']['median']:.2f} cores, train + push {phases['train_s']['median']:.2f}s at "
+          f"{phases['train_cores']['median']:.2f} cores; {cores} CPUs")
+    print(f"final accuracy: the job's validation at step {args.steps} ({args.eval_samples} samples per problem at "
+          f"temperature 1); samples/s over the steps' wall seconds (validation excluded); medians over seeds "
+          f"{args.seeds} [min-max]\n")
+    hdr = ("mode", "staleness max", "final acc", "vs sync (pts)", "samples/s", "x sync", "bound", "of bound",
+           "x sync (wall incl. validation)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for x in rows:
-        L = x["lengths"]
-        name = x["mode"] + (f" #{x['rep']}" if args.repeats > 1 else "")
-        print(f"| {name} | {x['steps']} | {x['samples_per_s_wall_incl_eval']:.1f} | "
-              f"{x['ratio_vs_sync_wall_incl_eval']:.2f} | {x['ratio_vs_sync']:.2f} | {x['tokens_ratio_vs_sync']:.2f} | "
-              f"{fmt_time(x['wall_to_threshold_s'], x['step_to_threshold'])} | "
-              f"{x['final_accuracy']:.3f} | {x['accuracy_delta_vs_sync'] * 100:+.1f} pts | {x['max_staleness']} | "
-              f"{int(x['resumed_samples'])} | {L['p50']}/{L['p90']}/{L['max']} |")
-    verdict = target_verdict(rows, args.repeats)
-    print("\n" + verdict["text"])
+    for mode, m in summary.items():
+        def cell(key, fmt, scale=1.0):
+            d = m[key]
+            return f"{d['median'] * scale:{fmt}} [{d['min'] * scale:{fmt}}, {d['max'] * scale:{fmt}}]"
+        print(f"| {mode} | {m['max_staleness']} | {cell('final_accuracy', '.3f')} | "
+              f"{cell('accuracy_delta_vs_sync', '+.1f', 100)} | {cell('samples_per_s', '.1f')} | "
+              f"{cell('ratio_vs_sync', '.2f')} | {cell('bound', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
+              f"{cell('ratio_vs_sync_wall_incl_eval', '.2f')} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "async", "machine": env, "args": vars(args),
+    result = {"benchmark": "async", "machine": env, "args": vars(args), "seeds": list(args.seeds),
               "processes": f"driver (embedded engine, RL loop) + 1 Megatron TP1 trainer rank, {args.threads} torch "
-                           f"thread(s) each, on {env['cpu_count']} CPUs",
-              "threshold": threshold,
-              "sft": {**sft_res, "final_accuracy": sft_final, "sft_response_lengths": sft_len},
-              "results": rows, "target": verdict, "total_s": total_s, "loadavg_end": os.getloadavg()}
-    out.write_text(json.dumps(result, indent=2))
-    plot(runs, threshold, args.png, env, args)
+                           f"thread(s) each, on {cores} CPUs",
+              "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows, "total_s": total_s,
+              "loadavg_end": os.getloadavg()}
+    out.write_text(json.dumps(result, indent=1))
+    plot(rows, args, env)
     print(f"wrote {out} and {args.png} ({total_s:.0f}s in all)")
 
 
-def target_verdict(rows: list[dict], repeats: int) -> dict:
-    """Issue target: fully async >= 1.5x sync's throughput (wall clock, validation included) at the same final
-    accuracy +- 3 points (medians over repeats)."""
-    out = {"rule": "fully_async samples/s (wall clock incl. validation) >= 1.5 x sync and |final accuracy - sync| "
-                   "<= 3 points", "modes": {}}
-    lines = []
-    for mode in dict.fromkeys(x["mode"] for x in rows if x["mode"].startswith("fully_async")):
-        mine = [x for x in rows if x["mode"] == mode]
-        ratio = statistics.median(x["ratio_vs_sync_wall_incl_eval"] for x in mine)
-        delta = statistics.median(x["accuracy_delta_vs_sync"] for x in mine)
-        met = ratio >= 1.5 and abs(delta) <= 0.03
-        out["modes"][mode] = {"ratio": ratio, "accuracy_delta": delta, "met": met,
-                              "throughput_met": ratio >= 1.5, "accuracy_met": abs(delta) <= 0.03}
-        lines.append(f"{mode}: {ratio:.2f}x sync's samples/s, final accuracy {delta * 100:+.1f} points vs sync"
-                     f"{' (medians of ' + str(len(mine)) + ')' if len(mine) > 1 else ''} -> "
-                     f"{'MET' if met else 'NOT met'}")
-    out["text"] = ("target (fully async >= 1.5x sync's throughput at the same final accuracy +-3 points):\n  "
-                   + "\n  ".join(lines))
-    return out
-
-
-def plot(runs: dict, threshold: float, png: str, env: dict, args) -> None:
-    """Reward and validation accuracy vs RL seconds for every mode (plus the mean response length)."""
+def plot(rows: list[dict], args, env: dict) -> None:
+    """Validation accuracy vs wall seconds (median over seeds, min-max band) and the mean reward per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.7]})
-    colors = dict(zip(runs, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
-    for mode, reps in runs.items():
-        for r in reps:
-            ls, label = ("-", mode) if r["rep"] == 0 else ("--", None)
-            t = [r["time_at_step"][x["step"]][1] for x in r["records"]]
-            a1.plot(t, [x["rollout/reward_mean"] for x in r["records"]], ls, color=colors[mode], label=label, lw=1.2)
-            a2.plot([0.0] + [r["time_at_step"][s][1] for s, _ in r["curve"]],
-                    [r["step0_accuracy"]] + [a for _, a in r["curve"]], ls, marker="o", ms=3, color=colors[mode],
-                    label=label)
-            a3.plot(t, [x["rollout/response_length"] for x in r["records"]], ls, color=colors[mode], label=label,
-                    lw=1.2)
-    a2.axhline(threshold, color="gray", lw=0.8, ls=":", label=f"threshold {threshold:.3f}")
-    xlabel = "wall seconds from RL start (validation included)"
-    a1.set(title="rollout reward (mean of each trained batch)", xlabel=xlabel, ylabel="reward")
-    a2.set(title=f"validation accuracy ({args.num_val} prompts x {args.eval_samples}, T=1)", xlabel=xlabel,
-           ylabel="accuracy")
-    a3.set(title="mean response length of each trained batch", xlabel=xlabel, ylabel="tokens")
-    for a in (a1, a2, a3):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 4.8))
+    colors = ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for color, mode in zip(colors, dict.fromkeys(x["mode"] for x in rows)):
+        mine = [x for x in rows if x["mode"] == mode]
+        n = min(len(x["curve"]) for x in mine)
+        t = [statistics.median(x["curve"][i][1] for x in mine) for i in range(n)]
+        accs = [[x["curve"][i][2] for x in mine] for i in range(n)]
+        a1.plot(t, [statistics.median(a) for a in accs], marker="o", ms=3, color=color, label=mode)
+        a1.fill_between(t, [min(a) for a in accs], [max(a) for a in accs], color=color, alpha=0.15)
+        steps = [s for s, _ in mine[0]["reward_curve"]]
+        rew = [statistics.median(x["reward_curve"][i][1] for x in mine) for i in range(len(steps))]
+        a2.plot(steps, rew, color=color, label=mode, lw=1.0)
+    a1.set(title=f"validation accuracy (median of seeds {args.seeds}, band min-max)",
+           xlabel="wall seconds from RL start (validation included)", ylabel="accuracy")
+    a2.set(title="mean reward of each trained batch (median of seeds)", xlabel="step", ylabel="reward")
+    for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.suptitle(f"async RL, long-tail workload: {args.steps} steps x {args.prompts} prompts x {args.samples} samples; "
-                 f"1 engine + 1 Megatron TP1 trainer, {args.threads} thread each, {env['cpu_count']} CPUs "
-                 f"({env['cpu']})", fontsize=10)
+    wait = f", reward waits {args.reward_delay_s} s" if args.reward_delay_s else ""
+    fig.suptitle(f"async RL, {args.task} task{wait}: lr {args.lr}, {args.steps} steps x {args.prompts} prompts x "
+                 f"{args.samples}; 1 engine + 1 Megatron TP1 trainer, {args.threads} thread each, "
+                 f"{env['cpu_count']} CPUs", fontsize=10)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=90)
     plt.close(fig)
 
 
@@ -434,39 +487,43 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(child_main(int(sys.argv[2]), sys.argv[4:]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--steps", type=int, default=60, help="RL steps per mode")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(STALENESS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=120, help="RL steps per run")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=1, help="run every mode this many times (ABBA order)")
-    p.add_argument("--threshold", type=float, default=None, help="val accuracy; default from the sync curve")
-    p.add_argument("--task", choices=["copy", "reverse"], default="copy", help="what the answer does to the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--filler-xm", type=float, default=8.0, help="Pareto scale of the SFT filler lengths")
-    p.add_argument("--filler-alpha", type=float, default=1.2, help="Pareto shape (smaller = heavier tail)")
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per validation prompt (temperature 1)")
-    p.add_argument("--final-samples", type=int, default=2, help="samples per prompt of the final evaluation")
-    p.add_argument("--num-sft", type=int, default=600)
-    p.add_argument("--num-train", type=int, default=2000)
-    p.add_argument("--num-val", type=int, default=128, help="validation prompts for the curve")
-    p.add_argument("--final-val", type=int, default=400, help="held-out prompts for the final accuracy")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--sft-epochs", type=int, default=10)
-    p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=5e-5, help="RL learning rate (2e-4 and 1e-4: the async modes lose accuracy, see the README)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per validation problem (temperature 1)")
+    p.add_argument("--lr", type=float, default=5e-5, help="RL learning rate")
+    p.add_argument("--reward-delay-s", type=float, default=0.0, help="the waiting workload: seconds each rollout "
+                   "sample's reward waits (arithmetic task)")
+    p.add_argument("--inflight-waves", type=int, default=1, help="steps' worth of groups a fully_async producer "
+                   "keeps in flight (at most staleness + 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver and of the trainer rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra", nargs="*", action="extend", default=[], help="more `slime_rl train` flags for every RL run, e.g. "
-                   "--extra=--algorithm.off_policy=tis; repeat it for several")
+    p.add_argument("--task", choices=["arithmetic", "copy", "reverse"], default="arithmetic")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="(copy/reverse)")
+    p.add_argument("--filler-xm", type=float, default=8.0, help="(copy/reverse) Pareto scale of the filler lengths")
+    p.add_argument("--filler-alpha", type=float, default=1.2, help="(copy/reverse) Pareto shape")
+    p.add_argument("--num-sft", type=int, default=600, help="(copy/reverse)")
+    p.add_argument("--num-train", type=int, default=2000, help="(copy/reverse)")
+    p.add_argument("--num-val", type=int, default=128, help="(copy/reverse)")
+    p.add_argument("--final-val", type=int, default=400, help="(copy/reverse) a held-out set, written only")
+    p.add_argument("--hidden", type=int, default=128, help="(copy/reverse)")
+    p.add_argument("--layers", type=int, default=2, help="(copy/reverse)")
+    p.add_argument("--sft-epochs", type=int, default=10, help="(copy/reverse)")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="(copy/reverse)")
+    p.add_argument("--seed", type=int, default=0, help="(copy/reverse) the data's seed")
+    p.add_argument("--extra", nargs="*", action="extend", default=[],
+                   help="more `slime_rl train` flags for every RL run, e.g. --extra=--algorithm.off_policy=tis")
     p.add_argument("--sft-checkpoint", default=None, help="reuse an SFT checkpoint (skip SFT)")
     p.add_argument("--work", default="runs/bench/async")
     p.add_argument("--child-timeout", type=int, default=3600)
     p.add_argument("--out", default="benchmarks/results/async.json")
-    p.add_argument("--png", default="benchmarks/results/async_reward_vs_time.png")
+    p.add_argument("--png", default=None, help="default: --out with .png")
     args = p.parse_args()
+    if args.reward_delay_s and args.task != "arithmetic":
+        p.error("--reward-delay-s is for the arithmetic task")
+    args.png = args.png or str(Path(args.out).with_suffix(".png"))
     run_bench(args)
 
 

@@ -254,17 +254,20 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
                 groups = rollout.get(step, trainer_version)
             t_rollout = time.perf_counter() - t0
             record_groups(run, step, groups)
-            stats, sync_stats = {}, {}
+            stats, sync_stats, times = {}, {}, {}
             if run.trainer is not None:
+                t1 = time.perf_counter()
                 batch = prepare(run, groups)
                 stats = train_phase(run, batch, loss_fn, step)
+                t2 = time.perf_counter()
                 sync_stats = rollout.push(lambda: sync_weights(run))
+                times = {"time/train_s": t2 - t1, "time/push_s": time.perf_counter() - t2}
             record = {"step": step + 1, "weight_version": run.weight_version,
                       **run.task.eval_metrics([s for g in groups for s in g], "rollout"),
                       "rollout/max_staleness": staleness_of(groups, trainer_version),
                       **rollout.metrics(), **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
                       "reward/errors": run.reward_errors,
-                      "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+                      "time/rollout_s": t_rollout, **times, "time/step_s": time.perf_counter() - t0}
             evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
             record.update(evals)
             last_eval = evals or last_eval
