@@ -6,8 +6,11 @@
   a resumed sample never gets more than max_new_tokens in total;
 - decoupled PPO: the IS weight is pi_prox / pi_behaviour, the clip acts on pi_theta / pi_prox, checked by
   the gradient of a hand-computed case; the proximal logprobs are computed once, before the first update;
-- staleness: a group exactly max_staleness versions old is trained, one older is not;
-- token-mean aggregation: longer responses in a batch never scale up the gradient of the same samples.
+- staleness: a group exactly max_staleness versions old is trained, one older is not; the producer runs
+  exactly max_staleness waves ahead; a group that mixes versions gets the advantages of its rewards;
+- token-mean aggregation: longer responses in a batch never scale up the gradient of the same samples;
+- throughput: rollouts that wait (a slow reward) overlap up to `max_inflight` groups, and a sync wave
+  scores all its groups at once.
 """
 
 from __future__ import annotations
@@ -348,3 +351,24 @@ def test_a_sync_wave_scores_every_group_at_once():
         assert len(groups) == 12 and reward.peak == 12 and time.perf_counter() - started < 0.3 * 2
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("algo", ["GRPO", "RLOO", "REINFORCE_PPB"])
+def test_a_group_that_mixes_versions_gets_the_advantages_of_its_rewards(algo):
+    """Advantages come from a group's rewards alone: the same group with every token of one version and with
+    tokens from three versions (a resumed partial rollout) gets the same advantages and loss weights."""
+    from slime_rl.algorithms import get
+    from slime_rl.algorithms.config import AlgorithmConfig
+
+    rewards = [1.0, 0.0, 0.0, 1.0]
+
+    def batch(versions_of):
+        samples = [Sample(prompt_ids=[1, 2], response_ids=[3, 4, 5], loss_mask=[1, 1, 1], rollout_logprobs=[-1.0] * 3,
+                          weight_versions=versions_of(i)) for i in range(4)]
+        b = build_train_batch(samples, None, pad_id=0, loss_agg="token_mean", group_index=[0] * 4, rewards=rewards)
+        return get(algo).advantages(b, AlgorithmConfig(name=algo))[0], b.loss_weights_BT
+
+    one = batch(lambda i: [4, 4, 4])
+    mixed = batch(lambda i: [2, 3, 4] if i % 2 else [3, 3, 4])
+    torch.testing.assert_close(one, mixed)
+    assert float(one[0].abs().sum()) > 0  # (the rewards differ: the advantages are not all zero)
