@@ -58,6 +58,8 @@ def test_trained_tokens_are_never_staler_than_the_limit(tmp_path, mode, stalenes
     out = tmp_path / "run"
     steps, per_step, n = 6, 8, 4
     flags = ["--async", mode] + (["--async_rl.max_staleness", str(staleness)] if mode != "sync" else [])
+    if mode == "fully_async":  # generation long enough that weight pushes land in it (8 tokens end before them)
+        flags += ["--rollout.max_new_tokens", "64"]
     assert main(["train", *TINY, "-b", "hf", "--train.num_steps", str(steps), *flags,
                  "--log.output_dir", str(out), "--log.save_checkpoint", "false", "--log.plot", "false"]) == 0
     ledger = _records(out / "trained_groups.jsonl")
@@ -78,7 +80,7 @@ def test_trained_tokens_are_never_staler_than_the_limit(tmp_path, mode, stalenes
     metrics = [r for r in _records(out / "metrics.jsonl") if "train/pg_loss" in r]
     assert all(r["rollout/max_staleness"] <= staleness for r in metrics)
     if mode == "fully_async":
-        assert metrics[-1]["rollout/resumed_samples"] > 0  # weight pushes interrupted generation
+        assert metrics[-1]["rollout/resumed_samples"] > 0, metrics[-1]  # weight pushes interrupted generation
         assert any(g["max_version"] > g["min_version"] for rec in ledger for g in rec["groups"])
         assert all(0 <= r["train/clip_frac"] <= 1 for r in metrics)  # auto = coupled: clipped against behaviour
         assert "train/is_weight_mean" not in metrics[-1]
