@@ -72,20 +72,20 @@ def build_train_batch(
         raise ValueError("cannot build a train batch from zero samples")
     T = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     B = len(samples)
-    # padded Python rows, then one tensor per field: a loop of per-sample tensor ops costs ~10x more, and
-    # more still beside an in-process engine thread (each op a turn at the GIL)
+    # padded Python rows, then one tensor per field: a loop of per-sample tensor ops costs 4-5x more (256
+    # samples), and more still beside an in-process engine thread (each op a turn at the GIL)
     ids, resp, lps, lengths = [], [], [], []
     for s in samples:
         P, R = len(s.prompt_ids), len(s.response_ids)
         pad = T - P - R
         lengths.append(P + R)
         ids.append(s.prompt_ids + s.response_ids + [pad_id] * pad)
-        if mask_truncated and s.status == SampleStatus.TRUNCATED:
+        if mask_truncated and s.status == SampleStatus.TRUNCATED:  # no loss: no mask, no logprobs
             resp.append([0] * T)
+            lps.append([0.0] * T)
         else:
-            resp.append([0] * P + (s.loss_mask if s.loss_mask else [1] * R) + [0] * pad)
-        lps.append([0.0] * P + (s.rollout_logprobs if s.rollout_logprobs and not (
-            mask_truncated and s.status == SampleStatus.TRUNCATED) else [0.0] * R) + [0.0] * pad)
+            resp.append([0] * P + (s.loss_mask or [1] * R) + [0] * pad)
+            lps.append([0.0] * P + (s.rollout_logprobs or [0.0] * R) + [0.0] * pad)
     ids_BT = torch.tensor(ids, dtype=torch.long)
     attn_BT = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
     resp_BT = torch.tensor(resp, dtype=torch.float32)
