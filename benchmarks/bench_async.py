@@ -171,16 +171,17 @@ def filler(blocks: int) -> str:
 
 
 def make_task(out: Path, args) -> dict:
-    """Reverse a 4-digit number: "6311=" -> `\\boxed{1136}`, then a countdown filler whose length is
-    heavy-tailed over prompts (set by the answer's first digit). Disjoint splits: SFT, RL prompts, a validation
-    set for the curve and a larger held-out set for the final accuracy."""
+    """Copy (or reverse) a 4-digit number: "6311=" -> `\\boxed{6311}`, then a countdown filler whose length is
+    heavy-tailed over prompts (set by the answer's first digit). Disjoint splits: SFT, RL prompts, the
+    validation set, and a larger held-out set (written, kept so the other splits draw the numbers they drew
+    in earlier rounds)."""
     from slime_rl.data import write_jsonl
 
     rng = random.Random(args.seed)
     sizes = {"sft": args.num_sft, "val_curve": args.num_val, "val_final": args.final_val, "train": args.num_train}
     numbers = rng.sample(range(10_000), sum(sizes.values()))
     table = filler_table(args.filler_xm, args.filler_alpha, args.max_new_tokens - len("\\boxed{0000}") - 1)
-    paths, lengths, i = {}, [], 0
+    paths, i = {}, 0
     for split, n in sizes.items():
         rows = []
         for x in numbers[i:i + n]:
@@ -188,12 +189,10 @@ def make_task(out: Path, args) -> dict:
             row = {"prompt": f"{x:04d}=", "label": str(int(answer)), "filler": filler(table[int(answer[0])])}
             if split == "sft":
                 row["response"] = "\\boxed{" + answer + "}" + row["filler"]
-                lengths.append(len(row["response"]) + 1)  # + EOS
             rows.append(row)
         i += n
         paths[split] = str(write_jsonl(out / f"{split}.jsonl", rows))
-    return {"sft": paths["sft"], "train": paths["train"], "val": paths["val_curve"], "final_val": paths["val_final"],
-            "sft_lengths": lengths, "filler_table": table}
+    return {"sft": paths["sft"], "train": paths["train"], "val": paths["val_curve"]}
 
 
 def countdown_reward(sample) -> dict[str, float]:
