@@ -135,30 +135,49 @@ def loss_agg_len(run: Run) -> int:
 
 
 def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
-    """Old (and reference) logprobs, the critic's values, the algorithm's advantages, off-policy weights."""
+    """Old (and reference) logprobs, the critic's values, the algorithm's advantages, off-policy weights.
+
+    The old logprobs take a forward of their own only where something needs them before the update: several
+    updates per batch (ppo_epochs or mini_batches > 1), an importance weight (tis, decoupled), or the
+    algorithm's advantages (a KL penalty in the reward). Otherwise the one update's own forward, detached, is
+    the proximal policy (`TrainBatch.proximal_is_update`): the same loss and gradient, one forward fewer."""
     a = run.cfg.algorithm
     algorithm = algorithms.get(a.name)
     needs = algorithm.needs(a)
-    batch.old_logprobs_BT = run.trainer.logprobs(batch)
+    method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
+    single = a.ppo_epochs * a.mini_batches == 1 and method in ("none", "coupled") and not needs.old_logprobs
+    if not single:
+        batch.old_logprobs_BT = run.trainer.logprobs(batch)
     if needs.reference:
         batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
     if needs.critic:
         batch.values_BT = run.critic.values(batch) * batch.response_mask_BT
-    batch.advantages_BT, batch.returns_BT = algorithm.advantages(batch, a)
+    stats = _advantages(run, batch, algorithm)
+    if single:  # the ratio against the behaviour policy ("coupled") or the update's own forward; no IS weights
+        batch.is_weights_BT, batch.proximal_is_update = None, True
+        batch.old_logprobs_BT = batch.rollout_logprobs_BT.float() if method == "coupled" else None
+        return stats
     mask = batch.response_mask_BT
-    n = mask.sum().clamp(min=1)
-    diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / n
-    adv_mean = (batch.advantages_BT * mask).sum() / n
-    stats = {"train_rollout_logprob_abs_diff": float(diff), "adv_mean": float(adv_mean),
-             "adv_std": float((((batch.advantages_BT - adv_mean) * mask).square().sum() / n).sqrt()),
-             "reward_shaped_mean": float(batch.rewards_B.mean())}
-    if batch.returns_BT is not None:
-        stats.update(explained_variance(batch.values_BT, batch.returns_BT, mask))
-    method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
+    diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / mask.sum().clamp(min=1)
+    stats["train_rollout_logprob_abs_diff"] = float(diff)
     batch.is_weights_BT, is_stats = off_policy.importance_weights(batch.old_logprobs_BT, batch.rollout_logprobs_BT,
                                                                   mask, method, a.is_cap)
     batch.old_logprobs_BT = off_policy.ratio_reference(method, batch.old_logprobs_BT, batch.rollout_logprobs_BT)
     return {**stats, **is_stats}
+
+
+def _advantages(run: Run, batch: TrainBatch, algorithm) -> dict[str, float]:
+    """The algorithm's advantages (and returns) set on the batch; their statistics."""
+    batch.advantages_BT, batch.returns_BT = algorithm.advantages(batch, run.cfg.algorithm)
+    mask = batch.response_mask_BT
+    n = mask.sum().clamp(min=1)
+    adv_mean = (batch.advantages_BT * mask).sum() / n
+    stats = {"adv_mean": float(adv_mean),
+             "adv_std": float((((batch.advantages_BT - adv_mean) * mask).square().sum() / n).sqrt()),
+             "reward_shaped_mean": float(batch.rewards_B.mean())}
+    if batch.returns_BT is not None:
+        stats.update(explained_variance(batch.values_BT, batch.returns_BT, mask))
+    return stats
 
 
 def explained_variance(values_BT, returns_BT, mask_BT) -> dict[str, float]:

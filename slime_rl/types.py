@@ -178,7 +178,7 @@ class TrainBatch:
     advantages_BT: Any  # [B, T] float: each token's own advantage (0 off-mask)
     rollout_logprobs_BT: Any  # [B, T] engine logprobs of each token (0 off-mask)
     loss_weights_BT: Any = None  # [B, T] per-token weight of the loss (mask + aggregation: algorithms.token_loss_weights)
-    old_logprobs_BT: Any = None  # trainer logprobs before the update
+    old_logprobs_BT: Any = None  # the ratio's reference: trainer logprobs before the update (None: see below)
     ref_logprobs_BT: Any = None  # reference-model logprobs (KL)
     is_weights_BT: Any = None  # off-policy importance weights of the policy-gradient term (None = 1)
     rewards_B: Any = None  # [B] float: each row's scalar reward after shaping (advantage estimators read it)
@@ -186,6 +186,10 @@ class TrainBatch:
     values_BT: Any = None  # critic: V of the state each token is sampled in, before the update (0 off-mask)
     returns_BT: Any = None  # critic: the value targets (GAE returns) (0 off-mask)
     temperature: float = 1.0  # logits are divided by it, as in the engine
+    # one update and no separate forward for the old logprobs: the update's own logprobs, detached, are the
+    # proximal policy (the ratio's reference where old_logprobs_BT is None), and the loss measures the
+    # trainer-rollout logprob gap on them, weighted like the loss (the loss tokens' mean under token-mean)
+    proximal_is_update: bool = False
 
     @property
     def num_sequences(self) -> int:

@@ -178,6 +178,33 @@ def test_runner_float_rewards_and_edge_cases():
         score_samples(samples, length_reward, timeout_s=0)
 
 
+def test_scoring_reuses_the_pools_threads_across_calls():
+    """An RL run scores dozens of groups a second: starting `max_workers` threads per call cost hundreds of
+    thread starts a second. Calls after the first start no thread; a hung reward's thread is replaced."""
+    from slime_rl.rewards import runner
+
+    def slow(sample):
+        time.sleep(0.01)
+        return 1.0
+
+    score_samples([_sample("x") for _ in range(8)], slow, max_workers=8)  # the pool has its threads now
+    before = runner._POOL.started
+    for _ in range(20):
+        stats = score_samples([_sample("x") for _ in range(8)], slow, max_workers=8)
+        assert stats.errors == 0
+    assert runner._POOL.started == before
+    release = threading.Event()
+    try:
+        stats = score_samples([_sample("hang"), _sample("ok")], lambda s: release.wait(30) if s.response_text == "hang"
+                              else 2.0, timeout_s=0.2, max_workers=2)
+        assert stats.timeouts == 1
+        samples = [_sample("x") for _ in range(8)]
+        assert score_samples(samples, slow, max_workers=8).errors == 0  # served while the hung one still holds a thread
+        assert [s.reward for s in samples] == [1.0] * 8
+    finally:
+        release.set()
+
+
 def test_hung_reward_does_not_block_interpreter_exit():
     import subprocess
     import sys

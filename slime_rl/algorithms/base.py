@@ -32,6 +32,9 @@ class Needs:
     critic: bool = False  # a value model trained beside the policy
     dynamic_sampling: bool = False  # over-sample and drop groups whose rewards all agree
     global_whitening: bool = False  # advantages whitened over the whole batch (all DP ranks)
+    # the trainer's logprobs before the update as an input of `advantages` (a KL penalty in the reward); an
+    # algorithm that does not say otherwise gets them
+    old_logprobs: bool = True
 
 
 class Algorithm(Protocol):

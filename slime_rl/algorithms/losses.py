@@ -140,7 +140,12 @@ class PolicyLoss:
 
     def __call__(self, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, batch: TrainBatch):
         w_BT = batch.loss_weights_BT
-        args = (logprobs_BT, batch.old_logprobs_BT, batch.advantages_BT, w_BT)
+        old_BT = batch.old_logprobs_BT
+        if old_BT is None:
+            if not batch.proximal_is_update:
+                raise ValueError("the batch has no old logprobs and is not marked proximal_is_update")
+            old_BT = logprobs_BT.detach()  # the one update's proximal policy is this very forward: ratio 1
+        args = (logprobs_BT, old_BT, batch.advantages_BT, w_BT)
         if self.kind == "gspo":
             loss, stats = gspo_loss(*args, batch.response_mask_BT, self.eps_low, self.eps_high, batch.is_weights_BT,
                                     self.dual_clip_c)
@@ -149,6 +154,9 @@ class PolicyLoss:
         else:
             loss, stats = policy_loss(*args, self.eps_low, self.eps_high, batch.is_weights_BT, self.dual_clip_c)
         stats["pg_loss"] = loss.detach()
+        if batch.proximal_is_update:  # score_batch had no forward of its own to measure it on
+            gap_BT = (logprobs_BT.detach() - batch.rollout_logprobs_BT).abs()
+            stats["train_rollout_logprob_abs_diff"] = (gap_BT * w_BT).sum()
         if self.kl_coef > 0:
             kl = (kl_penalty(logprobs_BT, batch.ref_logprobs_BT, self.kl_type) * w_BT).sum()
             loss = loss + self.kl_coef * kl

@@ -47,7 +47,7 @@ class PolicyGradient:
 
     def needs(self, cfg: Any) -> Needs:
         return Needs(reference=cfg.kl_coef > 0, dynamic_sampling=cfg.dynamic_sampling,
-                     global_whitening=cfg.whiten_advantages)
+                     global_whitening=cfg.whiten_advantages, old_logprobs=cfg.kl_in_reward and cfg.kl_coef > 0)
 
     def scalar_advantages(self, batch: TrainBatch, cfg: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -13,18 +13,25 @@ and the runner never gives up on it sooner.
 
 Threads, not processes: reward functions are mostly cheap Python (regex,
 numbers) or I/O (HTTP judges, sandboxes), and they get the `Sample` object
-itself. A small pool of daemon worker threads pulls sample indices from a
-shared counter, so thousands of cheap calls cost a lock round-trip each rather
-than a future each. The calling thread watches the clock: a sample running past
-`timeout_s` is marked failed and its worker is abandoned and replaced. Python
-cannot kill a thread, so the hung call keeps running in the background; its
-late result is discarded, and because the worker is a daemon thread it never
-blocks interpreter exit (a `ThreadPoolExecutor` would: its workers are joined
-at exit). A reward that hangs often should isolate itself in a subprocess.
+itself. Up to `max_workers` jobs of one call pull sample indices from a shared
+counter, so thousands of cheap calls cost a lock round-trip each rather than a
+future each. The jobs run on one process-wide pool of daemon threads that
+outlive the call (an idle thread exits after `_IDLE_EXIT_S`): an RL run scores
+dozens of groups a second, and starting `max_workers` threads per group cost
+hundreds of thread starts and tens of thousands of context switches a second,
+CPU taken from the trainer beside it. The calling thread sleeps until the
+earliest running chunk's deadline (not on a fixed poll): a sample running past
+`timeout_s` is marked failed and its job is abandoned and replaced. Python
+cannot kill a thread, so the hung call keeps running in the background, its
+thread lost to the pool (the pool starts another when work waits); its late
+result is discarded, and because the thread is a daemon it never blocks
+interpreter exit (a `ThreadPoolExecutor` would: its workers are joined at
+exit). A reward that hangs often should isolate itself in a subprocess.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -39,6 +46,47 @@ logger = logging.getLogger(__name__)
 
 _MAX_LOGGED_FAILURES = 20  # per call; a summary line covers the rest
 _OK, _ERROR, _TIMEOUT = "ok", "error", "timeout"
+_IDLE_EXIT_S = 30.0  # a pool thread with no work for this long exits
+
+
+class _DaemonPool:
+    """Daemon threads that run submitted callables, started on demand and kept while work keeps coming.
+
+    A callable that never returns keeps its thread; later work gets a new one."""
+
+    def __init__(self, idle_exit_s: float = _IDLE_EXIT_S):
+        self.idle_exit_s = idle_exit_s
+        self._cond = threading.Condition()
+        self._tasks: collections.deque = collections.deque()
+        self._idle = 0  # threads waiting for a task
+        self.started = 0  # threads started in all (for tests)
+
+    def submit(self, fn) -> None:
+        with self._cond:
+            self._tasks.append(fn)
+            if self._idle >= len(self._tasks):
+                self._cond.notify()
+                return
+            self.started += 1
+        threading.Thread(target=self._run, name=f"reward-{self.started}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                deadline = time.monotonic() + self.idle_exit_s
+                while not self._tasks:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._idle -= 1
+                        return
+                    self._cond.wait(left)
+                self._idle -= 1
+                fn = self._tasks.popleft()
+            fn()
+
+
+_POOL = _DaemonPool()
 
 
 @dataclass
@@ -79,7 +127,15 @@ class _Scoring:
     def start_worker(self) -> None:
         worker_id = self.num_workers
         self.num_workers += 1
-        threading.Thread(target=self._work, args=(worker_id,), name=f"reward-worker-{worker_id}", daemon=True).start()
+        _POOL.submit(lambda: self._work(worker_id))
+
+    def wait_s(self, timeout_s: float) -> float:
+        """Seconds until the earliest running chunk's deadline (`timeout_s` while none runs yet)."""
+        with self.lock:
+            started = min((t for _, t in self.running.values()), default=None)
+        if started is None:
+            return timeout_s
+        return max(0.001, started + timeout_s - time.monotonic())
 
     def _work(self, worker_id: int) -> None:
         while True:
@@ -180,8 +236,7 @@ def score_samples(
     scoring = _Scoring(samples, reward_fn)
     for _ in range(min(max_workers, len(scoring.chunks))):
         scoring.start_worker()
-    poll_s = min(0.02, timeout_s / 4)
-    while not scoring.finished.wait(poll_s):
+    while not scoring.finished.wait(scoring.wait_s(timeout_s)):
         for _ in range(scoring.expire(timeout_s)):
             scoring.start_worker()  # replaces the abandoned one; exits at once if no work is left
     _apply(samples, scoring.outcomes, failure_reward, stats, getattr(reward_fn, "__name__", repr(reward_fn)))
