@@ -6,8 +6,13 @@ optionally a reference response (SFT data: a string, or the messages of a
 multi-turn conversation after the prompt) and metadata fields. A message list
 always goes through the tokenizer's chat template; a string does when
 `apply_chat_template=True` (as one user message after the optional system
-prompt). Prompt ids are encoded with `add_special_tokens=False`: the chat
-template, not the tokenizer, decides on BOS-like tokens.
+prompt). A plain string is encoded as `tokenizer(prompt).input_ids` are, with
+the tokenizer's own special tokens (`<bos>` for Llama's and for the character
+tokenizer): a checkpoint trained on BOS-led text sees BOS-led prompts. A
+chat-templated prompt gets exactly the template's tokens (the template writes
+its own BOS where it has one; the tokenizer's would double it). When an HF
+tokenizer and its chat template disagree about BOS (one puts it first, the
+other does not), loading chat-templated prompts logs a warning once.
 
 Bad rows fail loudly with `file:line: problem` (line = 1-based line of a JSONL
 file, 1-based row of a Parquet file); `skip_bad_lines=True` skips them instead
@@ -188,9 +193,9 @@ def _make_record(
     for key in required:
         if key not in row:
             raise _BadRow("missing_key", f"missing key {key!r}")
-    prompt_text = _format_prompt(row[prompt_key], tokenizer, apply_chat_template, system_prompt)
+    prompt_text, templated = _format_prompt(row[prompt_key], tokenizer, apply_chat_template, system_prompt)
     try:
-        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
     except ValueError as e:
         raise _BadRow("untokenizable", f"cannot tokenize prompt: {e}") from None
     if len(prompt_ids) > max_prompt_tokens:
@@ -218,13 +223,14 @@ def _make_record(
     )
 
 
-def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool, system_prompt: str | None) -> str:
-    """The prompt text the model sees: raw string or chat-templated messages."""
+def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool,
+                   system_prompt: str | None) -> tuple[str, bool]:
+    """The prompt text the model sees (raw string or chat-templated messages), and whether it is templated."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise _BadRow("empty_prompt", "empty prompt")
         if not apply_chat_template:
-            return prompt
+            return prompt, False
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):
         if not prompt:
@@ -234,10 +240,46 @@ def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool, syste
         raise _BadRow("bad_prompt_type", f"prompt must be a string or a message list, got {type(prompt).__name__}")
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
+    warn_bos_disagreement(tokenizer)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True), True
     except Exception as e:  # template errors (jinja raise_exception) are data problems
         raise _BadRow("chat_template_error", f"chat template failed: {e}") from None
+
+
+_BOS_CHECKED: set[int] = set()
+
+
+def bos_disagreement(tokenizer: Any) -> str | None:
+    """How an HF tokenizer and its chat template disagree about BOS, or None (also for the character tokenizer,
+    whose built-in template is a stand-in for models trained from scratch)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not hasattr(tokenizer, "hf"):
+        return None
+    try:
+        plain = tokenizer.encode("x", add_special_tokens=True)[:1] == [bos]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        templated = tokenizer.encode(text, add_special_tokens=False)[:1] == [bos]
+    except Exception:  # no template, or one that rejects this message: the rows will say so
+        return None
+    if plain == templated:
+        return None
+    token = tokenizer.decode([bos], skip_special_tokens=False)
+    if plain:
+        return (f"the tokenizer puts {token} before plain text but its chat template does not write it: chat "
+                f"prompts start without {token}, plain-string prompts with it; check which the checkpoint expects")
+    return (f"the chat template writes {token} but the tokenizer does not add it to plain text: plain-string "
+            f"prompts (data.apply_chat_template false) start without {token}; check which the checkpoint expects")
+
+
+def warn_bos_disagreement(tokenizer: Any) -> None:
+    """`bos_disagreement` logged once per tokenizer."""
+    if id(tokenizer) in _BOS_CHECKED:
+        return
+    _BOS_CHECKED.add(id(tokenizer))
+    problem = bos_disagreement(tokenizer)
+    if problem:
+        logger.warning("BOS: %s", problem)
 
 
 def _check_messages(messages: list[Any]) -> list[dict[str, str]]:
