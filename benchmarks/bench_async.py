@@ -102,8 +102,7 @@ def child_main(threads: int, cli_args: list[str]) -> int:
     """`python -m slime_rl ...` with `threads` torch threads in this process and in the trainer rank it spawns,
     each metrics record stamped with the wall clock (`bench/t`), the CPU seconds of the process tree sampled
     every 0.1 s into <log.output_dir>/cpu_trace.json."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.cpu_count = lambda: threads  # the Megatron backend gives each rank os.cpu_count() // ranks threads
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the job sets them again from --rollout/--train.num_threads
     import psutil
     import torch
 
@@ -239,7 +238,8 @@ def common_flags(args, task: dict) -> list[str]:
     flags = ["-b", "megatron", "--tp", "1", "--rollout.prompts_per_step", str(args.prompts),
              "--rollout.n_samples_per_prompt", str(args.samples), "--eval.n_samples", str(args.eval_samples),
              "--eval.greedy", "false", "--eval.temperature", "1.0", "--log.progress", "false", "--log.plot", "false",
-             "--ckpt.save_every", "0"]
+             "--ckpt.save_every", "0", "--rollout.num_threads", str(args.threads),
+             "--train.num_threads", str(args.threads)]
     if args.task != "arithmetic":
         flags += ["--data.train_path", task["train"], "--data.val_path", task["val"], "--data.sft_path", task["sft"],
                   "--rollout.max_new_tokens", str(args.max_new_tokens),

@@ -18,6 +18,7 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 24
     max_batch_size: int = 256  # most requests decoding at once (continuous batching)
+    num_threads: int | None = None  # torch threads of each engine's process; None = a plan that fits the cores
     seed: int = 0
     # embedded engine KV cache: a paged pool shared through a radix (prefix) tree
     max_total_tokens: int | None = None  # KV pool size in tokens; None = from kv_cache_mb

@@ -58,6 +58,7 @@ class ServeConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     served_model_name: str | None = None  # model name in OpenAI responses (default: the model path)
     seed: int = 0  # sampling seed
+    num_threads: int | None = None  # torch threads (default: every core this process may use)
     admin_api_key: str | None = None  # when set, weight and control routes need this key, not --api-key's
     allow_unauthenticated: bool = False  # serve a non-loopback host without an api key (warns)
     allow_nonfinite_weights: bool = False  # accept weight updates holding NaN / inf
@@ -78,6 +79,7 @@ class ServeConfig:
              "(check $SLIME_RL_ADMIN_API_KEY)"),
             ("--max-running-requests", self.max_running_requests >= 1, ">= 1"),
             ("--page-size", self.page_size >= 1, ">= 1"),
+            ("--num-threads", self.num_threads is None or self.num_threads >= 1, ">= 1"),
             ("--max-total-tokens", self.max_total_tokens is None or self.max_total_tokens >= min_tokens,
              f">= {min_tokens} (room for a 1-token prompt and one new token in pages of --page-size "
              f"{self.page_size})"),
@@ -181,6 +183,9 @@ def serve_main(cfg: ServeConfig) -> int:
         print(f"slime-rl serve: WARNING: --host {cfg.host} is not a loopback address and there is no --api-key "
               "(--allow-unauthenticated): the server is reachable without authentication", file=sys.stderr, flush=True)
     threads_before = set(threading.enumerate())
+    from slime_rl.threads import apply_to_this_process, available_cores
+
+    apply_to_this_process(cfg.num_threads or available_cores())
     engine, tokenizer, tokenizer_spec = _load(cfg)
     model_dir = os.path.abspath(cfg.model)
     try:

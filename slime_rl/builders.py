@@ -37,12 +37,14 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launc
 def megatron_settings(cfg: JobConfig):
     from training.megatron import MegatronSettings, ModelSettings
 
+    from slime_rl.threads import job_plan
+
     t = cfg.train
     return MegatronSettings(
         model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
                             vocab_pad_multiple=t.vocab_pad_multiple, fused_logprob=t.fused_logprob),
         use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-        seed=cfg.seed)
+        seed=cfg.seed, threads=job_plan(cfg)[0].rank)
 
 
 SUPPORTED = ("llama", "qwen2")

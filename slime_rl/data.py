@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,7 @@ def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool,
         raise _BadRow("chat_template_error", f"chat template failed: {e}") from None
 
 
-_BOS_CHECKED: set[int] = set()
+_BOS_CHECKED: "weakref.WeakSet" = weakref.WeakSet()  # tokenizers checked (a dead one's id may be reused)
 
 
 def bos_disagreement(tokenizer: Any) -> str | None:
@@ -274,9 +275,9 @@ def bos_disagreement(tokenizer: Any) -> str | None:
 
 def warn_bos_disagreement(tokenizer: Any) -> None:
     """`bos_disagreement` logged once per tokenizer."""
-    if id(tokenizer) in _BOS_CHECKED:
+    if tokenizer in _BOS_CHECKED:
         return
-    _BOS_CHECKED.add(id(tokenizer))
+    _BOS_CHECKED.add(tokenizer)
     problem = bos_disagreement(tokenizer)
     if problem:
         logger.warning("BOS: %s", problem)

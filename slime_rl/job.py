@@ -131,9 +131,22 @@ def _tokenizer(cfg: JobConfig, task=None):
     return load_tokenizer(task_tokenizer(task or _task(cfg), cfg))
 
 
+def plan_local_threads(cfg: JobConfig) -> None:
+    """This process's torch threads from the plan (slime_rl.threads); the spawned ranks get theirs from
+    megatron_settings. Printed, with a warning when the processes computing at once outnumber the cores."""
+    from slime_rl.threads import apply_to_this_process, job_plan
+
+    plan, ranks = job_plan(cfg)
+    apply_to_this_process(plan.driver)
+    print(plan.line(ranks))
+    if plan.warning:
+        print(f"[threads] WARNING: {plan.warning}", file=sys.stderr)
+
+
 def build_run(cfg: JobConfig) -> Run:
     """Everything a job needs, built once from the config."""
     from rollout import EmbeddedEngine
+    from training.spmd import in_torchrun
     from weight_sync import WeightSync
 
     _check_supported(cfg)
@@ -155,6 +168,8 @@ def build_run(cfg: JobConfig) -> Run:
         check_critic_path(cfg.critic.path, hf_config)  # before the SFT warm-up, not after it
     ro = cfg.rollout
     launch = router = None
+    if cfg.launch.launcher == "local" and not in_torchrun():  # Ray and torchrun size their own processes
+        plan_local_threads(cfg)
     if cfg.launch.launcher == "ray":  # engines and trainer ranks are Ray actors; job_run closes the launch last
         from slime_rl.launch.ray_launch import RayLaunch
 
@@ -173,6 +188,8 @@ def build_run(cfg: JobConfig) -> Run:
             max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
             enable_prefix_cache=ro.enable_prefix_cache)
         sync = WeightSync(trainer, [engine], cfg.sync) if trainer is not None and engine is not None else None
+    ranks = [layout["torch_threads"] for layout in getattr(trainer, "layouts", [])]
+    print(f"[threads] running: driver {torch.get_num_threads()}" + (f", trainer ranks {ranks}" if ranks else ""))
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,

@@ -58,6 +58,21 @@ def test_ratio_is_exactly_one_before_the_update():
     assert stats["clip_frac"] == 0.0 and stats["approx_kl"] == 0.0
 
 
+def test_a_sampled_pad_token_trains_its_embedding_like_any_other_token():
+    """The engine may sample the pad id; as an input token its embedding row gets gradient, as in Megatron
+    (transformers' padding_idx froze it, and the two backends' gradients parted)."""
+    cfg, sd = tiny()
+    cfg = {**cfg, "tie_word_embeddings": False, "pad_token_id": 0}
+    sd = init_tiny_model(cfg, seed=0)
+    trainer = HFTrainer(cfg, sd, OptimSettings(lr=1e-2, micro_batch_size=8))
+    sample = Sample(prompt_ids=[5, 6, 7], response_ids=[9, 0, 11, 12], rollout_logprobs=[0.0] * 4)
+    batch = build_train_batch([sample], [1.0], pad_id=0, loss_agg="token")
+    batch.old_logprobs_BT = trainer.logprobs(batch)
+    trainer.train_step(batch, make_policy_loss(0.2, 0.2))
+    grad = trainer.model.get_input_embeddings().weight.grad
+    assert float(grad[0].abs().sum()) > 0 and float(grad[1].abs().sum()) == 0  # id 1 never appears
+
+
 def test_lr_schedules():
     opt = OptimSettings(lr=1.0, min_lr=0.1, schedule="cosine", warmup_steps=2, total_steps=12)
     f = lr_lambda(opt)

@@ -34,4 +34,5 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 64
+    num_threads: int | None = None  # torch threads of each trainer rank; None = a plan that fits the cores
     seed: int = 0

@@ -262,12 +262,12 @@ class RayRankGroup(RankGroup):
 
 def ray_ranks(world_size: int, factory: Factory, factory_kwargs: dict[str, Any], *, pg: PlacementGroup,
               slots: list[Slot], env: dict[str, Any] | None = None, backend: str = "gloo",
-              start_timeout: float = 300, timeout: float | None = None) -> RayRankGroup:
+              start_timeout: float = 300, timeout: float | None = None, threads: int | None = None) -> RayRankGroup:
     """`spawn_ranks` with Ray actors: rank r runs in `slots[r]` of `pg` and builds `factory(**factory_kwargs)`.
 
     Each rank gets torchrun's env: RANK, WORLD_SIZE, LOCAL_RANK / LOCAL_WORLD_SIZE (among the ranks
     on its node), MASTER_ADDR / MASTER_PORT (rank 0's node IP and a port free there), and
-    OMP_NUM_THREADS from its CPU share (it wins over `env`, which is applied too). Returns once every
+    OMP_NUM_THREADS = `threads`, else its CPU share (it wins over `env`, which is applied too). Returns once every
     rank has built its object; RankError with the tracebacks if one fails, dies, or `start_timeout` passes.
     """
     if world_size < 1 or len(slots) != world_size:
@@ -289,7 +289,8 @@ def ray_ranks(world_size: int, factory: Factory, factory_kwargs: dict[str, Any],
             # Ray narrows CUDA_VISIBLE_DEVICES to a GPU rank's own device, so its device index is 0.
             local_rank = 0 if slot.num_gpus else ips[:rank].count(ips[rank])
             rank_env = shared | {"RANK": str(rank), "LOCAL_RANK": str(local_rank),
-                                 "LOCAL_WORLD_SIZE": str(ips.count(ips[rank])), "OMP_NUM_THREADS": str(slot.threads)}
+                                 "LOCAL_WORLD_SIZE": str(ips.count(ips[rank])),
+                                 "OMP_NUM_THREADS": str(threads or slot.threads)}
             refs.append(actor.start.remote(rank_env, backend, factory_blob))
         group._collect(refs, _CONSTRUCTION, start_timeout, stop_on_error=True)
     except BaseException as error:
@@ -405,7 +406,7 @@ class RayLaunch:
         del backend
         return ray_ranks(world_size, factory, factory_kwargs, pg=self._pg, slots=self.placement.trainer_slots,
                          env=env, backend="nccl" if self.placement.trainer_gpus else "gloo",
-                         start_timeout=start_timeout)
+                         start_timeout=start_timeout, threads=self.cfg.train.num_threads)
 
     # ---- engines ----------------------------------------------------------------
 
@@ -413,7 +414,8 @@ class RayLaunch:
         slot = self.placement.engine_slots[index]
         host = "127.0.0.1" if self.cfg.launch.ray_address is None else None
         return EngineActor.options(**_strategy(self._pg, slot)).remote(
-            str(self.model_dir), self.cfg.rollout, self.cfg.rollout.seed + index, host, slot.threads)
+            str(self.model_dir), self.cfg.rollout, self.cfg.rollout.seed + index, host,
+            self.cfg.rollout.num_threads or slot.threads)
 
     def _register(self, index: int, actor: Any) -> str:
         """Wait for a new engine actor's server, check it answers /health, and record it; its URL."""

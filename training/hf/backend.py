@@ -94,6 +94,9 @@ def build_hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor] | None) 
             raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
+    # The pad token is a token the policy can sample like any other; transformers' embedding freezes the
+    # gradient of its row (padding_idx), Megatron's does not. Padding positions never reach the loss.
+    model.get_input_embeddings().padding_idx = None
     return model.eval()
 
 

@@ -82,7 +82,7 @@ class MegatronDriver:
             self._tmp = tempfile.mkdtemp(prefix="slime_rl_init_")
             save_hf_checkpoint(Path(self._tmp), self.hf_config, state_dict)
             state_dict = self._tmp
-        threads = max(1, (os.cpu_count() or 1) // self.num_ranks)
+        threads = self.settings.threads or max(1, (os.cpu_count() or 1) // self.num_ranks)
         kwargs = dict(hf_config=dict(self.hf_config), hf_state=state_dict, settings=self.settings, opt=self.opt,
                       **worker_extra)
         return (launcher or spawn_ranks)(self.num_ranks, worker, kwargs, env={"OMP_NUM_THREADS": str(threads)},

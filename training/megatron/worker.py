@@ -51,6 +51,7 @@ class MegatronSettings:
     use_distributed_optimizer: bool = False
     max_tokens_per_micro_batch: int = 4096  # token budget of one packed micro-batch
     seed: int = 0
+    threads: int | None = None  # torch threads of each spawned rank; None = this machine's cores / ranks
 
 
 class MegatronWorker:
@@ -353,7 +354,8 @@ class MegatronWorker:
 
     # ------------------------------------------------------------------ misc
     def layout(self) -> dict:
-        return {"rank": dist.get_rank(), "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+        return {"rank": dist.get_rank(), "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank,
+                "torch_threads": torch.get_num_threads()}
 
     def close(self) -> None:
         self.ps.destroy_model_parallel()

@@ -1,0 +1,64 @@
+"""Torch thread counts: `rollout.num_threads` / `train.num_threads`, defaults that fit the cores, and a job whose
+processes run with exactly the threads configured."""
+
+from __future__ import annotations
+
+import pytest
+
+from slime_rl.cli import main
+from slime_rl.config import ConfigError, build_config
+from slime_rl.threads import plan_threads
+
+
+def _cfg(mode="sync", rollout=None, train=None):
+    overrides = [("async_rl.mode", mode)]
+    overrides += [("rollout.num_threads", rollout)] if rollout else []
+    overrides += [("train.num_threads", train)] if train else []
+    return build_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("mode,ranks,cores,driver,rank", [
+    ("sync", 1, 2, 2, 2),  # rollout and training alternate: each phase gets every core
+    ("sync", 2, 8, 8, 4),
+    ("one_step_off", 1, 2, 1, 1),  # the engine generates while the rank trains: the cores are split
+    ("fully_async", 1, 8, 4, 4),
+    ("fully_async", 3, 8, 2, 2),
+    ("fully_async", 0, 4, 4, 0),  # --backend hf: one process, one pool
+])
+def test_the_default_plan_never_keeps_more_threads_busy_than_cores(mode, ranks, cores, driver, rank):
+    plan = plan_threads(_cfg(mode), ranks=ranks, engine_here=True, cores=cores)
+    assert (plan.driver, plan.rank, plan.warning) == (driver, rank, None)
+    busy = plan.driver + ranks * plan.rank if mode != "sync" else max(plan.driver, ranks * plan.rank)
+    assert busy <= cores
+
+
+def test_engines_elsewhere_leave_the_cores_to_the_ranks():
+    plan = plan_threads(_cfg("fully_async"), ranks=2, engine_here=False, cores=8)
+    assert (plan.driver, plan.rank) == (1, 4)
+
+
+def test_settings_win_and_oversubscription_is_named():
+    plan = plan_threads(_cfg("fully_async", rollout=1, train=3), ranks=1, engine_here=True, cores=2)
+    assert (plan.driver, plan.rank) == (1, 3)
+    assert "rollout.num_threads / train.num_threads keep 4 threads busy at once on 2 core(s)" in plan.warning
+    crowded = plan_threads(_cfg("fully_async"), ranks=4, engine_here=True, cores=2)
+    assert (crowded.driver, crowded.rank) == (1, 1) and "5 processes compute at once on 2 core(s)" in crowded.warning
+
+
+def test_a_thread_count_below_one_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.num_threads"):
+        build_config(overrides=[("train.num_threads", 0)])
+
+
+def test_every_process_of_a_job_runs_with_the_threads_configured(tmp_path, capsys):
+    """A Megatron job (driver with the embedded engine + a rank): each process reports torch's thread
+    count once built, and it is the configured one (unset, torch would take every core in both)."""
+    assert main(["train", "-b", "megatron", "--tp", "1", "--async", "one_step_off", "--rollout.num_threads", "1",
+                 "--train.num_threads", "1", "--train.num_steps", "1", "--model.hidden_size", "64",
+                 "--model.intermediate_size", "128", "--data.num_train", "40", "--data.num_val", "8",
+                 "--data.num_sft", "8", "--rollout.max_new_tokens", "4", "--rollout.prompts_per_step", "2",
+                 "--rollout.n_samples_per_prompt", "2", "--sft.enabled", "false", "--eval.every_n_steps", "0",
+                 "--eval.max_examples", "4", "--log.progress", "false", "--log.output_dir", str(tmp_path / "run"),
+                 "--log.save_checkpoint", "false", "--log.plot", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "[threads] running: driver 1, trainer ranks [1]" in out, out
