@@ -7,8 +7,8 @@ multi-turn conversation after the prompt) and metadata fields. A message list
 always goes through the tokenizer's chat template; a string does when
 `apply_chat_template=True` (as one user message after the optional system
 prompt). A plain string is encoded as `tokenizer(prompt).input_ids` are, with
-the tokenizer's own special tokens (`<bos>` for Llama's and for the character
-tokenizer): a checkpoint trained on BOS-led text sees BOS-led prompts. A
+the tokenizer's own special tokens (`<bos>` for Llama's; none for Qwen2's or the
+character tokenizer): a checkpoint trained on BOS-led text sees BOS-led prompts. A
 chat-templated prompt gets exactly the template's tokens (the template writes
 its own BOS where it has one; the tokenizer's would double it). When an HF
 tokenizer and its chat template disagree about BOS (one puts it first, the

@@ -34,6 +34,9 @@ class CharTokenizer:
     Like HF tokenizers, the literal strings "<pad>", "<bos>" and "<eos>" in the
     input text encode to their special ids, so `decode(..., skip_special_tokens=False)`
     round-trips through `encode`. Characters outside the alphabet raise ValueError.
+    Like Qwen2's tokenizer it puts no special token before plain text:
+    `add_special_tokens` is accepted for the shared API and adds nothing (the tiny
+    models trained from scratch on it never see a BOS they were not given).
 
     Chat template (one line per message, generation prompt "assistant: "):
 
@@ -60,8 +63,8 @@ class CharTokenizer:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; with add_special_tokens, `<bos>` is prepended."""
-        ids = [self.bos_token_id] if add_special_tokens else []
+        """Token ids of `text` (the same with or without add_special_tokens: see the class docstring)."""
+        ids = []
         for piece in self._special_re.split(text):
             if piece in SPECIAL_TOKENS:
                 ids.append(self._id_of[piece])

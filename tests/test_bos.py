@@ -94,9 +94,9 @@ def test_a_tokenizer_and_template_that_disagree_about_bos_warn_once(tmp_path, ca
         assert len(found) == 1 and warns in found[0] and "<s>" in found[0]
 
 
-def test_the_character_tokenizer_puts_bos_before_plain_prompts(tmp_path):
+def test_the_character_tokenizer_like_qwen2s_puts_nothing_before_plain_prompts(tmp_path):
     tok = CharTokenizer()
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "12+30=", "label": "42"}])
     (record,), _ = load_prompts(path, tok)
-    assert record.prompt_ids == [tok.bos_token_id] + tok.encode("12+30=")
+    assert record.prompt_ids == tok.encode("12+30=", add_special_tokens=True) == tok.encode("12+30=")
     assert data.bos_disagreement(tok) is None  # its built-in template is a stand-in: never warned about

@@ -30,7 +30,7 @@ def test_jsonl_basic(tmp_path):
     records, stats = load_prompts(path, TOK, metadata_keys=("level",))
     assert (stats.loaded, stats.skipped, stats.skipped_by_reason) == (2, 0, {})
     r0, r1 = records
-    assert r0.prompt_text == "1+2=" and r0.prompt_ids == TOK.encode("1+2=", add_special_tokens=True)  # BOS first
+    assert r0.prompt_text == "1+2=" and r0.prompt_ids == TOK.encode("1+2=")
     assert r0.label == "3" and r1.label == 30
     assert r0.metadata == {"level": 1} and r1.metadata == {"level": 2}
     assert r0.source == f"{path}:1" and r1.source == f"{path}:2"
@@ -91,9 +91,9 @@ BAD_LINES = [
     ('{"prompt": ["hi"], "label": 1}', "malformed_messages", "message 0 must be an object, got str"),
     ('{"prompt": 5, "label": 1}', "bad_prompt_type", "prompt must be a string or a message list, got int"),
     (
-        json.dumps({"prompt": "y" * 40, "label": 1}),  # 40 characters after <bos>
+        json.dumps({"prompt": "y" * 40, "label": 1}),
         "prompt_too_long",
-        "prompt is 41 tokens, longer than max_prompt_tokens=32",
+        "prompt is 40 tokens, longer than max_prompt_tokens=32",
     ),
     (
         '{"prompt": "caf\\u00e9", "label": 1}',

@@ -69,7 +69,8 @@ def judge_server(judge_dir, tmp_path_factory):
 
 def _direct_score(model, tok, rendered: str, api: str, lo: int, hi: int) -> float | None:
     """The expected score from this process's forward pass over the prompt the server sees: the chat
-    template (openai) or the raw text with BOS (sglang); None when no score token is among the top 20."""
+    template (openai) or the raw text with the tokenizer's special tokens (sglang); None when no score token is
+    among the top 20."""
     if api == "openai":
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": rendered}]), add_special_tokens=False)
     else:
