@@ -37,8 +37,8 @@ def batch_of(cfg):
                               response_ids=torch.randint(1, VOCAB, (n,), generator=g).tolist(),
                               rollout_logprobs=(-0.5 - 3 * torch.rand(n, generator=g)).tolist(), loss_mask=[1] * n,
                               reward=float(i % 3 == 0), status=SampleStatus.COMPLETED, group_id=i // 3, index=i % 3))
-    return algorithms.build_train_batch(samples, None, 0, loss_agg=cfg.algorithm.loss_agg, group_index=[0] * 3 + [1] * 3,
-                                        rewards=[s.scalar_reward for s in samples])
+    return algorithms.build_train_batch(samples, None, 0, loss_agg=cfg.algorithm.loss_agg,
+                                        group_index=[0] * 3 + [1] * 3, rewards=[s.scalar_reward for s in samples])
 
 
 @pytest.mark.parametrize("name,mode", [("GRPO", "sync"), ("CISPO", "sync"), ("GSPO", "sync"),
