@@ -347,6 +347,18 @@ def machine() -> dict:
             "platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
 
 
+def git_commit() -> str | None:
+    """The repository's commit (with "+dirty" when files differ from it), recorded with the results."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_bench(args) -> None:
     work = Path(args.work)
     if args.sft_checkpoint and Path(args.sft_checkpoint).resolve().is_relative_to(work.resolve()):
@@ -439,7 +451,7 @@ def report(args, env, ckpt, runs, total_s) -> None:
     result = {"benchmark": "async", "machine": env, "args": vars(args), "seeds": list(args.seeds),
               "processes": f"driver (embedded engine, RL loop) + 1 Megatron TP1 trainer rank, {args.threads} torch "
                            f"thread(s) each, on {cores} CPUs",
-              "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows, "total_s": total_s,
+              "commit": git_commit(), "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows, "total_s": total_s,
               "loadavg_end": os.getloadavg()}
     out.write_text(json.dumps(result, indent=1))
     plot(rows, args, env)
