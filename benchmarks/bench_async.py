@@ -451,8 +451,8 @@ def report(args, env, ckpt, runs, total_s) -> None:
     result = {"benchmark": "async", "machine": env, "args": vars(args), "seeds": list(args.seeds),
               "processes": f"driver (embedded engine, RL loop) + 1 Megatron TP1 trainer rank, {args.threads} torch "
                            f"thread(s) each, on {cores} CPUs",
-              "commit": git_commit(), "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows, "total_s": total_s,
-              "loadavg_end": os.getloadavg()}
+              "commit": git_commit(), "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows,
+              "total_s": total_s, "loadavg_end": os.getloadavg()}
     out.write_text(json.dumps(result, indent=1))
     plot(rows, args, env)
     print(f"wrote {out} and {args.png} ({total_s:.0f}s in all)")

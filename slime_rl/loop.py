@@ -145,7 +145,7 @@ def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
     algorithm = algorithms.get(a.name)
     needs = algorithm.needs(a)
     method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
-    single = a.ppo_epochs * a.mini_batches == 1 and method in ("none", "coupled") and not needs.old_logprobs
+    single = a.ppo_epochs * a.mini_batches == 1 and not off_policy.weighs_tokens(method) and not needs.old_logprobs
     if not single:
         batch.old_logprobs_BT = run.trainer.logprobs(batch)
     if needs.reference:
@@ -155,7 +155,7 @@ def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
     stats = _advantages(run, batch, algorithm)
     if single:  # the ratio against the behaviour policy ("coupled") or the update's own forward; no IS weights
         batch.is_weights_BT, batch.proximal_is_update = None, True
-        batch.old_logprobs_BT = batch.rollout_logprobs_BT.float() if method == "coupled" else None
+        batch.old_logprobs_BT = off_policy.ratio_reference(method, None, batch.rollout_logprobs_BT)
         return stats
     mask = batch.response_mask_BT
     diff = ((batch.old_logprobs_BT - batch.rollout_logprobs_BT).abs() * mask).sum() / mask.sum().clamp(min=1)

@@ -39,10 +39,16 @@ def resolve(method: str, async_mode: str) -> str:
     return method
 
 
+def weighs_tokens(method: str) -> bool:
+    """Whether the method weights tokens by pi_old / pi_behaviour, which needs the old logprobs before the
+    update ("tis", "decoupled"); "none" and "coupled" read only the behaviour logprobs."""
+    return method not in ("none", "coupled")
+
+
 def importance_weights(old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
                        method: str, cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Per-token weights [B, T] (None for "none") and statistics over the masked tokens."""
-    if method in ("none", "coupled"):
+    if not weighs_tokens(method):
         return None, {}
     if cap < 1:
         raise ValueError(f"importance-weight cap must be >= 1, got {cap}")
@@ -62,7 +68,10 @@ def importance_weights(old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: tor
     return weights_BT, stats
 
 
-def ratio_reference(method: str, old_logprobs_BT: torch.Tensor, behaviour_logprobs_BT: torch.Tensor) -> torch.Tensor:
+def ratio_reference(method: str, old_logprobs_BT: torch.Tensor | None,
+                    behaviour_logprobs_BT: torch.Tensor) -> torch.Tensor | None:
     """The logprobs the clipped ratio is taken against: the behaviour policy's for "coupled", else the
-    proximal (trainer's, before this update) ones."""
-    return behaviour_logprobs_BT.to(old_logprobs_BT.dtype) if method == "coupled" else old_logprobs_BT
+    proximal (trainer's, before this update) ones; None (no separate forward: the update's own) stays None."""
+    if method != "coupled":
+        return old_logprobs_BT
+    return behaviour_logprobs_BT.to(torch.float32 if old_logprobs_BT is None else old_logprobs_BT.dtype)
