@@ -42,9 +42,13 @@ The ideal-overlap bound of a mode (its best samples/s over sync's, from sync's m
 seed): an async step cannot be shorter than the trainer's T, than the rollout's latency over the waves in
 flight R / k (k = 1 for one_step_off, min(--inflight-waves, K + 1) for fully_async_sK), than the engine's own
 compute R c_R / max(1, c_R) (one engine process: at most one busy core per thread), nor than all the CPU work
-spread over the machine's cores (R c_R + T c_T) / cores. So bound = (R + T) / max(T, R / k, R c_R / max(1,
-c_R), (R c_R + T c_T) / cores): overlapping two compute phases on 2 cores gains at most 2x and less when either
-needs more than one core; overlapping a phase that waits gains as much as the waves in flight allow.
+spread over the machine's cores (R c_R + T c_T) / cores. A fully_async_sK producer also may not start wave w
+before the weights of step w - K are pushed, which comes after that step's training: the K + 1 steps from then
+to the start of step w must hold the wave's latency and a train step, so a step is at least (R + T) / (K + 1)
+(its staleness window). So bound = (R + T) / max(T, R / k, (R + T) / (K + 1), R c_R / max(1, c_R),
+(R c_R + T c_T) / cores): overlapping two compute phases on 2 cores gains at most 2x and less when either
+needs more than one core; overlapping a phase that waits gains as much as the waves in flight and the
+staleness window allow.
 
 Reported per mode: medians over seeds with min-max of final accuracy, its difference to sync (same seed),
 samples/s, the ratio to sync (same seed), the bound and the fraction of it reached; max staleness. Runs go
@@ -266,7 +270,7 @@ def rl(args, task: dict, ckpt: str, mode: str, seed: int, out: Path, log: Path) 
              "--seed", str(seed), "--train.seed", str(seed), "--rollout.seed", str(seed),
              "--sft.enabled", "false", "--model.path", ckpt, "--model.tokenizer", ckpt,
              "--train.num_steps", str(args.steps), "--train.lr", str(args.lr), "--eval.every_n_steps",
-             str(args.eval_every), "--log.output_dir", str(out), "--debug.save_rollouts", str(out / "rollouts"),
+             str(args.eval_every), "--log.output_dir", str(out),
              *args.extra]
     return run_child(args, flags, log, env={DELAY_ENV: str(args.reward_delay_s)})
 
@@ -281,16 +285,12 @@ def cores_between(trace: list, t0: float, t1: float) -> float | None:
 
 
 def read_run(out: Path) -> dict:
-    from slime_rl.producer import load_groups
-
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in recs if r.get("step") == 0 and STAMP in r)
     steps = [r for r in recs if "time/step_s" in r]
     trace = json.loads((out / CPU_TRACE).read_text())
-    lengths = []
-    for path in sorted((out / "rollouts").glob("step_*.pt")):
-        lengths += [len(s.response_ids) for g in load_groups(path) for s in g]
     ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
+    lengths = [n for rec in ledger for g in rec["groups"] for n in g["response_lengths"]]
     # phases of the steps without validation: [end - step_s, + rollout_s] rolls out, the rest trains and pushes
     phases = {"rollout_s": [], "train_s": [], "rollout_cores": [], "train_cores": []}
     for r in steps:
@@ -328,6 +328,8 @@ def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int) -
         return {"bound": 1.0, "limit": "sync", "waves_in_flight": 1}
     limits = {"train": T, "rollout latency / waves in flight": R / k, "engine compute": R * cR / max(1.0, cR),
               f"CPU work / {cores} cores": (R * cR + T * cT) / cores}
+    if mode.startswith("fully_async"):  # wave w starts once step w - K's weights are pushed, ends by step w
+        limits["staleness window"] = (R + T) / (STALENESS[mode] + 1)
     limit = max(limits, key=limits.get)
     return {"bound": (R + T) / limits[limit], "limit": limit, "waves_in_flight": k,
             "step_s_limits": limits}

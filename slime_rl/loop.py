@@ -35,7 +35,7 @@ from training.hf.backend import merge_step_stats
 
 PRINT_KEYS = ["rollout/reward_mean", "rollout/answer_accuracy", "rollout/response_length",
               "train/clip_frac", "train/entropy", "train/train_rollout_logprob_abs_diff", "val/accuracy"]
-TRAINED_GROUPS = "trained_groups.jsonl"  # per step: every trained group's uid, size and token versions
+TRAINED_GROUPS = "trained_groups.jsonl"  # per step: each trained group's uid, size, versions, lengths
 
 
 class TrainerFailed(RuntimeError):
@@ -354,7 +354,8 @@ def record_groups(run: Run, step: int, groups: list[list[Sample]]) -> None:
     ledger.log({"step": step + 1, "trainer_version": run.weight_version,
                 "groups": [{"uid": group_uid(g) if "uid" in g[0].metadata else str(g[0].group_id), "n": len(g),
                             "min_version": min((v for s in g for v in s.weight_versions), default=-1),
-                            "max_version": max((v for s in g for v in s.weight_versions), default=-1)}
+                            "max_version": max((v for s in g for v in s.weight_versions), default=-1),
+                            "response_lengths": [len(s.response_ids) for s in g]}
                            for g in groups]})
     if run.cfg.debug.save_rollouts:
         save_groups(Path(run.cfg.debug.save_rollouts) / f"step_{step:06d}.pt", groups)

@@ -73,6 +73,7 @@ def test_trained_tokens_are_never_staler_than_the_limit(tmp_path, mode, stalenes
         seen |= set(uids)
         for g in rec["groups"]:
             assert g["min_version"] >= 0, "a trained group without version stamps"
+            assert len(g["response_lengths"]) == n and all(1 <= k <= 64 for k in g["response_lengths"])
             worst = max(worst, rec["trainer_version"] - g["min_version"])
     assert worst <= staleness
     if staleness:  # generation overlapped training: wave 1 starts before step 1's push, with step 0's weights

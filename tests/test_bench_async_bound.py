@@ -1,0 +1,54 @@
+"""The ideal-overlap bound of benchmarks/bench_async.py: each limit a mode's schedule imposes, checked against
+the step time the producer's rule allows (slime_rl/producer.py: wave w starts once step w - K's weights are
+pushed)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_async", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def phases(R, T, cR=0.2, cT=1.0):
+    return {"rollout_s": R, "train_s": T, "rollout_cores": cR, "train_cores": cT}
+
+
+def simulated_step(R, T, K, waves, steps=400):
+    """Steady-state step time of a trainer that trains wave w from the moment it is ready, where wave w
+    starts once step w - K's weights are pushed (and at most `waves` waves are in flight), takes R, and a
+    step takes T; rollouts that only wait (no core)."""
+    ready, end = [], []  # wave w ready at ready[w]; step w ends (weights pushed) at end[w]
+    for w in range(steps):
+        start = end[w - K - 1] if w - K - 1 >= 0 else 0.0
+        if w - waves >= 0:
+            start = max(start, ready[w - waves])  # the concurrency cap: a slot frees when a wave completes
+        ready.append(start + R)
+        end.append(max(ready[w], end[w - 1] if w else 0.0) + T)
+    span = 60  # a whole number of the schedule's periods (1 to 5 steps)
+    return (end[-1] - end[-1 - span]) / span
+
+
+@pytest.mark.parametrize("R,T,K,waves", [(1.26, 0.43, 2, 3), (1.26, 0.43, 4, 4), (0.30, 0.50, 1, 2),
+                                         (3.0, 0.5, 2, 3), (1.26, 0.43, 1, 2)])
+def test_fully_async_bound_is_the_schedules_best_step(R, T, K, waves):
+    mode = {1: "fully_async_s1", 2: "fully_async_s2", 4: "fully_async_s4"}[K]
+    b = bench.ideal_bound(phases(R, T), mode, inflight_waves=waves, cores=64)
+    step = simulated_step(R, T, K, min(waves, K + 1))
+    assert b["bound"] == pytest.approx((R + T) / step, rel=1e-6)
+
+
+def test_waiting_staleness_2_is_limited_by_its_window_not_by_the_waves():
+    b = bench.ideal_bound(phases(1.26, 0.43), "fully_async_s2", inflight_waves=4, cores=2)
+    assert b["limit"] == "staleness window" and b["bound"] == pytest.approx(3.0)
+    assert bench.ideal_bound(phases(1.26, 0.43), "fully_async_s4", inflight_waves=4, cores=2)["limit"] == "train"
+
+
+def test_compute_bound_workload_is_limited_by_the_trainer_or_the_cores():
+    b = bench.ideal_bound(phases(0.30, 0.50, cR=1.05, cT=1.05), "fully_async_s2", inflight_waves=3, cores=2)
+    assert b["limit"] == "train" and b["bound"] == pytest.approx(1.6)
+    b = bench.ideal_bound(phases(0.50, 0.50, cR=1.5, cT=1.5), "one_step_off", inflight_waves=1, cores=2)
+    assert b["limit"] == "CPU work / 2 cores" and b["bound"] == pytest.approx(1.0 / 0.75)
