@@ -45,6 +45,12 @@ class Worker:
     def ramp(self, n: int) -> torch.Tensor:
         return torch.arange(n, dtype=torch.float32) + self.rank
 
+    def echo(self, payload: dict) -> dict:
+        """The payload back, with what this rank saw of each tensor (dtype, shape, sum)."""
+        seen = {k: (str(v.dtype), tuple(v.shape), float(v.detach().double().sum())) for k, v in payload.items()
+                if isinstance(v, torch.Tensor)}
+        return {"payload": payload, "seen": seen, "rank": self.rank}
+
     def fail_on(self, rank: int) -> int:
         if self.rank == rank:
             raise ValueError(f"boom on rank {rank}")
@@ -98,6 +104,61 @@ def test_a_50mb_tensor_survives_the_pipe(ranks):
     for rank, ramp_N in enumerate(ramps):
         assert ramp_N.shape == (n,) and ramp_N.dtype == torch.float32
         assert torch.equal(ramp_N, torch.arange(n, dtype=torch.float32) + rank)
+
+
+def mixed_payload(n: int) -> dict:
+    base = torch.arange(2 * n, dtype=torch.float32).reshape(2, n)
+    return {"f32": base, "bf16": torch.linspace(-3, 3, n).to(torch.bfloat16), "i64": torch.arange(n) * 7,
+            "bool": torch.arange(n) % 3 == 0, "scalar": torch.tensor(2.5, dtype=torch.float64),
+            "empty": torch.empty(0, 4), "column": base[:, 1::2],  # a non-contiguous view
+            "param": torch.nn.Parameter(torch.ones(3)), "text": "kept", "nested": [torch.full((2,), 9)]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert type(b[k]) is type(v) and b[k].dtype == v.dtype and torch.equal(b[k], v), k
+        elif k == "nested":
+            assert torch.equal(b[k][0], v[0])
+        else:
+            assert b[k] == v
+
+
+def test_tensors_go_both_ways_through_shared_memory(ranks):
+    for n in (5, 300_000, 40):  # the second outgrows the 1 MiB arena on both sides, the third reuses it
+        payload = mixed_payload(n)
+        replies = ranks.call("echo", payload)
+        for rank, reply in enumerate(replies):
+            assert reply["rank"] == rank
+            assert_same(payload, reply["payload"])
+            assert reply["seen"]["column"] == ("torch.float32", (2, n // 2), float(payload["column"].double().sum()))
+
+
+def test_a_message_carries_tensor_bytes_in_its_arena_and_only_metadata_in_the_pipe():
+    from training.shm_channel import Arena, Link, encode
+
+    big = torch.randn(1_000_000)  # 4 MB
+    original = big.clone()
+    arena = Arena()
+    message = encode({"x": big, "y": [big[:10]]}, arena)
+    assert len(message.body) < 1000 and message.mapping is not None and message.mapping.size >= 4_000_040
+    assert len(encode({"x": big}, None).body) > 4_000_000  # a plain pickle without an arena
+    sender_end, receiver_end = multiprocessing.Pipe()
+    sender, receiver = Link(sender_end, arena), Link(receiver_end)
+    try:
+        sender.send_encoded(message)
+        got = receiver.recv()
+        assert torch.equal(got["x"], big) and torch.equal(got["y"][0], big[:10])
+        big.add_(1.0)  # the sender reuses its tensor (and, next message, its arena): the received copy holds
+        sender.send({"z": torch.zeros(3)})
+        assert torch.equal(receiver.recv()["z"], torch.zeros(3))
+        assert torch.equal(got["x"], original)
+        generation = arena.generation
+        sender.send({"w": torch.ones(3_000_000)})  # 12 MB: a new arena, whose descriptor follows the message
+        assert arena.generation == generation + 1 and torch.equal(receiver.recv()["w"], torch.ones(3_000_000))
+    finally:
+        sender_end.close(), receiver_end.close(), receiver.close(), arena.close()
 
 
 def test_an_exception_names_the_rank_and_carries_its_traceback(ranks):

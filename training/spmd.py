@@ -23,9 +23,12 @@ unusable (close it). Under torchrun rank 0 takes part in every command itself, s
 timeout can be enforced there: torch.distributed's own timeouts and torchrun's
 stop-all-on-failure apply.
 
-Payloads go through plain `pickle` (not multiprocessing's shared-memory tensor
-reductions), so tensors arrive as copies and never alias a worker's live parameters;
-return CPU tensors. Under torchrun rank 0's own result is returned as is, uncopied.
+Spawned ranks: commands and replies are pickled, and their plain CPU tensors travel
+through shared memory (`training.shm_channel`: each sender's arena is an anonymous
+memfd whose descriptor goes over the pipe) instead of through the pipe; they arrive as
+copies and never alias a worker's live parameters. Return CPU tensors. Under torchrun
+payloads are pickled through the control group, and rank 0's own result is returned as
+is, uncopied.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
+
+from training.shm_channel import Arena, Link, encode, supported as shm_supported
 
 # torch is imported inside functions: a spawned worker must apply the caller's env
 # (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, ...) before torch loads.
@@ -112,13 +117,25 @@ def _execute(obj: Any, call: _Call, rank: int) -> _Reply:
         return _Reply(rank, error=traceback.format_exc())
 
 
+def _unpicklable(reply: _Reply, method: str) -> _Reply:
+    return _Reply(reply.rank, error=f"the result of {method} could not be pickled:\n{traceback.format_exc()}")
+
+
 def _encode(reply: _Reply, method: str) -> bytes:
     """Pickle a reply; an unpicklable value becomes an error reply instead of a lost rank."""
     try:
         return pickle.dumps(reply, protocol=_PICKLE)
     except Exception:
-        error = f"the result of {method} could not be pickled:\n{traceback.format_exc()}"
-        return pickle.dumps(_Reply(reply.rank, error=error), protocol=_PICKLE)
+        return pickle.dumps(_unpicklable(reply, method), protocol=_PICKLE)
+
+
+def _send_reply(link: Link, reply: _Reply, method: str) -> None:
+    """`_encode` over a rank's link (pickling fails before anything is sent)."""
+    try:
+        message = encode(reply, link.arena)
+    except Exception:
+        message = encode(_unpicklable(reply, method), None)
+    link.send_encoded(message)
 
 
 def _init_dist(backend: str) -> bool:
@@ -212,11 +229,13 @@ class SpawnedRankGroup(RankGroup):
     changed between calls. A rank that dies is noticed at once through its process sentinel.
     """
 
-    def __init__(self, processes: list, conns: list, timeout: float | None):
+    def __init__(self, processes: list, conns: list, timeout: float | None, shared_memory: bool = True):
         super().__init__(len(processes))
         self.processes = tuple(processes)
         self.timeout = timeout
         self._conns = conns
+        self._arena = Arena() if shared_memory and shm_supported() else None  # the commands to every rank
+        self._links = [Link(conn) for conn in conns]
         # Runs before multiprocessing joins its children at interpreter exit (exitpriority >= 0),
         # so a driver that never calls close() does not hang on idle workers.
         self._finalizer = multiprocessing.util.Finalize(
@@ -228,10 +247,10 @@ class SpawnedRankGroup(RankGroup):
         return self._collect(call.method, self.timeout, stop_on_error=False)
 
     def _send(self, call: _Call) -> None:
-        payload = pickle.dumps(call, protocol=_PICKLE)
-        for rank, conn in enumerate(self._conns):
+        message = encode(call, self._arena)
+        for rank, link in enumerate(self._links):
             try:
-                conn.send_bytes(payload)
+                link.send_encoded(message)
             except OSError:
                 self._broken = self._death(rank, call.method)
                 raise RankError(self._broken) from None
@@ -264,9 +283,9 @@ class SpawnedRankGroup(RankGroup):
         Called when the pipe or the process sentinel is ready; a worker writes its reply
         before it exits, so an empty pipe here means a death.
         """
-        conn = self._conns[rank]
+        link = self._links[rank]
         try:
-            return pickle.loads(conn.recv_bytes()) if conn.poll() else None
+            return link.recv() if link.conn.poll() else None
         except (EOFError, OSError):
             return None
 
@@ -284,6 +303,10 @@ class SpawnedRankGroup(RankGroup):
         self._finalizer.cancel()
         # Ranks that acknowledged are exiting on their own (slow on a busy machine); give them `timeout`.
         _stop_workers(self.processes, self._conns, grace_s=timeout if replies else 0.0)
+        for link in self._links:
+            link.close()
+        if self._arena is not None:
+            self._arena.close()
 
 
 def _stop_workers(processes: tuple, conns: list, grace_s: float) -> None:
@@ -315,12 +338,14 @@ def _join_all(processes: tuple | list, timeout_s: float) -> None:
 # Mode 1: ranks spawned by the driver.
 
 
-def _worker_main(rank: int, env: dict[str, str], backend: str, factory_blob: bytes, conn: Any) -> None:
+def _worker_main(rank: int, env: dict[str, str], backend: str, factory_blob: bytes, conn: Any,
+                 shared_memory: bool = True) -> None:
     """A spawned rank: set env, init torch.distributed, build the object, serve the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which shuts the ranks down
     os.setpgid(0, 0)  # a process group per rank: what the rank starts (e.g. megatron's checkpoint-writer
     # manager process) is killed with it, even when the rank itself was killed (see _stop_workers)
     os.environ.update(env)
+    link = Link(conn, Arena() if shared_memory and shm_supported() else None)
     try:
         if "OMP_NUM_THREADS" in env:
             import torch
@@ -330,37 +355,39 @@ def _worker_main(rank: int, env: dict[str, str], backend: str, factory_blob: byt
         _init_dist(backend)
         obj = _load_factory(factory)(**factory_kwargs)
     except Exception:
-        conn.send_bytes(_encode(_Reply(rank, error=traceback.format_exc()), _CONSTRUCTION))
+        _send_reply(link, _Reply(rank, error=traceback.format_exc()), _CONSTRUCTION)
         sys.exit(1)
-    conn.send_bytes(_encode(_Reply(rank), _CONSTRUCTION))
-    sys.exit(_serve_pipe(obj, conn, rank))
+    _send_reply(link, _Reply(rank), _CONSTRUCTION)
+    sys.exit(_serve_pipe(obj, link, rank))
 
 
-def _serve_pipe(obj: Any, conn: Any, rank: int) -> int:
+def _serve_pipe(obj: Any, link: Link, rank: int) -> int:
     """Run commands from the driver until shutdown (exit code 0) or the driver goes away (1)."""
     import torch.distributed as dist
 
     while True:
         try:
-            call: _Call = pickle.loads(conn.recv_bytes())
+            call: _Call = link.recv()
         except (EOFError, OSError):
             return 1
         reply = _execute(obj, call, rank)
         if call.method == _SHUTDOWN:
             dist.destroy_process_group()
         try:
-            conn.send_bytes(_encode(reply, call.method))
+            _send_reply(link, reply, call.method)
         except OSError:
             return 1
         if call.method == _SHUTDOWN:
             return 0
 
 
-def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: bytes) -> tuple[Any, Any]:
+def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: bytes,
+                  shared_memory: bool) -> tuple[Any, Any]:
     ctx = multiprocessing.get_context("spawn")  # never fork: torch holds threads and locks
     parent_conn, child_conn = ctx.Pipe()
     process = ctx.Process(
-        target=_worker_main, args=(rank, env, backend, factory_blob, child_conn), name=f"spmd-rank{rank}"
+        target=_worker_main, args=(rank, env, backend, factory_blob, child_conn, shared_memory),
+        name=f"spmd-rank{rank}",
     )
     process.start()
     child_conn.close()  # only the worker holds its end now, so the driver sees EOF when it dies
@@ -376,13 +403,15 @@ def spawn_ranks(
     backend: str = "gloo",
     start_timeout: float = 300,
     timeout: float | None = None,
+    shared_memory: bool = True,
 ) -> SpawnedRankGroup:
     """Start `world_size` ranks that each run `factory(**factory_kwargs)` after `init_process_group`.
 
     `factory` is a callable (pickled by reference) or "pkg.mod:Name". `env` is applied in
     each worker before torch.distributed starts (RANK/WORLD_SIZE/LOCAL_RANK are set per rank
     and win over it). Returns once every rank has built its object; raises RankError with
-    the traceback if any rank fails to, or dies, or `start_timeout` passes.
+    the traceback if any rank fails to, or dies, or `start_timeout` passes. `shared_memory`
+    False pickles every tensor through the pipes (`training.shm_channel`).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -402,13 +431,13 @@ def spawn_ranks(
                 "RANK": str(rank), "WORLD_SIZE": str(world_size),
                 "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
             }  # fmt: skip
-            process, conn = _start_worker(rank, rank_env, backend, factory_blob)
+            process, conn = _start_worker(rank, rank_env, backend, factory_blob, shared_memory)
             processes.append(process)
             conns.append(conn)
     except BaseException:
         _stop_workers(tuple(processes), conns, grace_s=0.0)
         raise
-    group = SpawnedRankGroup(processes, conns, timeout)
+    group = SpawnedRankGroup(processes, conns, timeout, shared_memory)
     try:
         group._collect(_CONSTRUCTION, start_timeout, stop_on_error=True)
     except BaseException:
