@@ -27,6 +27,7 @@ from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evalua
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards.compose import build_reward_fn
 from slime_rl.sft import run_sft as sft_train
+from slime_rl.threads import pin_process
 from slime_rl.tokenizer import load_tokenizer
 
 
@@ -131,9 +132,11 @@ def _tokenizer(cfg: JobConfig, task=None):
     return load_tokenizer(task_tokenizer(task or _task(cfg), cfg))
 
 
-def plan_local_threads(cfg: JobConfig) -> None:
-    """This process's torch threads from the plan (slime_rl.threads); the spawned ranks get theirs from
-    megatron_settings. Printed, with a warning when the processes computing at once outnumber the cores."""
+def plan_local_threads(cfg: JobConfig):
+    """This process's torch threads from the plan (slime_rl.threads), which is returned; the spawned ranks get
+    theirs (and their cores) from megatron_settings. Printed, with a warning when the processes computing at
+    once outnumber the cores. The driver is pinned to its cores later (`pin_process`), once the ranks are
+    spawned: they are planned from this process's affinity mask, and inherit it."""
     from slime_rl.threads import apply_to_this_process, job_plan
 
     plan, ranks = job_plan(cfg)
@@ -141,6 +144,19 @@ def plan_local_threads(cfg: JobConfig) -> None:
     print(plan.line(ranks))
     if plan.warning:
         print(f"[threads] WARNING: {plan.warning}", file=sys.stderr)
+    return plan
+
+
+def running_line(trainer) -> str:
+    """What each process runs with: torch threads, and the cores it may use where it is pinned."""
+    layouts = getattr(trainer, "layouts", [])
+    line = f"[threads] running: driver {torch.get_num_threads()}" + (
+        f", trainer ranks {[layout['torch_threads'] for layout in layouts]}" if layouts else "")
+    driver_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if driver_cores and len(driver_cores) < (os.cpu_count() or 0):
+        line += f"; cores: driver {driver_cores}" + (
+            f", trainer ranks {[layout.get('cores') for layout in layouts]}" if layouts else "")
+    return line
 
 
 def build_run(cfg: JobConfig) -> Run:
@@ -167,9 +183,9 @@ def build_run(cfg: JobConfig) -> Run:
     if cfg.critic.path is not None and algorithms.needs(cfg.algorithm).critic:
         check_critic_path(cfg.critic.path, hf_config)  # before the SFT warm-up, not after it
     ro = cfg.rollout
-    launch = router = None
+    launch = router = plan = None
     if cfg.launch.launcher == "local" and not in_torchrun():  # Ray and torchrun size their own processes
-        plan_local_threads(cfg)
+        plan = plan_local_threads(cfg)
     if cfg.launch.launcher == "ray":  # engines and trainer ranks are Ray actors; job_run closes the launch last
         from slime_rl.launch.ray_launch import RayLaunch
 
@@ -188,8 +204,9 @@ def build_run(cfg: JobConfig) -> Run:
             max_total_tokens=ro.max_total_tokens, kv_cache_mb=ro.kv_cache_mb, page_size=ro.page_size,
             enable_prefix_cache=ro.enable_prefix_cache)
         sync = WeightSync(trainer, [engine], cfg.sync) if trainer is not None and engine is not None else None
-    ranks = [layout["torch_threads"] for layout in getattr(trainer, "layouts", [])]
-    print(f"[threads] running: driver {torch.get_num_threads()}" + (f", trainer ranks {ranks}" if ranks else ""))
+    if plan is not None and plan.driver_cores:
+        pin_process(plan.driver_cores)
+    print(running_line(trainer))
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"[model] {hf_config['model_type']} {n_params / 1e6:.2f}M params, vocab {hf_config['vocab_size']}")
     return Run(cfg=cfg, tokenizer=tokenizer, trainer=trainer, critic=None, engine=engine, launch=launch, router=router,
@@ -326,17 +343,24 @@ def job_run(cfg: JobConfig):
     if serve_if_torchrun_rank(cfg):
         yield None
         return
-    run = build_run(cfg)
+    from slime_rl.threads import cpu_ids
+
+    cores_before = tuple(cpu_ids())  # the plan may pin this process (slime_rl.threads); a caller gets it back
     try:
-        yield run
+        run = build_run(cfg)
+        try:
+            yield run
+        finally:
+            router, launch = run.router, run.launch
+            for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
+                          getattr(run.critic, "close", None),
+                          getattr(run.engine, "close", None),
+                          router.stop if router is not None else None, launch.close if launch is not None else None):
+                if close is not None:
+                    close()
     finally:
-        router, launch = run.router, run.launch
-        for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
-                      getattr(run.critic, "close", None),
-                      getattr(run.engine, "close", None),
-                      router.stop if router is not None else None, launch.close if launch is not None else None):
-            if close is not None:
-                close()
+        if hasattr(os, "sched_setaffinity") and tuple(cpu_ids()) != cores_before:
+            pin_process(cores_before)
 
 
 def run_train(cfg: JobConfig) -> int:

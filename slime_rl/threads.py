@@ -15,6 +15,12 @@ waits for the slowest. The plan counts the processes that compute at the same ti
 Engines elsewhere (`rollout.engine_urls`) take no core here. Under `launch.launcher ray` each actor's threads
 come from its bundle's CPUs (`launch.cpus_per_engine` / `cpus_per_trainer`) unless these settings are given.
 Settings that oversubscribe are honoured, with a warning naming them.
+
+Where the driver's threads and the ranks' together fit the cores (the asynchronous modes' default, or settings
+that fit), `launch.bind_cores` (on) pins each process to cores of its own: the driver to the first ones of its
+affinity mask, each rank to the next. Unpinned, the scheduler moves the engine's thread onto the trainer's
+core and back; measured on the 2-core async benchmark, pinning took the asynchronous modes from 70-87% of their
+ideal-overlap bound to 94-102% in runs beside other load (`benchmarks/bench_async.py`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ import os
 from dataclasses import dataclass
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's or taskset's), else the count."""
+def cpu_ids() -> list[int]:
+    """The cores this process may run on (its affinity mask, e.g. a container's or taskset's), else all."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    return len(cpu_ids())
 
 
 @dataclass(frozen=True)
@@ -37,16 +47,27 @@ class ThreadPlan:
     rank: int  # torch threads of each trainer rank process (Megatron; the critic's too)
     cores: int
     warning: str | None = None
+    driver_cores: tuple[int, ...] = ()  # the cores this process is pinned to (empty: not pinned)
+    rank_cores: tuple[tuple[int, ...], ...] = ()  # each spawned rank's, in rank order
 
     def line(self, ranks: int) -> str:
         ranks_part = f", {ranks} trainer rank(s) x {self.rank}" if ranks else ""
-        return f"[threads] {self.cores} core(s): driver {self.driver}{ranks_part}"
+        pinned = (f"; pinned: driver to cores {_ids(self.driver_cores)}, ranks to "
+                  f"{', '.join(_ids(c) for c in self.rank_cores)}") if self.driver_cores else ""
+        return f"[threads] {self.cores} core(s): driver {self.driver}{ranks_part}{pinned}"
 
 
-def plan_threads(cfg, ranks: int, engine_here: bool, cores: int | None = None) -> ThreadPlan:
+def _ids(cores: tuple[int, ...]) -> str:
+    return ",".join(map(str, cores))
+
+
+def plan_threads(cfg, ranks: int, engine_here: bool, cores: int | None = None,
+                 ids: list[int] | None = None) -> ThreadPlan:
     """Threads of the driver and of each of the `ranks` trainer rank processes spawned on this machine (0: the
-    trainer is in the driver), with `engine_here` when the embedded engine runs in the driver."""
-    cores = cores or available_cores()
+    trainer is in the driver), with `engine_here` when the embedded engine runs in the driver; `ids`: the cores
+    this process may use (its affinity mask when None, or range(cores) when only `cores` is given)."""
+    ids = ids or (list(range(cores)) if cores else cpu_ids())
+    cores = len(ids)
     rollout, train = cfg.rollout.num_threads, cfg.train.num_threads
     concurrent = cfg.async_rl.mode != "sync"
     if ranks == 0:  # the hf trainer shares the driver's pool with the engine (if any)
@@ -57,7 +78,12 @@ def plan_threads(cfg, ranks: int, engine_here: bool, cores: int | None = None) -
     together = concurrent and engine_here  # the engine generates while the ranks train
     rank = train or max(1, ((cores - driver) if together else cores) // ranks)
     busy = driver + ranks * rank if together else max(driver, ranks * rank)
-    return ThreadPlan(driver, rank, cores, _over(busy, cores, rollout or train))
+    plan = ThreadPlan(driver, rank, cores, _over(busy, cores, rollout or train))
+    if cfg.launch.bind_cores and engine_here and driver + ranks * rank <= cores and hasattr(os, "sched_setaffinity"):
+        bounds = [driver + i * rank for i in range(ranks + 1)]
+        plan = ThreadPlan(driver, rank, cores, plan.warning, tuple(ids[:driver]),
+                          tuple(tuple(ids[a:a + rank]) for a in bounds[:-1]))
+    return plan
 
 
 def job_plan(cfg) -> tuple[ThreadPlan, int]:
@@ -65,7 +91,10 @@ def job_plan(cfg) -> tuple[ThreadPlan, int]:
     their processes themselves)."""
     ranks = cfg.trainer_ranks if cfg.train.backend == "megatron" else 0
     engine_here = not cfg.rollout.engine_urls and not cfg.debug.load_rollouts
-    return plan_threads(cfg, ranks, engine_here), ranks
+    plan = plan_threads(cfg, ranks, engine_here)
+    if cfg.launch.launcher != "local":  # Ray places its actors itself
+        plan = ThreadPlan(plan.driver, plan.rank, plan.cores, plan.warning)
+    return plan, ranks
 
 
 def _over(busy: int, cores: int, explicit: bool) -> str | None:
@@ -83,3 +112,12 @@ def apply_to_this_process(threads: int) -> None:
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def pin_process(cores: tuple[int, ...]) -> None:
+    """Every thread of this process pinned to `cores`; threads started later inherit it from their starter."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, OSError):  # a thread that ended meanwhile
+            pass

@@ -7,11 +7,11 @@ import pytest
 
 from slime_rl.cli import main
 from slime_rl.config import ConfigError, build_config
-from slime_rl.threads import plan_threads
+from slime_rl.threads import available_cores, cpu_ids, plan_threads
 
 
-def _cfg(mode="sync", rollout=None, train=None):
-    overrides = [("async_rl.mode", mode)]
+def _cfg(mode="sync", rollout=None, train=None, bind=True):
+    overrides = [("async_rl.mode", mode), ("launch.bind_cores", bind)]
     overrides += [("rollout.num_threads", rollout)] if rollout else []
     overrides += [("train.num_threads", train)] if train else []
     return build_config(overrides=overrides)
@@ -45,6 +45,26 @@ def test_settings_win_and_oversubscription_is_named():
     assert (crowded.driver, crowded.rank) == (1, 1) and "5 processes compute at once on 2 core(s)" in crowded.warning
 
 
+@pytest.mark.parametrize("mode,ranks,ids,driver_cores,rank_cores", [
+    ("one_step_off", 1, [0, 1], (0,), ((1,),)),  # each process gets a core of its own
+    ("fully_async", 1, [0, 1, 2, 3], (0, 1), ((2, 3),)),
+    ("fully_async", 3, [4, 5, 9, 11], (4,), ((5,), (9,), (11,))),  # the affinity mask's cores, in order
+    ("fully_async", 1, [3], (), ()),  # 2 processes on 1 core: nothing to pin them apart
+    ("sync", 1, [0, 1], (), ()),  # the phases alternate and each takes every core
+])
+def test_processes_are_pinned_to_cores_of_their_own_where_the_plan_fits(mode, ranks, ids, driver_cores, rank_cores):
+    plan = plan_threads(_cfg(mode), ranks=ranks, engine_here=True, ids=ids)
+    assert (plan.driver_cores, plan.rank_cores) == (driver_cores, rank_cores)
+    assert plan_threads(_cfg(mode, bind=False), ranks=ranks, engine_here=True, ids=ids).driver_cores == ()
+    if driver_cores:
+        assert "pinned: driver to cores" in plan.line(ranks)
+
+
+def test_settings_that_fit_are_pinned_in_sync_mode_too():
+    plan = plan_threads(_cfg("sync", rollout=1, train=1), ranks=1, engine_here=True, ids=[0, 1])
+    assert (plan.driver_cores, plan.rank_cores) == ((0,), ((1,),))
+
+
 def test_a_thread_count_below_one_is_a_config_error():
     with pytest.raises(ConfigError, match="train.num_threads"):
         build_config(overrides=[("train.num_threads", 0)])
@@ -53,6 +73,7 @@ def test_a_thread_count_below_one_is_a_config_error():
 def test_every_process_of_a_job_runs_with_the_threads_configured(tmp_path, capsys):
     """A Megatron job (driver with the embedded engine + a rank): each process reports torch's thread
     count once built, and it is the configured one (unset, torch would take every core in both)."""
+    before = cpu_ids()
     assert main(["train", "-b", "megatron", "--tp", "1", "--async", "one_step_off", "--rollout.num_threads", "1",
                  "--train.num_threads", "1", "--train.num_steps", "1", "--model.hidden_size", "64",
                  "--model.intermediate_size", "128", "--data.num_train", "40", "--data.num_val", "8",
@@ -62,3 +83,7 @@ def test_every_process_of_a_job_runs_with_the_threads_configured(tmp_path, capsy
                  "--log.save_checkpoint", "false", "--log.plot", "false"]) == 0
     out = capsys.readouterr().out
     assert "[threads] running: driver 1, trainer ranks [1]" in out, out
+    if available_cores() >= 2:  # the driver and the rank pinned to cores of their own, the driver's given back
+        first, second = cpu_ids()[:2]
+        assert f"cores: driver [{first}], trainer ranks [[{second}]]" in out, out
+    assert cpu_ids() == before

@@ -339,8 +339,11 @@ def _join_all(processes: tuple | list, timeout_s: float) -> None:
 
 
 def _worker_main(rank: int, env: dict[str, str], backend: str, factory_blob: bytes, conn: Any,
-                 shared_memory: bool = True) -> None:
-    """A spawned rank: set env, init torch.distributed, build the object, serve the pipe."""
+                 shared_memory: bool = True, cores: tuple[int, ...] | None = None) -> None:
+    """A spawned rank: pin it to `cores` (before torch starts its threads), set env, init torch.distributed,
+    build the object, serve the pipe."""
+    if cores:
+        os.sched_setaffinity(0, cores)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which shuts the ranks down
     os.setpgid(0, 0)  # a process group per rank: what the rank starts (e.g. megatron's checkpoint-writer
     # manager process) is killed with it, even when the rank itself was killed (see _stop_workers)
@@ -382,11 +385,11 @@ def _serve_pipe(obj: Any, link: Link, rank: int) -> int:
 
 
 def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: bytes,
-                  shared_memory: bool) -> tuple[Any, Any]:
+                  shared_memory: bool, cores: tuple[int, ...] | None) -> tuple[Any, Any]:
     ctx = multiprocessing.get_context("spawn")  # never fork: torch holds threads and locks
     parent_conn, child_conn = ctx.Pipe()
     process = ctx.Process(
-        target=_worker_main, args=(rank, env, backend, factory_blob, child_conn, shared_memory),
+        target=_worker_main, args=(rank, env, backend, factory_blob, child_conn, shared_memory, cores),
         name=f"spmd-rank{rank}",
     )
     process.start()
@@ -404,6 +407,7 @@ def spawn_ranks(
     start_timeout: float = 300,
     timeout: float | None = None,
     shared_memory: bool = True,
+    rank_cores: list[tuple[int, ...]] | tuple[tuple[int, ...], ...] | None = None,
 ) -> SpawnedRankGroup:
     """Start `world_size` ranks that each run `factory(**factory_kwargs)` after `init_process_group`.
 
@@ -411,10 +415,13 @@ def spawn_ranks(
     each worker before torch.distributed starts (RANK/WORLD_SIZE/LOCAL_RANK are set per rank
     and win over it). Returns once every rank has built its object; raises RankError with
     the traceback if any rank fails to, or dies, or `start_timeout` passes. `shared_memory`
-    False pickles every tensor through the pipes (`training.shm_channel`).
+    False pickles every tensor through the pipes (`training.shm_channel`). `rank_cores[r]`: the
+    cores rank r is pinned to (None: unpinned).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if rank_cores is not None and len(rank_cores) != world_size:
+        raise ValueError(f"rank_cores names {len(rank_cores)} ranks' cores, not {world_size}")
     _check_factory(factory)
     try:
         factory_blob = pickle.dumps((factory, factory_kwargs), protocol=_PICKLE)
@@ -431,7 +438,8 @@ def spawn_ranks(
                 "RANK": str(rank), "WORLD_SIZE": str(world_size),
                 "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
             }  # fmt: skip
-            process, conn = _start_worker(rank, rank_env, backend, factory_blob, shared_memory)
+            cores = tuple(rank_cores[rank]) if rank_cores else None
+            process, conn = _start_worker(rank, rank_env, backend, factory_blob, shared_memory, cores)
             processes.append(process)
             conns.append(conn)
     except BaseException:

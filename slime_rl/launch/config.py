@@ -11,6 +11,9 @@ class LaunchConfig:
     """Where the processes run: spawned locally, or placed by Ray (engines + trainer ranks as actors)."""
 
     launcher: Literal["local", "ray"] = "local"
+    # local: when the thread plan gives every process cores of its own (the asynchronous modes, or thread settings
+    # that fit), pin the driver and each spawned trainer rank to them, so none is moved onto another's core
+    bind_cores: bool = True
     ray_address: str | None = None  # ray: None = start Ray on this machine; "auto" or HOST:PORT = join a cluster
     colocate: bool = False  # ray: engines share the trainers' bundles and release memory while the trainer runs
     num_cpus: int | None = None  # ray started here: CPUs it may use (None = all of this machine's)

@@ -85,8 +85,12 @@ class MegatronDriver:
         threads = self.settings.threads or max(1, (os.cpu_count() or 1) // self.num_ranks)
         kwargs = dict(hf_config=dict(self.hf_config), hf_state=state_dict, settings=self.settings, opt=self.opt,
                       **worker_extra)
-        return (launcher or spawn_ranks)(self.num_ranks, worker, kwargs, env={"OMP_NUM_THREADS": str(threads)},
-                                         backend=_dist_backend(), start_timeout=start_timeout)
+        env = {"OMP_NUM_THREADS": str(threads)}
+        if launcher is not None:
+            return launcher(self.num_ranks, worker, kwargs, env=env, backend=_dist_backend(),
+                            start_timeout=start_timeout)
+        return spawn_ranks(self.num_ranks, worker, kwargs, env=env, backend=_dist_backend(),
+                           start_timeout=start_timeout, rank_cores=self.settings.cores or None)
 
     def _assemble(self, batch: TrainBatch, pieces_per_rank: list) -> torch.Tensor:
         """[B, T] float32 from the ranks' (rows, values_bT) pieces (logprobs or values)."""

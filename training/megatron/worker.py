@@ -26,6 +26,7 @@ value model through four hooks: `_build_module`, `_megatron_shard`, `_rule`
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +53,7 @@ class MegatronSettings:
     max_tokens_per_micro_batch: int = 4096  # token budget of one packed micro-batch
     seed: int = 0
     threads: int | None = None  # torch threads of each spawned rank; None = this machine's cores / ranks
+    cores: tuple[tuple[int, ...], ...] = ()  # the cores each spawned rank is pinned to (empty: not pinned)
 
 
 class MegatronWorker:
@@ -355,7 +357,8 @@ class MegatronWorker:
     # ------------------------------------------------------------------ misc
     def layout(self) -> dict:
         return {"rank": dist.get_rank(), "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(),
+                "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
     def close(self) -> None:
         self.ps.destroy_model_parallel()
