@@ -70,6 +70,19 @@ class Worker:
         dist.barrier()  # the survivor waits in a collective for the dead rank, as in a real train_step
         return self.rank
 
+    def fork_then_die_on(self, rank: int, pid_file: str) -> int:
+        """Rank `rank` forks a child that keeps every descriptor it had (its pipe to the driver, its
+        sentinel) and outlives it, as megatron's checkpoint writer does, then dies."""
+        if self.rank == rank:
+            child = os.fork()
+            if child == 0:
+                time.sleep(120)
+                os._exit(0)
+            Path(pid_file).write_text(str(child))
+            os._exit(9)
+        dist.barrier()
+        return self.rank
+
     def close(self) -> None:
         if self.marker_dir is not None:
             Path(self.marker_dir, f"closed{self.rank}").write_text("ok")
@@ -199,6 +212,24 @@ def test_a_dead_rank_raises_at_once_instead_of_hanging():
     finally:
         group.close()
     assert gone(group)
+
+
+def test_a_rank_that_dies_behind_a_forked_child_is_noticed_and_the_child_reaped(tmp_path):
+    group = spawn_ranks(2, WORKER, {}, env=ENV)  # no timeout: liveness alone must notice
+    pid_file = tmp_path / "child.pid"
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankError, match=r"rank 1 died \(exit code 9\) during fork_then_die_on"):
+            group.call("fork_then_die_on", 1, str(pid_file))
+        assert time.monotonic() - start < 15
+    finally:
+        group.close()
+    assert gone(group)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the rank's forked child outlived the group"
+        time.sleep(0.1)
 
 
 def test_a_timeout_bounds_a_rank_stuck_in_a_collective():

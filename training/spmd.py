@@ -60,6 +60,7 @@ _CONSTRUCTION = "construction"
 # hours of rollouts, so its timeout must not be the 30-minute default.
 _CONTROL_GROUP_TIMEOUT = timedelta(days=7)
 _KILL_GRACE_S = 5.0
+_LIVENESS_S = 1.0  # how often a driver waiting for replies checks that the ranks it waits for still live
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
@@ -256,17 +257,24 @@ class SpawnedRankGroup(RankGroup):
                 raise RankError(self._broken) from None
 
     def _collect(self, method: str, timeout: float | None, stop_on_error: bool) -> list[_Reply]:
-        """One reply per rank, waiting on pipes and process sentinels together."""
+        """One reply per rank, waiting on pipes and process sentinels together. A rank's death can hide from
+        both: a process it forked (megatron's checkpoint writer) inherits its end of the pipe and its
+        sentinel, and outlives it. So every `_LIVENESS_S` the pending ranks are also asked whether they live."""
         replies: dict[int, _Reply] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(replies) < self.world_size:
             pending = [r for r in range(self.world_size) if r not in replies]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             handles = {self._conns[r]: r for r in pending} | {self.processes[r].sentinel: r for r in pending}
-            ready = multiprocessing.connection.wait(list(handles), remaining)
+            ready = multiprocessing.connection.wait(
+                list(handles), _LIVENESS_S if remaining is None else min(_LIVENESS_S, remaining))
             if not ready:
-                self._broken = f"timed out after {timeout} s waiting for rank(s) {pending} in {method}"
-                raise RankError(self._broken + _failures(list(replies.values()), method))
+                ready = [self._conns[r] for r in pending if not self.processes[r].is_alive()]
+            if not ready:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._broken = f"timed out after {timeout} s waiting for rank(s) {pending} in {method}"
+                    raise RankError(self._broken + _failures(list(replies.values()), method))
+                continue
             for rank in sorted({handles[h] for h in ready}):
                 reply = self._receive(rank)
                 if reply is None:
