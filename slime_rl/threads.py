@@ -19,8 +19,9 @@ Settings that oversubscribe are honoured, with a warning naming them.
 Where the driver's threads and the ranks' together fit the cores (the asynchronous modes' default, or settings
 that fit), `launch.bind_cores` (on) pins each process to cores of its own: the driver to the first ones of its
 affinity mask, each rank to the next. Unpinned, the scheduler moves the engine's thread onto the trainer's
-core and back; measured on the 2-core async benchmark, pinning took the asynchronous modes from 70-87% of their
-ideal-overlap bound to 94-102% in runs beside other load (`benchmarks/bench_async.py`).
+core and back. On the 2-core async benchmark (`benchmarks/bench_async.py`, with the shared-memory batches)
+pinned runs reach 91-99% of their ideal-overlap bound, unpinned ones 87-99%; beside another job's load,
+unpinned runs fell to 70-87% while pinned ones held 94-102%.
 """
 
 from __future__ import annotations
