@@ -350,19 +350,20 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
-    """The repository's commit (with "+dirty" when files differ from it), recorded with the results."""
+    """The repository's commit (with "+dirty" when files other than benchmark results differ from it: another
+    benchmark's fresh results are not a change of the code), recorded with the results."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
 
 
 def run_bench(args) -> None:
-    work = Path(args.work)
+    work = Path(args.work or f"runs/bench/{Path(args.out).stem}")  # one per result: a second run keeps the first's
     if args.sft_checkpoint and Path(args.sft_checkpoint).resolve().is_relative_to(work.resolve()):
         raise SystemExit(f"--sft-checkpoint {args.sft_checkpoint} lies under --work {work}, which is wiped first")
     if work.exists():
@@ -529,7 +530,7 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", action="extend", default=[],
                    help="more `slime_rl train` flags for every RL run, e.g. --extra=--algorithm.off_policy=tis")
     p.add_argument("--sft-checkpoint", default=None, help="reuse an SFT checkpoint (skip SFT)")
-    p.add_argument("--work", default="runs/bench/async")
+    p.add_argument("--work", default=None, help="wiped first (default: runs/bench/<--out's stem>)")
     p.add_argument("--child-timeout", type=int, default=3600)
     p.add_argument("--out", default="benchmarks/results/async.json")
     p.add_argument("--png", default=None, help="default: --out with .png")
