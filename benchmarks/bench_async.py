@@ -339,12 +339,9 @@ def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int) -
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from benchmarks.machine_info import cpu_model
+
+    cpu = cpu_model()
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
 

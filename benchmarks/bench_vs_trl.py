@@ -634,12 +634,9 @@ def print_table(k: int, summary: dict, acc_before: float | None, skip: int, step
 def machine(trl_py: Path) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from benchmarks.machine_info import cpu_model
+
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "platform": platform.platform(),
             "slime_env": {"torch": torch.__version__, "transformers": _version("transformers")},

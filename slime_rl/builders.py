@@ -40,11 +40,12 @@ def megatron_settings(cfg: JobConfig):
     from slime_rl.threads import job_plan
 
     t = cfg.train
+    plan = job_plan(cfg)[0]
     return MegatronSettings(
         model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
                             vocab_pad_multiple=t.vocab_pad_multiple, fused_logprob=t.fused_logprob),
         use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-        seed=cfg.seed, threads=job_plan(cfg)[0].rank, cores=job_plan(cfg)[0].rank_cores)
+        seed=cfg.seed, threads=plan.rank, cores=plan.rank_cores)
 
 
 SUPPORTED = ("llama", "qwen2")

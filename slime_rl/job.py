@@ -27,7 +27,7 @@ from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evalua
 from slime_rl.metrics import MetricsLogger, format_line, plot_curves
 from slime_rl.rewards.compose import build_reward_fn
 from slime_rl.sft import run_sft as sft_train
-from slime_rl.threads import pin_process
+from slime_rl.threads import cpu_ids, pin_process
 from slime_rl.tokenizer import load_tokenizer
 
 
@@ -152,8 +152,8 @@ def running_line(trainer) -> str:
     layouts = getattr(trainer, "layouts", [])
     line = f"[threads] running: driver {torch.get_num_threads()}" + (
         f", trainer ranks {[layout['torch_threads'] for layout in layouts]}" if layouts else "")
-    driver_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if driver_cores and len(driver_cores) < (os.cpu_count() or 0):
+    driver_cores = cpu_ids()
+    if len(driver_cores) < (os.cpu_count() or 0):
         line += f"; cores: driver {driver_cores}" + (
             f", trainer ranks {[layout.get('cores') for layout in layouts]}" if layouts else "")
     return line
@@ -343,8 +343,6 @@ def job_run(cfg: JobConfig):
     if serve_if_torchrun_rank(cfg):
         yield None
         return
-    from slime_rl.threads import cpu_ids
-
     cores_before = tuple(cpu_ids())  # the plan may pin this process (slime_rl.threads); a caller gets it back
     try:
         run = build_run(cfg)

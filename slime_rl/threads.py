@@ -27,7 +27,7 @@ unpinned runs fell to 70-87% while pinned ones held 94-102%.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def cpu_ids() -> list[int]:
@@ -80,10 +80,11 @@ def plan_threads(cfg, ranks: int, engine_here: bool, cores: int | None = None,
     rank = train or max(1, ((cores - driver) if together else cores) // ranks)
     busy = driver + ranks * rank if together else max(driver, ranks * rank)
     plan = ThreadPlan(driver, rank, cores, _over(busy, cores, rollout or train))
-    if cfg.launch.bind_cores and engine_here and driver + ranks * rank <= cores and hasattr(os, "sched_setaffinity"):
-        bounds = [driver + i * rank for i in range(ranks + 1)]
-        plan = ThreadPlan(driver, rank, cores, plan.warning, tuple(ids[:driver]),
-                          tuple(tuple(ids[a:a + rank]) for a in bounds[:-1]))
+    local = cfg.launch.launcher == "local"  # Ray places its actors itself
+    if cfg.launch.bind_cores and local and engine_here and driver + ranks * rank <= cores \
+            and hasattr(os, "sched_setaffinity"):
+        starts = [driver + i * rank for i in range(ranks)]
+        plan = replace(plan, driver_cores=tuple(ids[:driver]), rank_cores=tuple(tuple(ids[a:a + rank]) for a in starts))
     return plan
 
 
@@ -92,10 +93,7 @@ def job_plan(cfg) -> tuple[ThreadPlan, int]:
     their processes themselves)."""
     ranks = cfg.trainer_ranks if cfg.train.backend == "megatron" else 0
     engine_here = not cfg.rollout.engine_urls and not cfg.debug.load_rollouts
-    plan = plan_threads(cfg, ranks, engine_here)
-    if cfg.launch.launcher != "local":  # Ray places its actors itself
-        plan = ThreadPlan(plan.driver, plan.rank, plan.cores, plan.warning)
-    return plan, ranks
+    return plan_threads(cfg, ranks, engine_here), ranks
 
 
 def _over(busy: int, cores: int, explicit: bool) -> str | None:

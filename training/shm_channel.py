@@ -21,6 +21,7 @@ torch is imported inside functions: a spawned rank loads this module before it a
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import pickle
@@ -187,9 +188,7 @@ class _Unpickler(pickle.Unpickler):
         index, dtype, shape = pid
         if self.mapping is None or not 0 <= index < len(self.offsets):
             raise pickle.UnpicklingError(f"tensor {index} of a message has no shared memory to come from")
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
+        n = dtype.itemsize * math.prod(shape)
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         offset = self.offsets[index]

@@ -227,7 +227,8 @@ class SpawnedRankGroup(RankGroup):
     """Ranks that `spawn_ranks` started as child processes, one pipe each.
 
     `timeout` (seconds; None waits forever) bounds every wait for replies and may be
-    changed between calls. A rank that dies is noticed at once through its process sentinel.
+    changed between calls. A rank that dies is noticed at once through its process sentinel, or within
+    `_LIVENESS_S` when a process it forked holds that sentinel open.
     """
 
     def __init__(self, processes: list, conns: list, timeout: float | None, shared_memory: bool = True):
