@@ -152,6 +152,11 @@ def _same_keys_backend(prefix_store: Any, rank: int, world_size: int, backend: s
     return pg
 
 
+def host_store(address: str) -> Any:
+    """A TCPStore server on `address` and a port the OS picks (`.port`), for `init_weight_group(store=)`."""
+    return dist.TCPStore(address, 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+
+
 def init_weight_group(
     master_address: str,
     master_port: int,
@@ -160,9 +165,11 @@ def init_weight_group(
     backend: str = "gloo",
     group_name: str = "weight_update_group",
     timeout_s: float = 60,
+    store: Any = None,
 ) -> WeightGroup:
     """Join (rank > 0) or host (rank 0) the group as SGLang does; blocks until every rank reached the
-    store (rank 0) and, for gloo, until the group is connected. NCCL connects on the first broadcast."""
+    store (rank 0) and, for gloo, until the group is connected. NCCL connects on the first broadcast.
+    Rank 0 may pass the `store` it already serves at master_port (`host_store`) instead of binding it here."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not 0 <= rank < world_size:
@@ -172,9 +179,12 @@ def init_weight_group(
     if backend == "nccl" and (not dist.is_nccl_available() or not torch.cuda.is_available()):
         raise ValueError("backend 'nccl' needs a CUDA build of torch and a visible GPU; use 'gloo'")
     timeout = timedelta(seconds=timeout_s)
+    if store is not None and rank != 0:
+        raise ValueError("only rank 0 serves the store; other ranks connect to master_address:master_port")
     try:
-        store, rank, world_size = next(dist.rendezvous(_tcp_url(master_address, int(master_port)), rank, world_size,
-                                                       timeout=timeout))
+        if store is None:
+            store, rank, world_size = next(dist.rendezvous(_tcp_url(master_address, int(master_port)), rank,
+                                                           world_size, timeout=timeout))
         store.set_timeout(timeout)
     except Exception as exc:  # noqa: BLE001 - re-raised with the address that failed
         raise RuntimeError(

@@ -8,12 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from slime_rl.dist_group import init_weight_group
+from slime_rl.dist_group import host_store, init_weight_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,25 @@ def test_single_rank_group_broadcast_and_destroy():
     group.destroy()  # idempotent
     with pytest.raises(RuntimeError, match="destroyed"):
         group.broadcast(torch.zeros(1))
+
+
+def test_rank_0_can_serve_a_store_it_bound_before_the_others_were_told_its_port():
+    store = host_store("127.0.0.1")  # bound on a port the OS picked: no other process can take it meanwhile
+    with ThreadPoolExecutor(1) as pool:
+        joining = pool.submit(init_weight_group, "127.0.0.1", store.port, 1, 2, group_name="hosted", timeout_s=20)
+        host = init_weight_group("127.0.0.1", store.port, 0, 2, group_name="hosted", timeout_s=20, store=store)
+        guest = joining.result()
+        try:
+            received = torch.zeros(3)
+            receiving = pool.submit(guest.broadcast, received, 0)
+            host.broadcast(torch.tensor([1.0, 2.0, 3.0]), src=0)
+            receiving.result(timeout=20)
+            assert received.tolist() == [1.0, 2.0, 3.0]
+        finally:
+            host.destroy()
+            guest.destroy()
+    with pytest.raises(ValueError, match="only rank 0"):
+        init_weight_group("127.0.0.1", store.port, 1, 2, group_name="x", store=store)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

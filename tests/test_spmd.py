@@ -42,6 +42,9 @@ class Worker:
     def whoami(self, prefix: str = "rank", suffix: str = "") -> str:
         return f"{prefix}{self.rank}{suffix}"
 
+    def environ(self, name: str) -> str:
+        return os.environ[name]
+
     def ramp(self, n: int) -> torch.Tensor:
         return torch.arange(n, dtype=torch.float32) + self.rank
 
@@ -109,6 +112,14 @@ def test_every_rank_joins_the_all_reduce(ranks):
 def test_results_come_in_rank_order_with_kwargs(ranks):
     assert ranks.call("whoami", prefix="r", suffix="!") == ["r0!", "r1!"]
     assert ranks.call_rank0("whoami", suffix="?") == "rank0?"
+
+
+def test_the_ranks_meet_at_a_store_the_driver_already_holds(ranks):
+    # A port only "free a moment ago" can be taken by a parallel job before rank 0 binds it (EADDRINUSE).
+    ports = {int(port) for port in ranks.call("environ", "MASTER_PORT")}
+    assert ports == {ranks._store.port}
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", ports.pop()))
 
 
 def test_a_50mb_tensor_survives_the_pipe(ranks):

@@ -7,7 +7,8 @@ two ways, and the same per-rank object, built by `factory(**factory_kwargs)`, se
 
 1. `spawn_ranks(...)`: the driver (not itself a rank) starts N worker processes with
    the spawn start method and torchrun-style env (RANK, WORLD_SIZE, LOCAL_RANK,
-   MASTER_ADDR, MASTER_PORT). Commands and results travel over one pipe per rank.
+   MASTER_ADDR, MASTER_PORT); the rendezvous store is served by the driver, every rank is
+   its client. Commands and results travel over one pipe per rank.
 2. `torchrun_group(...)`, called by every process under torchrun: rank 0 is the driver
    and trainer rank 0; ranks > 0 serve commands broadcast from rank 0 on a dedicated
    gloo group and send their results back with `gather_object`.
@@ -406,6 +407,13 @@ def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: by
     return process, parent_conn
 
 
+def _rendezvous_store() -> Any:
+    """A TCPStore server in the driver on a port the OS picks (bound at once, so nobody can take it)."""
+    from torch.distributed import TCPStore  # imports torch: only in the driver, which has it loaded anyway
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
 def spawn_ranks(
     world_size: int,
     factory: Factory,
@@ -436,9 +444,10 @@ def spawn_ranks(
         factory_blob = pickle.dumps((factory, factory_kwargs), protocol=_PICKLE)
     except Exception as error:
         raise ValueError(f"factory {factory!r} and factory_kwargs must pickle (use a 'pkg.mod:Name' path)") from error
-    from slime_rl.dist_group import free_port  # imports torch: only in the driver, which has it loaded anyway
-
-    shared_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    store = _rendezvous_store()
+    # Every rank is a client of the driver's store (torchrun's agent-store mode), so no rank has to bind a
+    # port that was merely free a moment before: under parallel jobs another process can take it first.
+    shared_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     shared_env |= {key: str(value) for key, value in (env or {}).items()}
     processes, conns = [], []
     try:
@@ -455,6 +464,7 @@ def spawn_ranks(
         _stop_workers(tuple(processes), conns, grace_s=0.0)
         raise
     group = SpawnedRankGroup(processes, conns, timeout, shared_memory)
+    group._store = store  # the ranks' rendezvous store lives as long as the group
     try:
         group._collect(_CONSTRUCTION, start_timeout, stop_on_error=True)
     except BaseException:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from slime_rl.dist_group import WeightGroup, free_port, init_weight_group
+from slime_rl.dist_group import WeightGroup, host_store, init_weight_group
 from weight_sync.endpoints import SyncError, map_shared_file
 from slime_rl.buckets import dense_buffer, dtype_from_name, dumps_sglang, sglang_bucket, tensor_sha256
 from weight_sync.sender import (TensorSource, Timer, bucket_views, gather_shards, gather_stage_buckets,
@@ -65,7 +65,7 @@ class RankSpec:
     """What a trainer rank is asked to do (picklable; travels to every rank)."""
 
     kind: str
-    action: str  # "send" | "join" | "leave" | "release"
+    action: str  # "send" | "host" | "join" | "leave" | "release"
     plan: Any  # weight_sync.plan.WeightPlan
     paths: dict[int, str] = field(default_factory=dict)  # shm: bucket index -> file
     directory: str = ""  # disk
@@ -76,6 +76,7 @@ class RankSpec:
 # Per-process state of a trainer rank between syncs: shared-file mappings, broadcast groups, IPC buffers.
 _MAPS: dict[str, torch.Tensor] = {}
 _GROUPS: dict[str, WeightGroup] = {}
+_HOSTED: dict[str, Any] = {}  # group name -> the TCPStore a sender bound before the engines were told its port
 _HELD: list[torch.Tensor] = []
 
 
@@ -85,13 +86,20 @@ def _sender(source) -> bool:
 
 def run_on_rank(source, spec: RankSpec) -> dict:
     """The rank half of every transport; returns seconds per phase (and IPC payloads on senders)."""
+    if spec.action == "host":  # bind the stage group's store first: its port goes to the engines
+        g = spec.groups.get(source.stage)
+        if g is None or not _sender(source):
+            return {}
+        _HOSTED[g["group_name"]] = store = host_store(g["master_address"])
+        return {"ports": {source.stage: store.port}}
     if spec.action == "join":
         g = spec.groups.get(source.stage)
         if g is not None and _sender(source):
-            _GROUPS[g["group_name"]] = init_weight_group(rank=0, **g)
+            _GROUPS[g["group_name"]] = init_weight_group(rank=0, store=_HOSTED.pop(g["group_name"], None), **g)
         return {}
     if spec.action == "leave":
         for g in spec.groups.values():
+            _HOSTED.pop(g["group_name"], None)
             group = _GROUPS.pop(g["group_name"], None)
             if group is not None:
                 group.destroy()
@@ -329,9 +337,14 @@ class BroadcastTransport(Transport):
         address = self.options.get("master_address", "127.0.0.1")
         tag = uuid.uuid4().hex[:8]
         world = 1 + len(self.endpoints)
-        self.groups = {s: {"master_address": address, "master_port": free_port(), "world_size": world,
+        self.groups = {s: {"master_address": address, "master_port": 0, "world_size": world,
                            "backend": backend, "group_name": f"slime_rl_wsync_{tag}_pp{s}", "timeout_s": 600}
                        for s in range(self.plan.pp_size)}
+        # Each stage's sender binds its store on a port the OS picks, so no other process can take the port
+        # between choosing it and binding it; the engines are then told where it is.
+        for reply in self.trainer.send_weights(run_on_rank, self.rank_spec("host")):
+            for stage, port in (reply or {}).get("ports", {}).items():
+                self.groups[stage]["master_port"] = port
         with ThreadPoolExecutor(len(self.endpoints) * len(self.groups)) as pool:
             futures = [(ep, pool.submit(ep.init_group, g["master_address"], g["master_port"], 1 + i, world,
                                         g["group_name"], backend))

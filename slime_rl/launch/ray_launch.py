@@ -175,11 +175,15 @@ class RankActor:
         self.obj: Any = None
 
     def address(self) -> tuple[str, int]:
-        """This node's IP and a port free on it now (rank 0's hosts the rendezvous)."""
-        from slime_rl.dist_group import free_port
+        """This node's IP, and on rank 0 the port of the rendezvous store it now serves (bound at once, so no
+        other process can take the port before the ranks meet there; every rank, rank 0 too, is its client)."""
+        from slime_rl.dist_group import host_store
 
         ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
+        if self.rank != 0:
+            return ip, 0
+        self._store = host_store(ip)
+        return ip, self._store.port
 
     def start(self, env: dict[str, str], backend: str, factory_blob: bytes) -> bytes:
         """Apply the env, init the process group, build the object; an encoded construction reply."""
@@ -266,7 +270,7 @@ def ray_ranks(world_size: int, factory: Factory, factory_kwargs: dict[str, Any],
     """`spawn_ranks` with Ray actors: rank r runs in `slots[r]` of `pg` and builds `factory(**factory_kwargs)`.
 
     Each rank gets torchrun's env: RANK, WORLD_SIZE, LOCAL_RANK / LOCAL_WORLD_SIZE (among the ranks
-    on its node), MASTER_ADDR / MASTER_PORT (rank 0's node IP and a port free there), and
+    on its node), MASTER_ADDR / MASTER_PORT (rank 0's node IP and the store it serves there), and
     OMP_NUM_THREADS = `threads`, else its CPU share (it wins over `env`, which is applied too). Returns once every
     rank has built its object; RankError with the tracebacks if one fails, dies, or `start_timeout` passes.
     """
@@ -283,7 +287,8 @@ def ray_ranks(world_size: int, factory: Factory, factory_kwargs: dict[str, Any],
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=start_timeout)
         ips = [ip for ip, _ in addresses]
         shared = {key: str(value) for key, value in (env or {}).items()}
-        shared |= {"MASTER_ADDR": addresses[0][0], "MASTER_PORT": str(addresses[0][1]), "WORLD_SIZE": str(world_size)}
+        shared |= {"MASTER_ADDR": addresses[0][0], "MASTER_PORT": str(addresses[0][1]), "WORLD_SIZE": str(world_size),
+                   "TORCHELASTIC_USE_AGENT_STORE": "True"}
         refs = []
         for rank, (actor, slot) in enumerate(zip(actors, slots)):
             # Ray narrows CUDA_VISIBLE_DEVICES to a GPU rank's own device, so its device index is 0.
