@@ -46,7 +46,7 @@ from rollout.engine_weights import EngineWeights, load_safetensors_dir  # noqa: 
 from rollout.kv_cache import PagedKVPool, bytes_per_token
 from rollout.model import DecoderLM, ModelConfig
 from rollout.radix_cache import RadixCache
-from rollout.sampling import row_uniforms
+from rollout.sampling import request_uniforms
 from rollout.scheduler import Request, Scheduler, short_error
 from slime_rl.types import PAUSE_MODES, GenerateOutput, GenerateRequest, SampleStatus
 
@@ -208,7 +208,7 @@ class EmbeddedEngine(EngineWeights):
             with self._cv:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._gen))
         handle = RequestHandle(rid)
-        req = Request(req=r, rid=rid, max_new=max_new, uniforms=row_uniforms([int(seed)], max_new)[0].tolist(),
+        req = Request(req=r, rid=rid, max_new=max_new, uniforms=request_uniforms(int(seed), max_new),
                       finish_cb=self._on_finish, on_update=on_update)
         req.handle = handle  # type: ignore[attr-defined]
         if r.top_logprobs_num > 0:
@@ -479,11 +479,12 @@ class EmbeddedEngine(EngineWeights):
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy ints too; JSON true is no int
+    # numpy ints too; JSON true is no int. `type(x) is int` first: the ABC check costs ~1 us a token
+    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    return type(x) is float or type(x) is int or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
 def _check_types(r: GenerateRequest, where: str) -> None:

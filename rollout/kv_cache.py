@@ -68,31 +68,34 @@ class PagedKVPool:
         self.set_slots_many([(row, first_page, pages[first_page:])])
 
     def set_slots_many(self, updates: list[tuple[int, int, list[int]]]) -> None:
-        """Batched `set_slots`: (row, index of the first new page, the new pages) per request."""
-        rows, page_idx, pages = [], [], []
-        for row, first, new in updates:
-            rows += [row] * len(new)
-            page_idx += range(first, first + len(new))
-            pages += new
-        if not pages:
-            return
+        """Batched `set_slots`: (row, index of the first new page, the new pages) per request.
+
+        One `index_copy_` into the flat table for the whole batch: per-request indexing ops cost
+        more than the update itself on small models."""
         ps, width = self.page_size, self.req_to_slot.shape[1]
-        offs = torch.arange(ps)
-        pos_NP = torch.tensor(page_idx).unsqueeze(1) * ps + offs
-        slot_NP = torch.tensor(pages).unsqueeze(1) * ps + offs
-        row_NP = torch.tensor(rows).unsqueeze(1).expand_as(pos_NP)
-        keep = pos_NP < width  # the last page may stick out past the context
+        at: list[int] = []
+        slots: list[int] = []
+        for row, first, new in updates:
+            start = first * ps
+            n = min(len(new) * ps, width - start)  # the last page may stick out past the context
+            if n <= 0:
+                continue
+            at += range(row * width + start, row * width + start + n)
+            slots += new[:n] if ps == 1 else [p * ps + o for p in new for o in range(ps)][:n]
+        if not at:
+            return
         dev = self.req_to_slot.device
-        self.req_to_slot[row_NP[keep].to(dev), pos_NP[keep].to(dev)] = slot_NP[keep].to(dev)
+        self.req_to_slot.view(-1).index_copy_(0, torch.tensor(at, device=dev), torch.tensor(slots, device=dev))
 
 
 class PagedView:
     """One forward's view of the pool: where new K/V go, which keys each row reads."""
 
-    def __init__(self, pool: PagedKVPool, write_slots_N: torch.Tensor, valid_BQ: torch.Tensor, read_slots_BK: torch.Tensor):
+    def __init__(self, pool: PagedKVPool, write_slots_N: torch.Tensor, valid_N: torch.Tensor | None,
+                 read_slots_BK: torch.Tensor):
         self.pool = pool
         self.write_slots_N = write_slots_N  # slot of every valid new token, in row-major (b, q) order
-        self.valid_BQ = valid_BQ  # which of the [B, Q] query positions are real tokens
+        self.valid_N = valid_N  # flat (b, q) index of every real query position; None: all of them
         self.read_slots_BK = read_slots_BK
 
     def update(self, layer: int, k_BHQD: torch.Tensor, v_BHQD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +103,10 @@ class PagedView:
         flat_read = self.read_slots_BK.reshape(-1)
         out = []
         for pool, new_BHQD in ((self.pool.k[layer], k_BHQD), (self.pool.v[layer], v_BHQD)):
+            new_ND = new_BHQD.transpose(1, 2).reshape(-1, *pool.shape[1:])
+            if self.valid_N is not None:
+                new_ND = new_ND.index_select(0, self.valid_N)
             # index_copy_ / index_select: several times faster than advanced indexing on CPU
-            pool.index_copy_(0, self.write_slots_N, new_BHQD.transpose(1, 2)[self.valid_BQ])
+            pool.index_copy_(0, self.write_slots_N, new_ND)
             out.append(pool.index_select(0, flat_read).view(B, K, *pool.shape[1:]).transpose(1, 2))
         return out[0], out[1]

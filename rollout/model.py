@@ -182,12 +182,13 @@ class Attention(nn.Module):
         B, T, _ = x_BTH.shape
         nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
         qkv_BTX = F.linear(x_BTH, self.qkv_weight, self.qkv_bias)
-        q_BNTD = qkv_BTX[..., : nq * d].view(B, T, nq, d).transpose(1, 2)
-        k_BKTD = qkv_BTX[..., nq * d : (nq + nkv) * d].view(B, T, nkv, d).transpose(1, 2)
+        # RoPE on the q and k heads together: elementwise, so the same values as one at a time, in half the ops
+        qk_BTND = qkv_BTX[..., : (nq + nkv) * d].view(B, T, nq + nkv, d)
+        cos, sin = cos_BTD.unsqueeze(2), sin_BTD.unsqueeze(2)
+        qk_BTND = qk_BTND * cos + _rotate_half(qk_BTND) * sin
+        q_BNTD = qk_BTND[:, :, :nq].transpose(1, 2)
+        k_BKTD = qk_BTND[:, :, nq:].transpose(1, 2)
         v_BKTD = qkv_BTX[..., (nq + nkv) * d :].view(B, T, nkv, d).transpose(1, 2)
-        cos, sin = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
-        q_BNTD = q_BNTD * cos + _rotate_half(q_BNTD) * sin
-        k_BKTD = k_BKTD * cos + _rotate_half(k_BKTD) * sin
         if cache is not None:
             k_BKTD, v_BKTD = cache.update(layer, k_BKTD, v_BKTD)
         out_BNTD = F.scaled_dot_product_attention(
@@ -269,7 +270,9 @@ class DecoderLM(nn.Module):
             freqs_Sd = pos_S[:, None].float() * self.inv_freq
             emb_SD = torch.cat((freqs_Sd, freqs_Sd), dim=-1)
             table = self._rope_tables[dtype] = (emb_SD.cos().to(dtype), emb_SD.sin().to(dtype))
-        return table[0][pos_BT], table[1][pos_BT]
+        flat_N = pos_BT.reshape(-1)  # index_select: cheaper than advanced indexing on CPU
+        cos, sin = (t.index_select(0, flat_N).view(*pos_BT.shape, -1) for t in table)
+        return cos, sin
 
     def hidden(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, cache=None, mask=None) -> torch.Tensor:
         """Final hidden states [B, T, H] before the last norm.

@@ -68,6 +68,8 @@ class RadixCache:
 
     def _common_pages(self, key: tuple[int, ...], tokens: list[int], start: int) -> int:
         ps, count = self.page_size, 0
+        if tuple(tokens[start : start + len(key)]) == key:  # the common case: the whole key matches
+            return len(key) // ps
         for p in range(len(key) // ps):
             lo = start + p * ps
             if tuple(tokens[lo : lo + ps]) != key[p * ps : (p + 1) * ps]:

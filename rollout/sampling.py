@@ -67,6 +67,15 @@ def row_uniforms(seeds: list[int], num_steps: int) -> torch.Tensor:
     return out[:, :num_steps]
 
 
+def request_uniforms(seed: int, num_steps: int) -> list[float]:
+    """`row_uniforms([seed], num_steps)[0].tolist()` without the [1, n] tensor (one per submitted request)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[float] = []
+    for _ in range(-(-num_steps // UNIFORM_BLOCK)):
+        out += torch.rand(UNIFORM_BLOCK, generator=gen, dtype=torch.float64).tolist()
+    return out[:num_steps]
+
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling settings as [B] tensors on the logits' device."""
@@ -198,7 +207,8 @@ def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor, want
     """
     logits_BV = logits_BV.float()
     u_B = u_B.to(logits_BV.device)
-    want = want_kept or [False] * logits_BV.shape[0]
+    any_want = bool(want_kept) and any(want_kept)  # without, skip the per-row loops below
+    want = want_kept if any_want else [False] * logits_BV.shape[0]
     kept = {} if kept is None else kept
     logprobs_BV = torch.log_softmax(logits_BV / st.temperature_B.unsqueeze(1), dim=-1)
     tokens_B = torch.argmax(logits_BV, dim=-1)
@@ -209,7 +219,7 @@ def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor, want
         trunc_B = sampled_B & st.truncate_B
         if bool(plain_B.any()):
             tokens_B = torch.where(plain_B, _inverse_cdf(probs_BV, u_B), tokens_B)
-            for b in plain_B.nonzero().squeeze(1).tolist():
+            for b in plain_B.nonzero().squeeze(1).tolist() if any_want else []:
                 if want[b]:
                     order = probs_BV[b].sort(descending=True, stable=True)
                     kept[b] = order.indices[order.values > 0].tolist()
@@ -220,7 +230,7 @@ def sample(logits_BV: torch.Tensor, st: SamplingTensors, u_B: torch.Tensor, want
             picked = _sample_truncated(probs_BV[rows], st.select(rows), u_B[rows], sub_want, sub_kept)
             kept.update({int(rows[i]): ids for i, ids in sub_kept.items()})
             tokens_B = tokens_B.index_put((rows,), picked)
-    for b in st.greedy_B.nonzero().squeeze(1).tolist():
+    for b in st.greedy_B.nonzero().squeeze(1).tolist() if any_want else []:
         if want[b]:
             kept[b] = [int(tokens_B[b])]
     logprob_B = logprobs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)

@@ -22,6 +22,12 @@ Requests in the same admission round that share a long prefix which is not
 cached yet are not prefilled together: the later ones wait one step and then
 find the first one's prefix in the tree (see `_defer`).
 
+Per-step costs on small models are torch op launches and Python passes over
+the batch, not FLOPs, so a step batches them: one slot-table write for all the
+requests a step admits or moves onto cached pages, a decode forward built from
+a handful of ops whatever the batch size, and the batch's sampling settings
+reused while the same requests keep running.
+
 A forward or sampling error fails only the requests that cause it: the batch
 is rolled back and each request is run again alone (see `_run`); those that
 still fail finish ABORTED with the error. Re-running a request is safe: its
@@ -133,6 +139,30 @@ class _Progress:
         return appended
 
 
+@dataclass
+class _BatchSampling:
+    """What sampling needs of one batch beyond its logits; it depends only on which requests are in it."""
+
+    key: tuple[Request, ...]
+    params: list
+    st: SamplingTensors
+    processed: bool  # some row has a penalty or a logit bias
+    stop_rows: list[int]  # rows with stop tokens to mask until min_new_tokens
+    want_kept: list[bool] | None  # rows returning their top-p token ids (None: no row)
+    any_top: bool  # some row returns top logprobs
+    extras: bool  # some row returns top logprobs or top-p ids
+
+    @classmethod
+    def of(cls, reqs: tuple[Request, ...], vocab_size: int, device) -> "_BatchSampling":
+        params = [r.req.sampling for r in reqs]
+        want = [r.out_top_p is not None for r in reqs]
+        any_top = any(r.out_top is not None for r in reqs)
+        return cls(reqs, params, SamplingTensors.from_params(params, vocab_size, device),
+                   processed=any(p.penalized or p.logit_bias for p in params),
+                   stop_rows=[b for b, p in enumerate(params) if p.stop_token_ids and p.min_new_tokens > 0],
+                   want_kept=want if any(want) else None, any_top=any_top, extras=any_top or any(want))
+
+
 class BatchFailure(RuntimeError):
     """A batch step failed, yet each of its requests ran fine alone: no one request is to blame."""
 
@@ -155,6 +185,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.epoch = 0
         self.version = 0
+        self._sampling: _BatchSampling | None = None
         self.stats = dict(prompt_tokens=0, cached_tokens=0, prefill_tokens=0, generated_tokens=0,
                           prefill_steps=0, decode_steps=0, retractions=0, finished=0)
 
@@ -199,6 +230,8 @@ class Scheduler:
         return extra > 0 and (extra >= DEFER_MIN_TOKENS or 2 * extra >= len(r.tokens) - matched)
 
     def admit(self) -> list[Request]:
+        if not self.waiting:
+            return []
         batch: list[Request] = []
         budget = self.max_prefill_tokens
         round_tree = RadixCache(1, lambda pages: None) if self.tree is not None else None
@@ -223,7 +256,6 @@ class Scheduler:
             r.node, r.epoch, r.tree_pages, r.pages = node, self.epoch, len(pages), pages + own
             r.kv_len = matched
             r.row = self.pool.alloc_row()
-            self.pool.set_slots(r.row, r.pages, 0)
             if r.cached_tokens < 0:
                 r.cached_tokens = matched
                 self.stats["prompt_tokens"] += len(r.req.input_ids)
@@ -232,6 +264,7 @@ class Scheduler:
             if round_tree is not None:
                 round_tree.insert(r.tokens, [0] * len(r.tokens))
             batch.append(r)
+        self.pool.set_slots_many([(r.row, 0, r.pages) for r in batch])
         self.running.extend(batch)
         return batch
 
@@ -239,7 +272,10 @@ class Scheduler:
 
     def _ensure_decode_pages(self, reqs: list[Request]) -> list[Request]:
         """Give every request a slot for its next token; retract the newest when out of pages."""
-        needy = [r for r in reqs if self._pages_for(r.num_tokens) > len(r.pages)]
+        ps = self.pool.page_size
+        needy = [r for r in reqs if r.num_tokens > len(r.pages) * ps]
+        if not needy:
+            return reqs
         updates = []
         for r in needy:
             if r.row < 0:
@@ -264,37 +300,48 @@ class Scheduler:
     def forward(self, reqs: list[Request], prefill: bool) -> torch.Tensor:
         """Run every request's not-yet-cached tokens; logits [B, V] (float32) at each last token."""
         dev, B = self.device, len(reqs)
-        q_list = [r.num_tokens - r.kv_len for r in reqs]
-        Q = max(q_list)
-        flat = [t for r in reqs for t in r.tokens_from(r.kv_len)]
-        c_B = torch.tensor([r.kv_len for r in reqs], device=dev)
-        q_B = torch.tensor(q_list, device=dev)
-        rows_B = torch.tensor([r.row for r in reqs], device=dev)
-        pos_BQ = c_B.unsqueeze(1) + torch.arange(Q, device=dev)
-        valid_BQ = torch.arange(Q, device=dev).unsqueeze(0) < q_B.unsqueeze(1)
+        c_list = [r.kv_len for r in reqs]
+        end_list = [r.num_tokens for r in reqs]
+        q_list = [e - c for c, e in zip(c_list, end_list)]
+        Q, K = max(q_list), max(end_list)
         if Q == 1:
-            ids_BQ = torch.tensor(flat, dtype=torch.long, device=dev).unsqueeze(1)
+            flat = [r.out_ids[-1] if r.out_ids else r.req.input_ids[-1] for r in reqs]
         else:
-            ids_BQ = torch.zeros(B, Q, dtype=torch.long, device=dev)
-            ids_BQ[valid_BQ] = torch.tensor(flat, dtype=torch.long, device=dev)
-        end_B = c_B + q_B
-        K = int(end_B.max())
-        table = self.pool.req_to_slot
-        write_N = table[rows_B.unsqueeze(1).expand(B, Q)[valid_BQ], pos_BQ[valid_BQ]]
+            flat = [t for r in reqs for t in r.tokens_from(r.kv_len)]
+        c_B = torch.tensor(c_list, device=dev)
+        read_BK = self.pool.req_to_slot[:, :K].index_select(0, torch.tensor([r.row for r in reqs], device=dev))
         j_K = torch.arange(K, device=dev)
-        # Pad queries (i >= q_b) see all of their row's keys, which keeps them NaN-free.
-        see_B1QK = ((j_K <= pos_BQ.unsqueeze(2)) & (j_K < end_B.view(B, 1, 1))).unsqueeze(1)
+        if Q == 1:  # decode: one new token per row, at position kv_len; its keys are exactly j <= kv_len
+            pos_BQ = c_B.unsqueeze(1)
+            ids_BQ = torch.tensor(flat, dtype=torch.long, device=dev).unsqueeze(1)
+            write_N = read_BK.gather(1, pos_BQ).squeeze(1)
+            hide_B1QK = (j_K > pos_BQ).view(B, 1, 1, K)
+            valid_N = None
+        else:
+            q_B = torch.tensor(q_list, device=dev)
+            pos_BQ = c_B.unsqueeze(1) + torch.arange(Q, device=dev)
+            valid_BQ = torch.arange(Q, device=dev).unsqueeze(0) < q_B.unsqueeze(1)
+            valid_N = valid_BQ.view(-1).nonzero().squeeze(1)  # flat (b, q) index of every real token
+            ids_BQ = torch.zeros(B * Q, dtype=torch.long, device=dev)
+            ids_BQ = ids_BQ.index_copy_(0, valid_N, torch.tensor(flat, dtype=torch.long, device=dev)).view(B, Q)
+            write_N = read_BK.gather(1, pos_BQ.clamp(max=K - 1)).view(-1).index_select(0, valid_N)
+            # Pad queries (i >= q_b) see all of their row's keys, which keeps them NaN-free.
+            see_BQK = (j_K <= pos_BQ.unsqueeze(2)) & (j_K < (c_B + q_B).view(B, 1, 1))
+            hide_B1QK = (~see_BQK).unsqueeze(1)
         # An additive float mask, built once: SDPA would convert a bool mask in every layer.
-        mask_B1QK = torch.zeros(see_B1QK.shape, dtype=self.pool.k[0].dtype, device=dev).masked_fill_(~see_B1QK, float("-inf"))
-        view = PagedView(self.pool, write_N, valid_BQ, table[rows_B, :K])
-        x_BQH = self.model.hidden(ids_BQ, pos_BQ, view, mask_B1QK)
-        last_BH = x_BQH[torch.arange(B, device=dev), q_B - 1]
+        mask_B1QK = torch.zeros(hide_B1QK.shape, dtype=self.pool.k[0].dtype, device=dev)
+        mask_B1QK.masked_fill_(hide_B1QK, float("-inf"))
+        x_BQH = self.model.hidden(ids_BQ, pos_BQ, PagedView(self.pool, write_N, valid_N, read_BK), mask_B1QK)
+        if Q == 1:
+            last_BH = x_BQH[:, 0]
+        else:
+            last_BH = x_BQH[torch.arange(B, device=dev), q_B - 1]
         if prefill:
             for b, r in enumerate(reqs):
                 if r.input_logprobs is None and r.req.logprob_start_len >= 0:
                     self._prompt_logprobs(r, x_BQH[b, : q_list[b] - 1])
-        for r in reqs:
-            r.kv_len = r.num_tokens
+        for r, end in zip(reqs, end_list):
+            r.kv_len = end
         return self.model.logits(last_BH).float()
 
     def _prompt_logprobs(self, r: Request, x_QH: torch.Tensor) -> None:
@@ -314,28 +361,38 @@ class Scheduler:
             val_TK, ids_TK = lp_TV.topk(k, dim=-1) if lp_TV.shape[0] else (lp_TV[:, :0], lp_TV[:, :0].long())
             r.input_top = lead + [list(zip(i, v)) for i, v in zip(ids_TK.tolist(), val_TK.tolist())]
 
+    def _batch_sampling(self, reqs: list[Request]) -> "_BatchSampling":
+        """The batch's per-row sampling settings, rebuilt only when the batch changes (most decode steps
+        run the same requests as the step before)."""
+        key = tuple(reqs)
+        if self._sampling is None or self._sampling.key != key:
+            self._sampling = _BatchSampling.of(key, self.cfg.vocab_size, self.device)
+        return self._sampling
+
     def sample_and_append(self, reqs: list[Request], logits_BV: torch.Tensor) -> None:
         """Penalties and bias, then sampling (rollout/sampling.py has the order); one token per request."""
         dev, B = self.device, len(reqs)
-        params = [r.req.sampling for r in reqs]
-        process_logits(logits_BV, params, [r.out_ids for r in reqs])
-        for b, r in enumerate(reqs):  # stop tokens are masked until min_new_tokens
-            sp = params[b]
-            if sp.stop_token_ids and len(r.out_ids) < sp.min_new_tokens:
+        bs = self._batch_sampling(reqs)
+        if bs.processed:
+            process_logits(logits_BV, bs.params, [r.out_ids for r in reqs])
+        for b in bs.stop_rows:  # stop tokens are masked until min_new_tokens
+            sp, r = bs.params[b], reqs[b]
+            if len(r.out_ids) < sp.min_new_tokens:
                 logits_BV[b, torch.tensor(sp.stop_token_ids, device=dev)] = float("-inf")
-        st = SamplingTensors.from_params(params, self.cfg.vocab_size, dev)
         u_B = torch.tensor([r.uniforms[len(r.out_ids)] for r in reqs], dtype=torch.float64)
         kept: dict[int, list[int]] = {}
-        tok_B, lp_B = sample(logits_BV, st, u_B, [r.out_top_p is not None for r in reqs], kept)
-        tops = self._top_logprobs(reqs, logits_BV, st)
+        tok_B, lp_B = sample(logits_BV, bs.st, u_B, bs.want_kept, kept)
+        tops = self._top_logprobs(reqs, logits_BV, bs.st) if bs.any_top else {}
+        version = self.version
         for b, (r, tok, lp) in enumerate(zip(reqs, tok_B.tolist(), lp_B.tolist())):
             r.out_ids.append(tok)
             r.out_logprobs.append(lp)
-            r.out_versions.append(self.version)
-            if r.out_top is not None:
-                r.out_top.append(tops[b])
-            if r.out_top_p is not None:
-                r.out_top_p.append(kept[b])
+            r.out_versions.append(version)
+            if bs.extras:
+                if r.out_top is not None:
+                    r.out_top.append(tops[b])
+                if r.out_top_p is not None:
+                    r.out_top_p.append(kept[b])
         self.stats["generated_tokens"] += B
 
     def _top_logprobs(self, reqs, logits_BV, st) -> dict[int, list[tuple[int, float]]]:
@@ -386,25 +443,34 @@ class Scheduler:
         self.pool.free_row(r.row)
         r.pages, r.tree_pages, r.node, r.row, r.kv_len = [], 0, None, -1, 0
 
-    def cache_prompt(self, r: Request) -> None:
-        """After prefill: put r's full pages in the tree now and use the tree's copies."""
-        if self.tree is None or r.epoch != self.epoch:
+    def cache_prompts(self, reqs: list[Request]) -> None:
+        """After prefill: put each request's full pages in the tree now and use the tree's copies."""
+        if self.tree is None:
             return
+        running = set(self.running)
+        updates = [u for r in reqs if r.epoch == self.epoch and r in running for u in self._cache_prompt(r)]
+        self.pool.set_slots_many(updates)
+
+    def _cache_prompt(self, r: Request) -> list[tuple[int, int, list[int]]]:
+        """`cache_prompts` for one request; the slot-table update it needs (none when no page changed)."""
         ps = self.pool.page_size
         full = r.kv_len // ps
         if full <= r.tree_pages:
-            return
+            return []
         already = self.tree.insert(r.tokens[: full * ps], r.pages[:full]) // ps
         pages, node = self.tree.match_prefix(r.tokens[: full * ps])
         self.tree.lock(node)
         if r.node is not None:
             self.tree.unlock(r.node)
-        duplicates = r.pages[r.tree_pages : already]
-        if duplicates != pages[r.tree_pages : already]:
+        first = r.tree_pages
+        duplicates = r.pages[first:already]
+        changed = duplicates != pages[first:already]
+        if changed:
             self.pool.free(duplicates)
         r.pages[: len(pages)] = pages
-        self.pool.set_slots(r.row, r.pages, r.tree_pages)
         r.node, r.tree_pages = node, len(pages)
+        # the pages past `already` are r's own, now the tree's: only replaced duplicates move slots
+        return [(r.row, first, r.pages[first:already])] if changed else []
 
     def retract(self, r: Request) -> None:
         """Move a running request back to the front of the queue, releasing its KV."""
@@ -430,11 +496,9 @@ class Scheduler:
             self.stats["prefill_tokens"] += sum(len(r.tokens) - r.kv_len for r in new)
             self.stats["prefill_steps"] += 1
             self._run(new, prefill=True)
-            for r in new:
-                if r in self.running:
-                    self.cache_prompt(r)
-        fresh = set(map(id, new))
-        old = [r for r in self.running if id(r) not in fresh]
+            self.cache_prompts(new)
+        fresh = set(new)
+        old = [r for r in self.running if r not in fresh] if new else list(self.running)
         old = self._ensure_decode_pages(old)
         if old:
             self.stats["decode_steps"] += 1

@@ -273,6 +273,33 @@ def check_tree(tree: RadixCache, model: TreeModel) -> None:
     assert tree.evictable_pages == sum(1 for p in model.live if model.locks[p] == 0)
 
 
+@pytest.mark.parametrize("ps", [1, 3])
+def test_set_slots_many_matches_slot_formula(ps):
+    """One batched table update == each page's slots written by hand, a last page past the context cut."""
+    from rollout.kv_cache import PagedKVPool
+
+    cfg = ModelConfig.from_hf(dict(CFG, max_position_embeddings=10))
+    pool = PagedKVPool(cfg, num_pages=40, page_size=ps, max_running=4, device="cpu", dtype=torch.float32)
+    rng = random.Random(ps)
+    updates = [(row, first, rng.sample(range(40), -(-10 // ps) - first)) for row, first in ((0, 0), (2, 1), (3, 2))]
+    pool.set_slots_many(updates + [(1, 0, [])])
+    want = torch.full_like(pool.req_to_slot, pool.pad_slot)
+    for row, first, pages in updates:
+        for i, page in enumerate(pages):
+            for o in range(ps):
+                if (first + i) * ps + o < 10:
+                    want[row, (first + i) * ps + o] = page * ps + o
+    assert torch.equal(pool.req_to_slot, want)
+
+
+def test_request_uniforms_equal_row_uniforms():
+    from rollout.sampling import UNIFORM_BLOCK, request_uniforms, row_uniforms
+
+    for seed in (0, 7, 2**63 - 1):
+        for n in (0, 1, UNIFORM_BLOCK, UNIFORM_BLOCK + 1, 3 * UNIFORM_BLOCK - 5):
+            assert request_uniforms(seed, n) == row_uniforms([seed], n)[0].tolist()
+
+
 @pytest.mark.parametrize("ps", [1, 4])
 def test_radix_random_ops_match_brute_force_model(ps):
     """Scheduler-like use (match + lock, hold own pages, insert + unlock later), evictions and
