@@ -36,10 +36,11 @@ Matched settings (the same numbers on both sides; their definitions checked in b
 - threads: OMP_NUM_THREADS=k and torch.set_num_threads(k) in the TRL process, `--rollout.num_threads k
   --train.num_threads k` for slime_rl (hf: one pool in one process; megatron: k in the driver, whose engine
   generates, and k in the rank, which trains while the driver waits).
-What differs: the prompt order (each shuffles with its own sampler and seed), the sampling streams, and the
-engines (TRL: transformers `generate` on a left-padded batch of 128 rows that decodes until every row is done;
-slime_rl: its embedded engine, continuous batching with a radix prefix cache, the trainer's weights pushed to
-it after every step).
+Round r runs every system with seed SEEDS["run"] + r, so the accuracies of a system's runs are draws of
+several seeds. What differs: the prompt order (each shuffles with its own sampler and seed), the sampling
+streams, and the engines (TRL: transformers `generate` on a left-padded batch of 128 rows that decodes until
+every row is done; slime_rl: its embedded engine, continuous batching with a radix prefix cache, the trainer's
+weights pushed to it after every step).
 
 Measured per run: seconds of every step and its phases. slime_rl: `time/step_s`, `time/rollout_s` (generation
 + reward), `time/train_s` and `time/push_s` (the weight push to the engine) from its metrics.jsonl. TRL: a
@@ -683,9 +684,9 @@ def tiny_bench(args, trl_py: Path, work: Path) -> dict:
     for k in args.threads:
         for rnd in range(args.rounds):
             for system in [s for s in ORDERS[rnd % 2] if s in args.systems] + ["floor"]:
-                job = {**base, "threads": k}
+                job = {**base, "threads": k, "seed": SEEDS["run"] + rnd}  # each round its own draw of sampling
                 r = run_system(system, job, work / "runs" / f"{system}_t{k}_r{rnd}", trl_py, args)
-                r.update(round=rnd, **run_medians(r, skip))
+                r.update(round=rnd, seed=job["seed"], **run_medians(r, skip))
                 if system != "floor":
                     r["acc_after"] = evaluate_dir(Path(r["model_dir"]), val)
                 runs.append(r)

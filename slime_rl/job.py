@@ -260,7 +260,7 @@ def _rl_opt(cfg: JobConfig):
     return OptimSettings(lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
                          total_steps=max(1, t.num_steps * _updates_per_step(cfg)), weight_decay=t.weight_decay,
                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
-                         micro_batch_size=t.micro_batch_size)
+                         micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch)
 
 
 def _updates_per_step(cfg: JobConfig) -> int:

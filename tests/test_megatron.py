@@ -68,6 +68,7 @@ def weights():
 @pytest.fixture(scope="module")
 def reference(weights):
     trainer = HFTrainer(HF_CONFIG, weights, OPT, with_reference=True)
+    trainer.response_tokens_only = False  # every position, as Megatron gives them: parity on all of them
     batch = make_batch()
     lp = trainer.logprobs(batch)
     batch = prepared(batch, lp, trainer.ref_logprobs(batch))
@@ -188,6 +189,7 @@ def test_tied_embeddings_across_pipeline_stages():
                             intermediate_size=96, tie_word_embeddings=True)
     weights = init_tiny_model(config, seed=5)
     ref = HFTrainer(config, weights, OPT, with_reference=True)
+    ref.response_tokens_only = False  # every position, as Megatron gives them
     batch = make_batch(4)
     lp = ref.logprobs(batch)
     batch = prepared(batch, lp, lp)

@@ -9,7 +9,7 @@ from slime_rl.algorithms import build_train_batch, make_policy_loss
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
 from slime_rl.types import Sample
 from training.hf import HFTrainer, OptimSettings
-from training.hf.backend import lr_lambda
+from training.hf.backend import lr_lambda, micro_batch_rows
 
 
 def tiny(arch="llama"):
@@ -50,6 +50,53 @@ def test_micro_batch_size_does_not_change_the_step(arch):
     for (n, a), (_, b) in zip(t_full.model.named_parameters(), t_micro.model.named_parameters()):
         scale = a.grad.abs().max().clamp(min=1e-12)
         assert torch.allclose(a.grad, b.grad, atol=1e-5 * float(scale), rtol=0), n
+
+
+def test_micro_batches_group_similar_lengths_within_both_budgets():
+    lengths = [5, 9, 2, 9, 7, 3, 8]
+    rows = [r.tolist() for r in micro_batch_rows(lengths, max_rows=3, max_tokens=20)]
+    # longest first (ties by index); a micro-batch is cut at 3 rows or when rows x its longest would pass 20
+    assert rows == [[1, 3], [6, 4], [0, 5, 2]]
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert [r.tolist() for r in micro_batch_rows([50, 4], max_rows=8, max_tokens=10)] == [[0], [1]]  # a long row alone
+
+
+def grads_after_step(trainer, batch):
+    stats = trainer.train_step(batch, make_policy_loss(0.2, 0.2))
+    return stats, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("max_tokens", [4096, 12])
+def test_the_output_layer_on_response_tokens_only_gives_the_same_loss_and_gradient(max_tokens):
+    """The loss reads logprobs and entropy on response tokens only, so computing them nowhere else changes
+    nothing: same loss, statistics and gradient as every position (also across several micro-batches)."""
+    cfg, sd = tiny()
+    batch = make_batch(seed=3)
+    batch.response_mask_BT[2] = 0  # a row without loss (e.g. a truncated sample) sits among the others
+    batch.loss_weights_BT = batch.loss_weights_BT * batch.response_mask_BT
+    results = []
+    for only in (False, True):
+        trainer = HFTrainer(cfg, sd, OptimSettings(lr=1e-2, max_tokens_per_micro_batch=max_tokens))
+        trainer.response_tokens_only = only
+        batch.old_logprobs_BT = trainer.logprobs(batch)
+        results.append(grads_after_step(trainer, batch))
+    (full, full_grads), (only, only_grads) = results
+    assert full.keys() == only.keys()
+    for key in full:
+        assert math.isclose(full[key], only[key], rel_tol=1e-6, abs_tol=1e-7), key
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, only_grads[name], atol=1e-6 * float(grad.abs().max()), rtol=0), name
+
+
+def test_a_micro_batch_without_response_tokens_still_steps():
+    cfg, sd = tiny()
+    batch = make_batch(seed=4, n=2)
+    batch.response_mask_BT[:] = 0
+    batch.loss_weights_BT = torch.zeros_like(batch.loss_weights_BT)
+    trainer = HFTrainer(cfg, sd, OptimSettings(lr=1e-2))
+    batch.old_logprobs_BT = trainer.logprobs(batch)
+    stats = trainer.train_step(batch, make_policy_loss(0.2, 0.2))
+    assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0
 
 
 def test_ratio_is_exactly_one_before_the_update():

@@ -17,7 +17,7 @@ class TrainConfig:
     megatron_spec: Literal["auto", "local", "te"] = "auto"  # auto = Transformer Engine when installed + GPU
     dtype: Literal["float32", "bfloat16"] = "float32"  # megatron params/compute (bf16 needs a GPU to be useful)
     use_distributed_optimizer: bool = False  # shard optimizer state over DP ranks
-    max_tokens_per_micro_batch: int = 4096  # megatron: token budget of one packed micro-batch
+    max_tokens_per_micro_batch: int = 4096  # token budget of one micro-batch (megatron: packed; hf: rows x longest)
     vocab_pad_multiple: int = 128  # megatron pads the vocab to a multiple of this x tp
     fused_logprob: bool = True  # logprob/entropy from hidden states + output weight in chunks, never [T, V] logits
     num_steps: int = 300

@@ -46,6 +46,7 @@ class OptimSettings:
     eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 64
+    max_tokens_per_micro_batch: int = 4096  # padded tokens (rows x the longest) per micro-batch; one row may exceed it
 
 
 def lr_lambda(opt: OptimSettings):
@@ -78,6 +79,19 @@ def merge_step_stats(micro_stats: list[dict[str, float]]) -> dict[str, float]:
             else:
                 out[k] = out.get(k, 0.0) + v
     return out
+
+
+def micro_batch_rows(lengths: list[int], max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices per micro-batch: longest first, cut where another row would pass `max_rows` rows or
+    `max_tokens` padded tokens (rows x the micro-batch's longest row, which is its first)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        last = groups[-1] if groups else []
+        if last and len(last) < max(1, max_rows) and (len(last) + 1) * lengths[last[0]] <= max_tokens:
+            last.append(i)
+        else:
+            groups.append([i])
+    return [torch.tensor(g) for g in groups]
 
 
 def build_hf_model(hf_config: dict, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
@@ -149,10 +163,12 @@ class HFModelTrainer:
         self.step = 0
         self._build_optimizer()
 
-    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[slice, TrainBatch]]:
-        mbs = max(1, self.opt.micro_batch_size)
-        for start in range(0, batch.num_sequences, mbs):
-            rows = slice(start, min(start + mbs, batch.num_sequences))
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[tuple[torch.Tensor, TrainBatch]]:
+        """(rows, micro-batch) pairs: rows longest first, at most `micro_batch_size` of them and at most
+        `max_tokens_per_micro_batch` padded tokens per micro-batch, each trimmed to its longest row, so
+        similar lengths share a micro-batch and little of the compute goes to padding."""
+        for rows in micro_batch_rows(batch.attention_mask_BT.sum(dim=1).tolist(), self.opt.micro_batch_size,
+                                     self.opt.max_tokens_per_micro_batch):
             mb = batch.select(rows)
             T = int(mb.attention_mask_BT.sum(dim=1).max())  # trim right padding of this micro-batch
             yield rows, mb.select((slice(None), slice(0, T)))
@@ -217,7 +233,12 @@ class HFTrainer(HFModelTrainer):
 
     fused_logprob: compute logprobs/entropy with the fused linear+logprob op from the
     hidden states (never forming [B, T, V] logits); False = from the model's logits.
+    response_tokens_only: (fused path) logprobs and entropy on response tokens only, 0 elsewhere, in
+    `train_step` and `logprobs` / `ref_logprobs` alike (the same rows, so an unchanged policy's ratio is
+    exactly 1): no loss reads the others. False = every position, as transformers gives them.
     """
+
+    response_tokens_only: bool = True
 
     def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor], opt: OptimSettings,
                  with_reference: bool = False, fused_logprob: bool = True):
@@ -233,7 +254,9 @@ class HFTrainer(HFModelTrainer):
 
     # ------------------------------------------------------------------ forward
     def _next_token_logprobs(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
-        """(logprobs_BT1, entropy_BT1 or None) of token t+1 given tokens <= t, for t < T - 1."""
+        """(logprobs_BT1, entropy_BT1 or None) of token t+1 given tokens <= t, for t < T - 1; with
+        `response_tokens_only` (fused path) only where token t+1 is a response token, 0 elsewhere: the output
+        layer, a fifth of a small model's compute, then skips the prompt and the padding."""
         targets_BT1 = mb.input_ids_BT[:, 1:]
         if not self.fused_logprob:
             logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
@@ -241,9 +264,17 @@ class HFTrainer(HFModelTrainer):
         hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT,
                                          use_cache=False).last_hidden_state
         B, T1 = targets_BT1.shape
+        hidden_NH, targets_N = hidden_BTH[:, :-1].reshape(B * T1, -1), targets_BT1.reshape(-1)
+        keep_K = None
+        if self.response_tokens_only:
+            keep_K = (mb.response_mask_BT[:, 1:].reshape(-1) != 0).nonzero().squeeze(1)
+            hidden_NH, targets_N = hidden_NH[keep_K], targets_N[keep_K]
         weight_VH = model.get_output_embeddings().weight  # the embedding itself when tied
-        lp_N, ent_N = fused_linear_logprobs(hidden_BTH[:, :-1].reshape(B * T1, -1), weight_VH, targets_BT1.reshape(-1),
-                                            temperature=mb.temperature, with_entropy=with_entropy)
+        lp_N, ent_N = fused_linear_logprobs(hidden_NH, weight_VH, targets_N, temperature=mb.temperature,
+                                            with_entropy=with_entropy)
+        if keep_K is not None:
+            lp_N = lp_N.new_zeros(B * T1).index_put((keep_K,), lp_N)
+            ent_N = ent_N.new_zeros(B * T1).index_put((keep_K,), ent_N) if ent_N is not None else None
         return lp_N.view(B, T1), ent_N.view(B, T1) if ent_N is not None else None
 
     def _forward(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
@@ -263,7 +294,7 @@ class HFTrainer(HFModelTrainer):
         return out_BT
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Policy logprobs [B, T] (0 at position 0 and on padding)."""
+        """Policy logprobs [B, T] (0 at position 0 and on padding; also on the prompt with `response_tokens_only`)."""
         return self._logprobs_with(self.model, batch)
 
     def update_reference(self) -> None:
