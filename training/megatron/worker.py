@@ -204,11 +204,14 @@ class MegatronWorker:
     # ------------------------------------------------------------------ forward / backward
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[packing.PackedMicroBatch], bool]:
         """This DP rank's packed micro-batches; a rank without rows runs one weightless micro-batch."""
+        # Rows rounded up to a multiple of 8 tokens suit GPU kernels; on CPU they are only extra work (short
+        # RL sequences: up to 45% more tokens), so rows there are exactly as long as the longest sequence.
+        multiple = 8 if self.device.type == "cuda" else 1
         mbs = packing.micro_batches(batch, self.dp_rank, self.dp_size, self.settings.max_tokens_per_micro_batch,
-                                    max(1, self.opt.micro_batch_size))
+                                    max(1, self.opt.micro_batch_size), pad_to_multiple=multiple)
         if mbs:
             return mbs, False
-        row_len = -(-packing.sequence_lengths(batch)[0] // 8) * 8
+        row_len = -(-packing.sequence_lengths(batch)[0] // multiple) * multiple
         return packing.pack(batch, [[[0]]], row_len), True
 
     def _forward_backward(self, batch: TrainBatch, loss_fn: LossFn | None) -> list[dict]:
