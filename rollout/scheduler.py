@@ -503,6 +503,8 @@ class Scheduler:
         if old:
             self.stats["decode_steps"] += 1
             self._run(old, prefill=False)
+        if not self.running:
+            self._sampling = None  # holds the last batch's requests: let them go while idle
 
     def _run(self, reqs: list[Request], prefill: bool) -> None:
         """One forward + sample for `reqs`; on an error, each request again alone (module docstring)."""
