@@ -743,14 +743,14 @@ def smollm2_bench(args, trl_py: Path, work: Path) -> dict:
 
 
 def run_bench(args) -> None:
-    """Each section ("tiny", "smollm2") carries its own commit, machine state and duration; with --smollm2-only
-    an existing --out file keeps its other sections."""
+    """Each section ("tiny", "smollm2") carries its own commit, machine state and duration; an existing --out
+    file keeps the sections this run does not redo (not with --quick)."""
     work, out = Path(args.work), Path(args.out)
     trl_py = ensure_trl_env(Path(args.trl_env))
     env = machine(trl_py)
     print(f"machine: {env['cpu']}, {env['cores']} cores, load {env['loadavg_start']}; slime_rl env {env['slime_env']}, "
           f"TRL env {env['trl_env']}", flush=True)
-    keep = json.loads(out.read_text()) if args.smollm2_only and out.is_file() else {}
+    keep = json.loads(out.read_text()) if out.is_file() and not args.quick else {}
     result = {**keep, "benchmark": "vs_trl", "machine": env, "seeds": SEEDS,
               "settings": {"model": MODEL_SHAPE, "task": TASK, "sft": SFT, "tiny": TINY, "smollm2": SMOL,
                            "trl_pins": TRL_PINS, "orders": [list(o) for o in ORDERS]}}

@@ -9,7 +9,7 @@ from slime_rl.algorithms import build_train_batch, make_policy_loss
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
 from slime_rl.types import Sample
 from training.hf import HFTrainer, OptimSettings
-from training.hf.backend import lr_lambda, micro_batch_rows
+from training.hf.backend import causal_mask_arg, lr_lambda, micro_batch_rows
 
 
 def tiny(arch="llama"):
@@ -59,6 +59,24 @@ def test_micro_batches_group_similar_lengths_within_both_budgets():
     assert rows == [[1, 3], [6, 4], [0, 5, 2]]
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert [r.tolist() for r in micro_batch_rows([50, 4], max_rows=8, max_tokens=10)] == [[0], [1]]  # a long row alone
+
+
+def test_right_padded_rows_need_no_attention_mask_and_give_the_same_logprobs():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert causal_mask_arg(right) is None
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert causal_mask_arg(left) is left
+    cfg, sd = tiny()
+    trainer = HFTrainer(cfg, sd, OptimSettings())
+    trainer.response_tokens_only = False
+    batch = make_batch(seed=5)
+    assert causal_mask_arg(batch.attention_mask_BT) is None  # build_train_batch pads on the right
+    with torch.no_grad():
+        masked = trainer.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    lp_BT = trainer.logprobs(batch)
+    want_BT = torch.log_softmax(masked[:, :-1], -1).gather(-1, batch.input_ids_BT[:, 1:, None])[..., 0]
+    real = batch.attention_mask_BT[:, 1:].bool()
+    assert (lp_BT[:, 1:] - want_BT)[real].abs().max() < 1e-5
 
 
 def grads_after_step(trainer, batch):

@@ -84,6 +84,19 @@ def merge_step_stats(micro_stats: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def causal_mask_arg(attention_mask_BT: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask to give the model: None when every row is right-padded (ones, then zeros).
+
+    Causal attention alone is then exact for every real token, which sees only earlier positions, all
+    real; padding positions get finite values nobody reads (their logprobs are zeroed). Without a mask,
+    SDPA runs its causal kernel instead of adding a [B, 1, T, T] mask, which transformers also skips
+    building: 8% of the tiny GRPO job's train step at 2 threads on CPU; about even on SmolLM2-135M.
+    """
+    if attention_mask_BT.shape[1] < 2 or bool((attention_mask_BT[:, 1:] <= attention_mask_BT[:, :-1]).all()):
+        return None
+    return attention_mask_BT
+
+
 def micro_batch_rows(lengths: list[int], max_rows: int, max_tokens: int) -> list[torch.Tensor]:
     """Row indices per micro-batch: longest first, cut where another row would pass `max_rows` rows or
     `max_tokens` padded tokens (rows x the micro-batch's longest row, which is its first)."""
@@ -265,9 +278,10 @@ class HFTrainer(HFModelTrainer):
         layer, a fifth of a small model's compute, then skips the prompt and the padding."""
         targets_BT1 = mb.input_ids_BT[:, 1:]
         if not self.fused_logprob:
-            logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT).logits
+            logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=causal_mask_arg(mb.attention_mask_BT)).logits
             return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, mb.temperature, with_entropy)
-        hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT,
+        mask_BT = causal_mask_arg(mb.attention_mask_BT)
+        hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mask_BT,
                                          use_cache=False).last_hidden_state
         B, T1 = targets_BT1.shape
         hidden_NH, targets_N = hidden_BTH[:, :-1].reshape(B * T1, -1), targets_BT1.reshape(-1)

@@ -28,7 +28,7 @@ import torch
 from slime_rl.hf_io import EMBED, LM_HEAD
 from slime_rl.protocols import ValueLossFn
 from slime_rl.types import TrainBatch
-from training.hf.backend import HFModelTrainer, OptimSettings
+from training.hf.backend import HFModelTrainer, OptimSettings, causal_mask_arg
 
 SCORE = "score.weight"
 
@@ -87,7 +87,8 @@ class HFCritic(HFModelTrainer):
 
     def _values(self, mb: TrainBatch) -> torch.Tensor:
         """Values [b, T] of one micro-batch: position t from the hidden state at t - 1; 0 at t = 0 and on padding."""
-        hidden_BTH = self.model.base_model(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT,
+        mask_BT = causal_mask_arg(mb.attention_mask_BT)
+        hidden_BTH = self.model.base_model(input_ids=mb.input_ids_BT, attention_mask=mask_BT,
                                            use_cache=False).last_hidden_state
         v_BT1 = torch.nn.functional.linear(hidden_BTH[:, :-1], self.model.score.weight).squeeze(-1)
         v_BT = torch.cat([v_BT1.new_zeros(v_BT1.shape[0], 1), v_BT1], dim=1)
