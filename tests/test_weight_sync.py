@@ -117,10 +117,11 @@ def engine_logprobs(engine, batch: TrainBatch) -> torch.Tensor:
 def assert_engines_follow(sync: WeightSync, engines: list, trainer, batch: TrainBatch, version: int) -> None:
     assert sync.check() == {}
     assert [e.get_weight_version() for e in engines] == [version] * len(engines)
-    want = trainer.logprobs(batch) * batch.attention_mask_BT
-    want[:, 0] = 0
+    mask_BT = batch.response_mask_BT  # the hf trainer gives logprobs on response tokens only
+    assert mask_BT.sum() >= 8
+    want = trainer.logprobs(batch) * mask_BT
     for e in engines:
-        got = engine_logprobs(e, batch) * batch.attention_mask_BT
+        got = engine_logprobs(e, batch) * mask_BT
         assert float((got - want).abs().max()) < 1e-5
 
 
