@@ -54,26 +54,19 @@ FAST_CANDIDATES = 64  # top-k / top-p first look among this many most likely tok
 UNIFORM_BLOCK = 64  # uniforms are drawn in blocks so a longer request's stream extends a shorter one's
 
 
-def row_uniforms(seeds: list[int], num_steps: int) -> torch.Tensor:
-    """Uniforms [B, num_steps] in [0, 1), float64, row b from generator(seeds[b])."""
-    n_blocks = -(-num_steps // UNIFORM_BLOCK)
-    out = torch.empty(len(seeds), n_blocks * UNIFORM_BLOCK, dtype=torch.float64)
-    for b, seed in enumerate(seeds):
-        gen = torch.Generator().manual_seed(seed)
-        for k in range(n_blocks):
-            out[b, k * UNIFORM_BLOCK : (k + 1) * UNIFORM_BLOCK] = torch.rand(
-                UNIFORM_BLOCK, generator=gen, dtype=torch.float64
-            )
-    return out[:, :num_steps]
-
-
 def request_uniforms(seed: int, num_steps: int) -> list[float]:
-    """`row_uniforms([seed], num_steps)[0].tolist()` without the [1, n] tensor (one per submitted request)."""
+    """One request's uniforms in [0, 1) (float64 values), from generator(seed) in blocks of UNIFORM_BLOCK."""
     gen = torch.Generator().manual_seed(seed)
     out: list[float] = []
     for _ in range(-(-num_steps // UNIFORM_BLOCK)):
         out += torch.rand(UNIFORM_BLOCK, generator=gen, dtype=torch.float64).tolist()
     return out[:num_steps]
+
+
+def row_uniforms(seeds: list[int], num_steps: int) -> torch.Tensor:
+    """Uniforms [B, num_steps], float64: row b is `request_uniforms(seeds[b], num_steps)`."""
+    return torch.tensor([request_uniforms(seed, num_steps) for seed in seeds], dtype=torch.float64).view(
+        len(seeds), num_steps)
 
 
 @dataclass

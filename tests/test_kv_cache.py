@@ -297,7 +297,11 @@ def test_request_uniforms_equal_row_uniforms():
 
     for seed in (0, 7, 2**63 - 1):
         for n in (0, 1, UNIFORM_BLOCK, UNIFORM_BLOCK + 1, 3 * UNIFORM_BLOCK - 5):
-            assert request_uniforms(seed, n) == row_uniforms([seed], n)[0].tolist()
+            gen = torch.Generator().manual_seed(seed)  # the stream: blocks of UNIFORM_BLOCK from one generator
+            blocks = [torch.rand(UNIFORM_BLOCK, generator=gen, dtype=torch.float64) for _ in range(3)]
+            want = torch.cat(blocks)[:n].tolist()
+            assert request_uniforms(seed, n) == want
+            assert row_uniforms([seed, seed], n).tolist() == [want, want]
 
 
 @pytest.mark.parametrize("ps", [1, 4])

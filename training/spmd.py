@@ -407,13 +407,6 @@ def _start_worker(rank: int, env: dict[str, str], backend: str, factory_blob: by
     return process, parent_conn
 
 
-def _rendezvous_store() -> Any:
-    """A TCPStore server in the driver on a port the OS picks (bound at once, so nobody can take it)."""
-    from torch.distributed import TCPStore  # imports torch: only in the driver, which has it loaded anyway
-
-    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-
-
 def spawn_ranks(
     world_size: int,
     factory: Factory,
@@ -444,7 +437,9 @@ def spawn_ranks(
         factory_blob = pickle.dumps((factory, factory_kwargs), protocol=_PICKLE)
     except Exception as error:
         raise ValueError(f"factory {factory!r} and factory_kwargs must pickle (use a 'pkg.mod:Name' path)") from error
-    store = _rendezvous_store()
+    from slime_rl.dist_group import host_store  # imports torch: only in the driver, which has it loaded anyway
+
+    store = host_store("127.0.0.1")
     # Every rank is a client of the driver's store (torchrun's agent-store mode), so no rank has to bind a
     # port that was merely free a moment before: under parallel jobs another process can take it first.
     shared_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}

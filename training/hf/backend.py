@@ -277,10 +277,10 @@ class HFTrainer(HFModelTrainer):
         `response_tokens_only` (fused path) only where token t+1 is a response token, 0 elsewhere: the output
         layer, a fifth of a small model's compute, then skips the prompt and the padding."""
         targets_BT1 = mb.input_ids_BT[:, 1:]
-        if not self.fused_logprob:
-            logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=causal_mask_arg(mb.attention_mask_BT)).logits
-            return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, mb.temperature, with_entropy)
         mask_BT = causal_mask_arg(mb.attention_mask_BT)
+        if not self.fused_logprob:
+            logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mask_BT).logits
+            return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, mb.temperature, with_entropy)
         hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mask_BT,
                                          use_cache=False).last_hidden_state
         B, T1 = targets_BT1.shape
