@@ -156,12 +156,19 @@ class GateConfig:
 
 @dataclass
 class LogConfig:
-    """Where results go."""
+    """Where results go: <output_dir>/metrics.jsonl always; wandb and TensorBoard beside it when asked
+    (the same metric names in all of them; slime_rl/metrics.py)."""
 
     output_dir: str = "runs/default"
     progress: bool = True
     save_checkpoint: bool = True
     plot: bool = True
+    wandb: bool = False  # Weights & Biases: run files under <output_dir>/wandb, the resolved config as run config
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline never touches the network
+    wandb_project: str = "slime_rl"
+    wandb_entity: str | None = None  # online: the team or user; None = the account's default
+    wandb_name: str | None = None  # the run's display name; None = the output directory's name
+    tensorboard: bool = False  # event files under <output_dir>/tensorboard
 
 
 @dataclass

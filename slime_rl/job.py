@@ -17,14 +17,14 @@ import torch
 
 from slime_rl import algorithms
 from slime_rl.builders import build_critic, build_trainer, check_critic_path, megatron_settings
-from slime_rl.config import ConfigError, JobConfig, save_config
+from slime_rl.config import ConfigError, JobConfig, save_config, to_dict
 from slime_rl.data import load_prompts
 from slime_rl.hf_io import init_tiny_model, load_hf_checkpoint, tiny_hf_config
 from slime_rl import checkpoint
 from slime_rl.gate import Gate
 from slime_rl.loop import (PRINT_KEYS, REFERENCE_DIR, Run, TrainerFailed, evaluate_run, gate_passed, maybe_evaluate,
                            refresh_reference, rl_loop, sync_weights)
-from slime_rl.metrics import MetricsLogger, format_line, plot_curves
+from slime_rl.metrics import format_line, open_logger, plot_curves
 from slime_rl.rewards.compose import build_reward_fn
 from slime_rl.sft import run_sft as sft_train
 from slime_rl.threads import cpu_ids, pin_process
@@ -170,6 +170,7 @@ def build_run(cfg: JobConfig) -> Run:
     out_dir = Path(cfg.log.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    logger = open_logger(cfg.log, out_dir, to_dict(cfg))  # wandb/TensorBoard start at its first record
     task = _task(cfg)
     tokenizer = _tokenizer(cfg, task)
     try:
@@ -215,7 +216,7 @@ def build_run(cfg: JobConfig) -> Run:
                episode=task_episode(task, cfg, tokenizer),
                gate=Gate(cfg.gate.metric, cfg.gate.threshold, out_dir) if cfg.gate.metric else None,
                train_records=train_records, val_records=val_records,
-               sft_records=sft_records, logger=MetricsLogger(out_dir / "metrics.jsonl"), out_dir=out_dir)
+               sft_records=sft_records, logger=logger, out_dir=out_dir)
 
 
 def external_engines(ro, engine_urls: list[str] | None = None, kind: str = "external", always_route: bool = False):
@@ -350,7 +351,7 @@ def job_run(cfg: JobConfig):
             yield run
         finally:
             router, launch = run.router, run.launch
-            for close in (getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
+            for close in (run.logger.close, getattr(run.sync, "close", None), getattr(run.trainer, "close", None),
                           getattr(run.critic, "close", None),
                           getattr(run.engine, "close", None),
                           router.stop if router is not None else None, launch.close if launch is not None else None):

@@ -30,6 +30,7 @@ from slime_rl.tasks import Task
 from slime_rl.producer import (AsyncRollout, DynamicSampling, PromptStream, ReplayRollout, RolloutWorker,
                                SyncRollout, group_uid, save_groups, staleness_of)
 from slime_rl.rewards.runner import score_samples
+from slime_rl.timing import PhaseTimer, TimeTable, step_times
 from slime_rl.types import Sample, SamplingParams, TrainBatch
 from training.hf.backend import merge_step_stats
 
@@ -67,6 +68,7 @@ class Run:
     episode: Episode = field(default_factory=SingleTurn)  # how the task plays a sample (rollout.episodes)
     gate: Gate | None = None  # the deploy gate (gate.metric): the run stops once validation passes it
     start_metrics: dict = field(default_factory=dict)  # validation before RL (after the SFT warm-up)
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # where the time goes (slime_rl.timing); new per rl_loop
 
 
 def sync_weights(run: Run) -> dict[str, float]:
@@ -74,7 +76,8 @@ def sync_weights(run: Run) -> dict[str, float]:
     if run.sync is None or run.trainer is None:  # replay (no engines) or rollout-only (no trainer)
         return {}
     run.weight_version += 1
-    return run.sync.push(run.weight_version)
+    with run.timer.phase("sync"):
+        return run.sync.push(run.weight_version)
 
 
 def sampling_params(run: Run) -> SamplingParams:
@@ -106,7 +109,7 @@ def _source(run: Run, start_step: int):
 
     in_flight = max(r.prompts_per_step, cfg.async_rl.max_inflight_groups or 0)  # groups scored at once, at most
     worker = RolloutWorker(run.engine, sampling_params(run), r.seed, run.tokenizer.decode, score, episode=run.episode,
-                           score_threads=in_flight)
+                           score_threads=in_flight, timer=run.timer)
     prompts = PromptStream(run.train_records, cfg.train.seed, r.prompts_per_step, r.n_samples_per_prompt)
     if mode == "sync":
         return SyncRollout(worker, prompts)
@@ -146,12 +149,14 @@ def score_batch(run: Run, batch: TrainBatch) -> dict[str, float]:
     needs = algorithm.needs(a)
     method = off_policy.resolve(a.off_policy, run.cfg.async_rl.mode)
     single = a.ppo_epochs * a.mini_batches == 1 and not off_policy.weighs_tokens(method) and not needs.old_logprobs
-    if not single:
-        batch.old_logprobs_BT = run.trainer.logprobs(batch)
-    if needs.reference:
-        batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
-    if needs.critic:
-        batch.values_BT = run.critic.values(batch) * batch.response_mask_BT
+    with run.timer.phase("logprobs"):
+        if not single:
+            batch.old_logprobs_BT = run.trainer.logprobs(batch)
+        if needs.reference:
+            batch.ref_logprobs_BT = run.trainer.ref_logprobs(batch)
+        if needs.critic:
+            batch.values_BT = run.critic.values(batch) * batch.response_mask_BT
+    run.timer.count("logprob_tokens", batch_tokens(batch) * ((not single) + needs.reference + needs.critic))
     stats = _advantages(run, batch, algorithm)
     if single:  # the ratio against the behaviour policy ("coupled") or the update's own forward; no IS weights
         batch.is_weights_BT, batch.proximal_is_update = None, True
@@ -215,9 +220,15 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
                 per_update.append({prefix + key: v if key.endswith(("_max", "_min")) else v / updates
                                    for key, v in backend.train_step(mini, fn).items()})
     stats.update(merge_step_stats(per_update))
+    run.timer.count("trained_tokens", batch_tokens(batch) * a.ppo_epochs * train_policy)
     if a.ref_update_every and (step + 1) % a.ref_update_every == 0:
         refresh_reference(run)
     return stats
+
+
+def batch_tokens(batch: TrainBatch) -> int:
+    """The batch's real (unpadded) tokens, prompt and response: what a forward pass over it processes."""
+    return int(batch.attention_mask_BT.sum())
 
 
 REFERENCE_DIR = "reference"  # <output_dir>/reference: the reference model as of RL start or the last refresh
@@ -259,6 +270,8 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     a = cfg.algorithm
     loss_fn = algorithms.get(a.name).loss(a)
     start = resume["step"] if resume else 0
+    timer = run.timer = PhaseTimer()
+    t_start = time.perf_counter()
     rollout = make_rollout(run, start)
     if resume:
         restore(run, rollout, resume)
@@ -267,19 +280,21 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
     last_eval: dict[str, float] = {}
     try:
         for step in range(start, cfg.train.num_steps):
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), timer.snapshot()
             trainer_version = run.weight_version  # the weights this step trains from
-            with idle_trainer(run):  # a restarted engine may be re-synced from the trainer meanwhile
+            with idle_trainer(run), timer.phase("rollout"):  # a restarted engine may be re-synced meanwhile
                 groups = rollout.get(step, trainer_version)
             t_rollout = time.perf_counter() - t0
             record_groups(run, step, groups)
             stats, sync_stats, times = {}, {}, {}
             if run.trainer is not None:
                 t1 = time.perf_counter()
-                batch = prepare(run, groups)
-                stats = train_phase(run, batch, loss_fn, step)
+                with timer.phase("train"):
+                    batch = prepare(run, groups)
+                    stats = train_phase(run, batch, loss_fn, step)
                 t2 = time.perf_counter()
-                sync_stats = rollout.push(lambda: sync_weights(run))
+                with timer.phase("rollout"):  # one-step-off: the push first waits for the groups in flight
+                    sync_stats = rollout.push(lambda: sync_weights(run))
                 times = {"time/train_s": t2 - t1, "time/push_s": time.perf_counter() - t2}
             record = {"step": step + 1, "weight_version": run.weight_version,
                       **run.task.eval_metrics([s for g in groups for s in g], "rollout"),
@@ -287,20 +302,37 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
                       **rollout.metrics(), **{f"train/{k}": v for k, v in stats.items()}, **sync_stats,
                       "reward/errors": run.reward_errors,
                       "time/rollout_s": t_rollout, **times, "time/step_s": time.perf_counter() - t0}
-            evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
+            with timer.phase("eval"):
+                evals = maybe_evaluate(run, step + 1, force=step + 1 == cfg.train.num_steps)
             record.update(evals)
+            record.update(step_times(timer.snapshot().since(before)))
             last_eval = evals or last_eval
             run.logger.log(record)
             if progress is not None:
                 progress(step + 1, record)
             else:
                 print(format_line(step + 1, record, PRINT_KEYS), flush=True)
-            maybe_checkpoint(run, step + 1, rollout)
+            with timer.phase("ckpt"):
+                maybe_checkpoint(run, step + 1, rollout)
             if gate_passed(run, evals, step + 1):
                 break
     finally:
         rollout.close()
+    report_time(run, time.perf_counter() - t_start, overlapped=rollout.overlaps_training)
     return last_eval
+
+
+TIME_TABLE = "time_table.json"
+
+
+def report_time(run: Run, wall_s: float, overlapped: bool) -> TimeTable:
+    """The run's closing table of where the loop's wall time went (slime_rl.timing): printed, written to
+    <output_dir>/time_table.json and logged as one last record (time/table/...)."""
+    table = TimeTable.build(run.timer.snapshot(), wall_s, run.cfg.async_rl.mode, overlapped)
+    print(table.format(), flush=True)
+    table.write(run.out_dir / TIME_TABLE)
+    run.logger.log({"step": run.logger.history[-1].get("step", 0) if run.logger.history else 0, **table.metrics()})
+    return table
 
 
 def gate_passed(run: Run, metrics: dict[str, float], step: int) -> bool:

@@ -45,6 +45,7 @@ from rollout.episodes import Episode, SingleTurn
 from rollout.groups import merge_output, new_group
 from rollout.strategies import GroupRunner, agenerate_keyed
 from slime_rl.buffer import BufferClosed, RolloutBuffer, group_version
+from slime_rl.timing import PhaseTimer
 from slime_rl.types import Sample, SampleStatus, SamplingParams
 
 Group = list[Sample]
@@ -60,6 +61,11 @@ class RolloutStats:
     def metrics(self) -> dict[str, float]:
         return {"rollout/requeued_groups": float(self.requeued), "rollout/resumed_samples": float(self.resumed),
                 "rollout/regenerated_groups": float(self.regenerated)}
+
+
+def generated_tokens(s: Sample) -> int:
+    """Tokens the engine generated for `s` (not a multi-turn episode's observation tokens, loss mask 0)."""
+    return sum(s.loss_mask) if len(s.loss_mask) == len(s.response_ids) else len(s.response_ids)
 
 
 def _unfinished(group: Group) -> list[Sample]:
@@ -82,9 +88,10 @@ class RolloutWorker:
 
     def __init__(self, engine, sampling: SamplingParams, seed: int, decode: Callable | None,
                  score: Callable[[list[Sample]], Any], log=print, episode: Episode | None = None,
-                 score_threads: int = 32):
+                 score_threads: int = 32, timer: PhaseTimer | None = None):
         self.engine, self.sampling, self.seed, self.decode, self.score, self.log = \
             engine, sampling, seed, decode, score, log
+        self.timer = timer or PhaseTimer()  # busy time of generation and reward, generated tokens
         self.episode = episode or SingleTurn()
         self.stats = RolloutStats()
         self.partial = True  # resume interrupted samples from their tokens (False: restart them)
@@ -109,7 +116,8 @@ class RolloutWorker:
                 else:
                     _restart(group)
             try:
-                await self.episode.run(runner, group)
+                with self.timer.busy("generation"):
+                    await self.episode.run(runner, group)
             except Exception as exc:  # noqa: BLE001 - any engine failure: the group goes out again
                 failures += 1
                 self.stats.requeued += 1
@@ -118,8 +126,13 @@ class RolloutWorker:
                 self.log(f"[rollout] group {group_uid(group)} failed ({type(exc).__name__}: {exc}); re-queued "
                          f"(attempt {failures + 1})")
                 await asyncio.sleep(min(0.25 * 2 ** failures, 5.0))
-        await asyncio.get_running_loop().run_in_executor(self._scoring, self.score, group)
+        self.timer.count("generated_tokens", sum(generated_tokens(s) for s in group))
+        await asyncio.get_running_loop().run_in_executor(self._scoring, self._score, group)
         return group
+
+    def _score(self, group: Group) -> None:
+        with self.timer.busy("reward"):
+            self.score(group)
 
     async def generate_wave(self, items: list[tuple[int, Group]]) -> list[Group]:
         """Every group at once, in one engine call (so the engine sees the same batch every time: a
@@ -133,7 +146,9 @@ class RolloutWorker:
             reqs += group_reqs
             keys += [key] * len(group_reqs)
         try:
-            for s, out in zip(owners, await agenerate_keyed(self.engine, reqs, keys) if reqs else ()):
+            with self.timer.busy("generation"):
+                outs = await agenerate_keyed(self.engine, reqs, keys) if reqs else ()
+            for s, out in zip(owners, outs):
                 merge_output(s, out, self.decode)
         except Exception as exc:  # noqa: BLE001 - each group goes out again on its own below
             self.stats.requeued += len(items)
@@ -186,6 +201,8 @@ class PromptStream:
 class SyncRollout:
     """Step s: wave s, generated now with the current weights (staleness 0)."""
 
+    overlaps_training = False  # the loop waits for generation and scoring (slime_rl.timing)
+
     def __init__(self, worker: RolloutWorker, prompts: PromptStream):
         self.worker, self.prompts = worker, prompts
 
@@ -215,6 +232,8 @@ class SyncRollout:
 
 class AsyncRollout:
     """A producer ahead of the trainer by at most `staleness` steps (see the module docstring)."""
+
+    overlaps_training = True  # generation and scoring run while the trainer trains (slime_rl.timing)
 
     def __init__(self, worker: RolloutWorker, prompts: PromptStream, staleness: int, interruptible: bool,
                  capacity: int | None = None, start_step: int = 0, max_inflight: int | None = None):
@@ -372,6 +391,8 @@ class AsyncRollout:
 
 class ReplayRollout:
     """The groups of a run recorded with `debug.save_rollouts`, step by step (no engines)."""
+
+    overlaps_training = False
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
