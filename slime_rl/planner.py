@@ -447,6 +447,9 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
             conversion.check_hf_config(facts.hf_config, layout["tp"], layout["pp"])
         except conversion.ConversionError as exc:
             warnings.append(f"train.backend megatron cannot load this model yet: {exc}")
+    if place["engine_kind"].startswith("embedded") and facts.hf_config.get("model_type") not in ("llama", "qwen2"):
+        warnings.append(f"the embedded engine serves llama / qwen2 models only, not "
+                        f"{facts.hf_config.get('model_type')!r}: use SGLang servers (rollout.engine_urls)")
     plan = {
         "model": {"name": facts.name, "source": facts.source, "params": facts.params(),
                   **{k: getattr(facts, k) for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
@@ -463,8 +466,8 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
     worst = max((d for d in devices if not d["fits"]), key=lambda d: d["total"], default=None)
     if worst is not None:
         slot = place["slots"][devices.index(worst)]
-        plan["refused"] = (f"does not fit: {worst['where']} ({_occupants(slot)}) needs {_size(worst['total'])} "
-                           f"of {gpu_memory_gb:g} GiB ({_parts_line(worst['parts'])}); setting to change: "
+        plan["refused"] = (f"does not fit: {worst['where']} holds {_occupants(slot)} and needs "
+                           f"{_size(worst['total'])} of {gpu_memory_gb:g} GiB ({_parts_line(worst['parts'])}); setting to change: "
                            f"{_advice(cfg, worst, slot, gpu_bytes)}")
     return plan
 
