@@ -165,24 +165,27 @@ class TimeTable:
         return cls(wall_s, mode, rows)
 
     def header(self) -> str:
+        head = f"where the time went ({self.mode}): {self.wall_s:.2f}s of RL loop wall time"
         if not any(r.overlapped for r in self.rows):
-            return (f"where the time went ({self.mode}): {self.wall_s:.2f}s of RL loop wall time; "
-                    "rollout = generation while the loop waited, reward scoring apart")
-        return (f"where the time went ({self.mode}): {self.wall_s:.2f}s of RL loop wall time, seen from the "
-                "training loop; generation overlaps training, so rollout = the time the loop waited for a "
-                "batch, and the producer's busy time is listed below, not in the sum")
+            return head + "\n  (rollout = generation while the loop waited for it; reward scoring apart)"
+        return head + ("\n  (seen from the training loop: generation overlaps training, so rollout = the time the "
+                       "loop waited for a batch,\n   and in one-step-off for the groups in flight before a push; "
+                       "the producer's busy time is listed below the total)")
 
     def format(self) -> str:
+        def line(label: str, seconds: float, share: float, tps: float | None) -> str:
+            return f"  {label:30s} {seconds:9.2f} {100 * share:6.1f}% " + (f"{tps:10.1f}" if tps is not None else "")
+
         lines = [self.header(), f"  {'phase':30s} {'seconds':>9s} {'% wall':>7s} {'tokens/s':>10s}"]
-        for r in self.rows:
-            if r.overlapped and not lines[-1].startswith("  --"):
-                lines.append(f"  {'total':30s} {self.wall_s:9.2f} {100.0:6.1f}%")
-                lines.append("  -- overlapped with the loop (not in the total)")
-            tps = f"{r.tokens_per_s:10.1f}" if r.tokens_per_s is not None else f"{'':>10s}"
-            lines.append(f"  {r.label:30s} {r.seconds:9.2f} {100 * r.share:6.1f}% {tps}")
-        if not any(r.overlapped for r in self.rows):
-            lines.append(f"  {'total':30s} {self.wall_s:9.2f} {100.0:6.1f}%")
-        return "\n".join(lines)
+        lines += [line(r.label, r.seconds, r.share, r.tokens_per_s) for r in self.rows if not r.overlapped]
+        lines.append(line("total", self.wall_s, 1.0, None))
+        producer = [r for r in self.rows if r.overlapped]
+        if producer:
+            lines.append("  -- concurrent with the loop (not in the total):")
+            lines += [line(r.label, r.seconds, r.share, r.tokens_per_s) for r in producer]
+        lines.append("  tokens/s: generated tokens per second of generation; logprobs and train: prompt + response "
+                     "tokens per forward / update pass")
+        return "\n".join(text.rstrip() for text in lines)
 
     def metrics(self) -> dict[str, float]:
         """The table as flat metrics: time/table/<phase>_s, _share, _tokens_per_s (producer rows: producer_)."""
