@@ -73,9 +73,11 @@ ASSUMPTIONS = (
     "(fp32 master + 2 fp32 moments), the optimizer part divided by DP with train.use_distributed_optimizer",
     "activations of one micro-batch of T tokens (train.max_tokens_per_micro_batch, or fewer when "
     "micro_batch_size rows of data.max_prompt_tokens + rollout.max_new_tokens are shorter), per layer per token, "
-    "saved for backward: 4h (both norms' inputs and outputs) + (2 q + 2 kv)/tp (q, k, v after RoPE, attention "
-    "output) + 4 ffn/tp (gate, up, silu(gate), their product), in the training dtype; no activation recompute "
-    "(the project has no such setting); a pipeline's first stage holds min(pp, micro-batches) of them (1F1B)",
+    "the tensors a Llama/Qwen2 layer saves for backward (counted on transformers' layers): 6h (each RMSNorm's "
+    "input, normalized and scaled output) + (3 q + 2 kv)/tp (q, k, v after RoPE; the attention output, kept by "
+    "the attention and again as o_proj's contiguous input) + 4 ffn/tp (gate, up, silu(gate), their product), in "
+    "the training dtype; no activation recompute (the project has no such setting); a pipeline's first stage "
+    "holds min(pp, micro-batches) of them (1F1B)",
     "megatron's local spec (train.megatron_spec local, or auto without Transformer Engine) also keeps the "
     "[T x seq x heads/tp] attention probabilities; the te spec (flash attention) does not; auto is counted as local",
     "the output layer's logprobs (train.fused_logprob): chunk workspace of 3 x chunk_tokens x chunk_vocab fp32 "
@@ -83,8 +85,9 @@ ASSUMPTIONS = (
     "embedded engines (Ray actors) hold fp32 weights and a KV pool of rollout.max_total_tokens tokens, else "
     "rollout.kv_cache_mb; SGLang servers (rollout.engine_urls) hold bf16 weights / tp-size and a KV pool up to "
     "mem-fraction-static of the GPU (rollout.sglang_args; 0.85 assumed when unset)",
-    "colocated: the engine frees its KV cache while the trainer steps (weights stay), so a shared GPU needs "
-    "trainer state + engine weights + max(activations, KV cache)",
+    "peak = the sum of the parts, except: the hf backend frees its gradients before each step and backward "
+    "frees each layer's activations as it makes its gradients (max(activations, gradients) on top of the rest); "
+    "a colocated engine frees its KV cache while the trainer steps (weights stay): max(activations, KV cache)",
     "Ray's PACK strategy is assumed to fill nodes in bundle order (node = bundle // gpus_per_node)",
 )
 
@@ -333,7 +336,7 @@ def trainer_memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], st
     T, S = micro_batch_tokens(cfg)
     act_bytes = 2 if bf16 else 4
     h, q, kv, f = facts.hidden, facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim, facts.ffn
-    per_token_layer = 4 * h + (2 * q + 2 * kv) // tp + 4 * f // tp
+    per_token_layer = 6 * h + (3 * q + 2 * kv) // tp + 4 * f // tp
     local_attention = megatron and t.megatron_spec != "te"
     scores = S * facts.heads // tp if local_attention else 0
     layers = facts.layers // pp
@@ -372,12 +375,24 @@ def engine_memory(cfg: JobConfig, facts: ModelFacts, gpu_bytes: int) -> dict[str
     return {"engine_weights": facts.params() * 4, "kv_cache": kv, "kv_bytes_per_token": per_token}
 
 
-def _device_total(parts: dict[str, int], shared: bool) -> int:
-    trainer_static = sum(parts.get(k, 0) for k in ("weights", "gradients", "optimizer", "reference_weights"))
-    engine = parts.get("engine_weights", 0)
-    if shared:  # the engine frees its KV cache while the trainer steps
-        return trainer_static + engine + max(parts.get("activations", 0), parts.get("kv_cache", 0))
-    return trainer_static + engine + parts.get("activations", 0) + parts.get("kv_cache", 0)
+def _device_total(parts: dict[str, int], shared: bool, grads_resident: bool = True) -> int:
+    """Peak bytes of one device from its parts. Megatron's gradient buffer is allocated once and stays, so
+    gradients add to everything else; the hf backend frees its gradients before each step (set_to_none) and
+    backward frees a layer's activations as it makes the layer's gradients, so it peaks at max(activations,
+    gradients) on top of the rest. A colocated engine frees its KV cache while the trainer steps."""
+    grads, acts = parts.get("gradients", 0), parts.get("activations", 0)
+    static = sum(parts.get(k, 0) for k in ("weights", "optimizer", "reference_weights", "engine_weights"))
+    if grads_resident:
+        static, step = static + grads, acts
+    else:
+        step = max(acts, grads)
+    kv = parts.get("kv_cache", 0)
+    return static + (max(step, kv) if shared else step + kv)
+
+
+def trainer_total(cfg: JobConfig, parts: dict[str, int]) -> int:
+    """The peak of one trainer rank alone (see _device_total)."""
+    return _device_total(parts, shared=False, grads_resident=cfg.train.backend == "megatron")
 
 
 def memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], slots: list[Slot],
@@ -393,7 +408,8 @@ def memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], slots: lis
         for _ in slot.engines:
             parts["engine_weights"] = parts.get("engine_weights", 0) + engine["engine_weights"]
             parts["kv_cache"] = parts.get("kv_cache", 0) + engine["kv_cache"]
-        total = _device_total(parts, shared=slot.gpu >= 0 and bool(slot.trainer_ranks and slot.engines))
+        total = _device_total(parts, shared=slot.gpu >= 0 and bool(slot.trainer_ranks and slot.engines),
+                              grads_resident=cfg.train.backend == "megatron" or not slot.trainer_ranks)
         out.append({"where": slot.where, "parts": parts, "total": total,
                     "capacity": gpu_bytes if slot.gpu >= 0 else None,
                     "fits": slot.gpu < 0 or total <= gpu_bytes})
@@ -467,8 +483,8 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
     if worst is not None:
         slot = place["slots"][devices.index(worst)]
         plan["refused"] = (f"does not fit: {worst['where']} holds {_occupants(slot)} and needs "
-                           f"{_size(worst['total'])} of {gpu_memory_gb:g} GiB ({_parts_line(worst['parts'])}); setting to change: "
-                           f"{_advice(cfg, worst, slot, gpu_bytes)}")
+                           f"{_size(worst['total'])} of {gpu_memory_gb:g} GiB ({_parts_line(worst['parts'])}); "
+                           f"setting to change: {_advice(cfg, worst, slot, gpu_bytes)}")
     return plan
 
 
