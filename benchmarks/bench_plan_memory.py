@@ -182,8 +182,8 @@ def main() -> None:
         path = ROOT / "benchmarks" / "results" / "plan_memory.json"
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
-        path.write_text(json.dumps({"commit": commit, "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "results": results}, indent=2)
-                        + "\n")
+        machine = {"cpu": cpu_model(), "cores": os.cpu_count()}
+        path.write_text(json.dumps({"commit": commit, "machine": machine, "results": results}, indent=2) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
 
 
