@@ -23,8 +23,10 @@ def build_trainer(cfg: JobConfig, hf_config: dict, state_dict: dict | str, launc
         return None
     with_reference = algorithms.needs(cfg.algorithm).reference
     if cfg.train.backend == "hf":
-        return HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
-                         fused_logprob=cfg.train.fused_logprob)
+        trainer = HFTrainer(hf_config, state_dict, OptimSettings(), with_reference=with_reference,
+                            fused_logprob=cfg.train.fused_logprob)
+        trainer.shared_prefix = cfg.train.shared_prompt_forward
+        return trainer
     from training.megatron import MegatronBackend
 
     t = cfg.train

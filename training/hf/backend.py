@@ -30,6 +30,8 @@ from slime_rl.ops import logprobs_from_logits
 from slime_rl.ops.fused_logprob import fused_linear_logprobs
 from slime_rl.protocols import LossFn
 from slime_rl.types import TrainBatch
+from training.hf.shared_prefix import (SharedPrefixPlan, plan_shared_prefix, shared_prefix_hidden,
+                                       supports_shared_prefix)
 
 
 _FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -255,9 +257,14 @@ class HFTrainer(HFModelTrainer):
     response_tokens_only: (fused path) logprobs and entropy on response tokens only, 0 elsewhere, in
     `train_step` and `logprobs` / `ref_logprobs` alike (the same rows, so an unchanged policy's ratio is
     exactly 1): no loss reads the others. False = every position, as transformers gives them.
+    shared_prefix: (with response_tokens_only) each distinct prompt of a micro-batch runs through the model
+    once and its samples' responses attend to its cached keys/values (training/hf/shared_prefix.py), where
+    that saves at least `shared_prefix_min_saved` of the micro-batch's tokens; same logprobs and gradient.
     """
 
     response_tokens_only: bool = True
+    shared_prefix: bool = True
+    shared_prefix_min_saved: float = 0.1
 
     def __init__(self, hf_config: dict, state_dict: dict[str, torch.Tensor], opt: OptimSettings,
                  with_reference: bool = False, fused_logprob: bool = True):
@@ -281,14 +288,22 @@ class HFTrainer(HFModelTrainer):
         if not self.fused_logprob:
             logits_BTV = model(input_ids=mb.input_ids_BT, attention_mask=mask_BT).logits
             return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, mb.temperature, with_entropy)
-        hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mask_BT,
-                                         use_cache=False).last_hidden_state
         B, T1 = targets_BT1.shape
-        hidden_NH, targets_N = hidden_BTH[:, :-1].reshape(B * T1, -1), targets_BT1.reshape(-1)
+        plan = self._shared_prefix_plan(model, mb)
         keep_K = None
-        if self.response_tokens_only:
-            keep_K = (mb.response_mask_BT[:, 1:].reshape(-1) != 0).nonzero().squeeze(1)
-            hidden_NH, targets_N = hidden_NH[keep_K], targets_N[keep_K]
+        if plan is not None:
+            hidden_RSH, pos_RS = shared_prefix_hidden(model.get_decoder(), mb.input_ids_BT, plan)
+            target_RS = (pos_RS + 1).clamp(max=T1)  # the token each hidden state predicts
+            keep_RS = (pos_RS + 1 < plan.length_R[:, None]) & (mb.response_mask_BT[plan.rows].gather(1, target_RS) != 0)
+            hidden_NH, targets_N = hidden_RSH[keep_RS], mb.input_ids_BT[plan.rows].gather(1, target_RS)[keep_RS]
+            keep_K = (plan.rows[:, None] * T1 + pos_RS)[keep_RS]
+        else:
+            hidden_BTH = model.get_decoder()(input_ids=mb.input_ids_BT, attention_mask=mask_BT,
+                                             use_cache=False).last_hidden_state
+            hidden_NH, targets_N = hidden_BTH[:, :-1].reshape(B * T1, -1), targets_BT1.reshape(-1)
+            if self.response_tokens_only:
+                keep_K = (mb.response_mask_BT[:, 1:].reshape(-1) != 0).nonzero().squeeze(1)
+                hidden_NH, targets_N = hidden_NH[keep_K], targets_N[keep_K]
         weight_VH = model.get_output_embeddings().weight  # the embedding itself when tied
         lp_N, ent_N = fused_linear_logprobs(hidden_NH, weight_VH, targets_N, temperature=mb.temperature,
                                             with_entropy=with_entropy)
@@ -296,6 +311,16 @@ class HFTrainer(HFModelTrainer):
             lp_N = lp_N.new_zeros(B * T1).index_put((keep_K,), lp_N)
             ent_N = ent_N.new_zeros(B * T1).index_put((keep_K,), ent_N) if ent_N is not None else None
         return lp_N.view(B, T1), ent_N.view(B, T1) if ent_N is not None else None
+
+    def _shared_prefix_plan(self, model: torch.nn.Module, mb: TrainBatch) -> SharedPrefixPlan | None:
+        """Deduplicated prompts for this micro-batch's forward (training/hf/shared_prefix.py), or None for the
+        plain one: off, outputs wanted at every position, a decoder it does not cover, or too little saved."""
+        if not (self.shared_prefix and self.fused_logprob and self.response_tokens_only):
+            return None
+        if not supports_shared_prefix(model):
+            return None
+        return plan_shared_prefix(mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT,
+                                  self.shared_prefix_min_saved)
 
     def _forward(self, model: torch.nn.Module, mb: TrainBatch, with_entropy: bool):
         lp_BT1, ent_BT1 = self._next_token_logprobs(model, mb, with_entropy)
