@@ -77,7 +77,8 @@ ASSUMPTIONS = (
     "input, normalized and scaled output) + (3 q + 2 kv)/tp (q, k, v after RoPE; the attention output, kept by "
     "the attention and again as o_proj's contiguous input) + 4 ffn/tp (gate, up, silu(gate), their product), in "
     "the training dtype; no activation recompute (the project has no such setting); a pipeline's first stage "
-    "holds min(pp, micro-batches) of them (1F1B)",
+    "holds min(pp, micro-batches) of them (1F1B); full rows are counted even where the hf backend runs a "
+    "group's shared prompt once (an upper bound there)",
     "megatron's local spec (train.megatron_spec local, or auto without Transformer Engine) also keeps the "
     "[T x seq x heads/tp] attention probabilities; the te spec (flash attention) does not; auto is counted as local",
     "the output layer's logprobs (train.fused_logprob): chunk workspace of 3 x chunk_tokens x chunk_vocab fp32 "
@@ -103,19 +104,23 @@ class ModelFacts:
     name: str
     source: str
     hf_config: dict[str, Any]
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
 
-    def __getattr__(self, key: str) -> Any:  # hidden, ffn, ...: read from hf_config
-        c = self.__dict__.get("hf_config")
-        if c is None:
-            raise AttributeError(key)
-        heads = c["num_attention_heads"]
-        values = {"hidden": c["hidden_size"], "layers": c["num_hidden_layers"], "heads": heads,
-                  "kv_heads": c.get("num_key_value_heads") or heads, "ffn": c["intermediate_size"],
-                  "vocab": c["vocab_size"], "tied": bool(c.get("tie_word_embeddings", False)),
-                  "head_dim": c.get("head_dim") or c["hidden_size"] // heads}
-        if key not in values:
-            raise AttributeError(key)
-        return values[key]
+    @classmethod
+    def from_hf(cls, name: str, source: str, c: dict[str, Any]) -> ModelFacts:
+        """Sizes from a config.json dict (KeyError / TypeError on a config without them)."""
+        heads = int(c["num_attention_heads"])
+        return cls(name, source, c, hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]), heads=heads,
+                   kv_heads=int(c.get("num_key_value_heads") or heads),
+                   head_dim=int(c.get("head_dim") or c["hidden_size"] // heads), ffn=int(c["intermediate_size"]),
+                   vocab=int(c["vocab_size"]), tied=bool(c.get("tie_word_embeddings", False)))
 
     def layer_params(self) -> int:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -143,22 +148,20 @@ def resolve_model(cfg: JobConfig, model_name: str | None = None) -> ModelFacts:
         hf = {"model_type": m.arch, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
               "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
               "intermediate_size": m.intermediate_size, "vocab_size": vocab, "tie_word_embeddings": True}
-        return ModelFacts(f"tiny {m.arch}", "model.* fields (model.path unset)", hf)
+        return ModelFacts.from_hf(f"tiny {m.arch}", "model.* fields (model.path unset)", hf)
     if m.path is not None and model_name is None:
         config_file = Path(m.path).expanduser() / "config.json"
         if config_file.is_file():
             try:
-                hf = json.loads(config_file.read_text())
-                ModelFacts("", "", hf).params()
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                return ModelFacts.from_hf(Path(m.path).name, str(config_file), json.loads(config_file.read_text()))
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
                 raise ConfigError(f"model.path: cannot read the model sizes from {config_file}: {exc!r}") from None
-            return ModelFacts(Path(m.path).name, str(config_file), hf)
     name = model_name or Path(str(m.path).rstrip("/")).name
     known = _lookup(name)
     if known is None:
         raise ConfigError(f"model.path: {m.path} has no config.json and {name!r} is not a known model "
                           f"(--model-name one of {', '.join(KNOWN_MODELS)})")
-    return ModelFacts(known[0], f"published config.json values ({known[0]})", dict(known[1]))
+    return ModelFacts.from_hf(known[0], f"published config.json values ({known[0]})", dict(known[1]))
 
 
 # --------------------------------------------------------------------------- #
@@ -472,7 +475,7 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
                                                     "vocab", "tied")}},
         "placement": {**{k: v for k, v in place.items() if k != "slots"},
                       "slots": [{**dataclasses.asdict(s), "where": s.where} for s in place["slots"]]},
-        "layout": {**layout, "ranks": layout["ranks"]},
+        "layout": layout,
         "weight_sync": weight_sync_plan(cfg, facts, layout),
         "micro_batch": {"tokens": T, "longest_sequence": S, "rows": T // S,
                         "dtype": cfg.train.dtype if cfg.train.backend == "megatron" else "float32"},
