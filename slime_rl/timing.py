@@ -183,8 +183,8 @@ class TimeTable:
         if producer:
             lines.append("  -- concurrent with the loop (not in the total):")
             lines += [line(r.label, r.seconds, r.share, r.tokens_per_s) for r in producer]
-        lines.append("  tokens/s: generated tokens per second of generation; logprobs and train: prompt + response "
-                     "tokens per forward / update pass")
+        lines.append("  tokens/s: generated tokens per second of generation; train, logprobs: prompt + response tokens "
+                     "per pass")
         return "\n".join(text.rstrip() for text in lines)
 
     def metrics(self) -> dict[str, float]:
