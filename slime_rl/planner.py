@@ -277,7 +277,9 @@ def weight_sync_plan(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any]) 
     except conversion.ConversionError as exc:
         if cfg.train.backend == "megatron":
             notes.append(f"training/megatron/conversion.py cannot convert this model yet ({exc}); "
-                         "buckets planned with the Llama table")
+                         "buckets planned with the Llama table"
+                         + (" (without Qwen3's q/k norm weights, 2 x head_dim per layer)"
+                            if hf.get("model_type") == "qwen3" else ""))
         hf = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_parameters")}
         hf["model_type"] = "qwen2" if hf.get("model_type") == "qwen2" else "llama"
     if cfg.train.backend == "megatron":
@@ -452,6 +454,9 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
     """The whole plan as a JSON-safe dict; PlanRefused (one line naming the setting) when a GPU overflows."""
     if gpu_memory_gb <= 0 or gpus_per_node < 1:
         raise ConfigError(f"--gpu-memory-gb ({gpu_memory_gb}) must be > 0 and --gpus-per-node ({gpus_per_node}) >= 1")
+    from slime_rl.job import _check_supported
+
+    _check_supported(cfg)  # what `train` refuses before building anything, the plan refuses too
     facts = resolve_model(cfg, model_name)
     layout = megatron_layout(cfg, facts)
     place = placement(cfg, layout, gpus_per_node)
@@ -466,6 +471,16 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
             conversion.check_hf_config(facts.hf_config, layout["tp"], layout["pp"])
         except conversion.ConversionError as exc:
             warnings.append(f"train.backend megatron cannot load this model yet: {exc}")
+    from slime_rl import algorithms
+
+    needs = algorithms.needs(cfg.algorithm)
+    if needs.critic:
+        warnings.append(f"algorithm.name {cfg.algorithm.name} trains a critic: its ranks and memory are not planned")
+    if needs.reference and cfg.train.backend == "megatron":
+        per_rank = max(_stage_params(facts, layout["tp"], layout["pp"], s, cfg.train.vocab_pad_multiple)
+                       for s in range(layout["pp"]))
+        warnings.append(f"algorithm.kl_coef > 0: every trainer rank keeps a reference copy of its weights in host "
+                        f"memory ({_size(per_rank * (2 if cfg.train.dtype == 'bfloat16' else 4))}), not on its GPU")
     if place["engine_kind"].startswith("embedded") and facts.hf_config.get("model_type") not in ("llama", "qwen2"):
         warnings.append(f"the embedded engine serves llama / qwen2 models only, not "
                         f"{facts.hf_config.get('model_type')!r}: use SGLang servers (rollout.engine_urls)")

@@ -110,6 +110,8 @@ def test_config_json_wins_over_the_table(tmp_path):
     (["/no/such/job.yaml"], "config error: config file not found: /no/such/job.yaml"),
     (["--model.path", "/no/such/FancyModel-3B"], "FancyModel-3B' is not a known model"),
     (["--tp", "3", "--model-name", "Qwen2.5-7B"], "train.tp=3 must divide the model's num_attention_heads (28)"),
+    (["-i", "2"], "rollout.num_inferencers is 2, but the local launcher runs one embedded engine"),  # as train
+    ([RECIPE_7B, "--gpus-per-node", "0"], "--gpus-per-node (0) >= 1"),
 ])
 def test_bad_inputs_give_one_line_and_exit_code_2(capsys, argv, message):
     rc, _, err = plan_cli(capsys, *argv)
