@@ -132,8 +132,12 @@ class ModelFacts:
         return self.layers * self.layer_params() + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
+ALIASES = {"smollm2": "SmolLM2-135M"}  # the directory README's `slime-rl convert-gguf --out models/smollm2` writes
+
+
 def _lookup(name: str) -> tuple[str, dict[str, Any]] | None:
     key = name.lower().removesuffix("-instruct").removesuffix("-base")
+    key = ALIASES.get(key, key).lower()
     return next(((n, c) for n, c in KNOWN_MODELS.items() if n.lower() == key), None)
 
 
