@@ -73,14 +73,14 @@ ASSUMPTIONS = (
     "(fp32 master + 2 fp32 moments), the optimizer part divided by DP with train.use_distributed_optimizer",
     "activations of one micro-batch of T tokens (train.max_tokens_per_micro_batch, or fewer when "
     "micro_batch_size rows of data.max_prompt_tokens + rollout.max_new_tokens are shorter), per layer per token, "
-    "the tensors a Llama/Qwen2 layer saves for backward (counted on transformers' layers): 6h (each RMSNorm's "
-    "input, normalized and scaled output) + (3 q + 2 kv)/tp (q, k, v after RoPE; the attention output, kept by "
-    "the attention and again as o_proj's contiguous input) + 4 ffn/tp (gate, up, silu(gate), their product), in "
-    "the training dtype; no activation recompute (the project has no such setting); a pipeline's first stage "
-    "holds min(pp, micro-batches) of them (1F1B); full rows are counted even where the hf backend runs a "
-    "group's shared prompt once (an upper bound there)",
-    "megatron's local spec (train.megatron_spec local, or auto without Transformer Engine) also keeps the "
-    "[T x seq x heads/tp] attention probabilities; the te spec (flash attention) does not; auto is counted as local",
+    "the tensors each implementation's layer saves for backward (counted with saved-tensor hooks), in the "
+    "training dtype: transformers (train.backend hf) 6h (each RMSNorm's input, normalized and scaled output) + "
+    "3q + 2kv (q, k, v after RoPE, the attention output twice) + 4 ffn; megatron's local spec (megatron_spec "
+    "local, or auto: counted as local) 6h + 4q/tp (o_proj input; q and GQA-expanded k, v of the unfused "
+    "attention) + 5 ffn/tp + 4 head_dim (RoPE) + seq x heads/tp (attention probabilities); te as local without "
+    "the expansion and the probabilities (flash attention). No activation recompute (the project has no such "
+    "setting); a pipeline's first stage holds min(pp, micro-batches) of them (1F1B); full rows are counted "
+    "even where the hf backend runs a group's shared prompt once (an upper bound there)",
     "the output layer's logprobs (train.fused_logprob): chunk workspace of 3 x chunk_tokens x chunk_vocab fp32 "
     "plus the response tokens' hidden states; without it 3 x [response tokens x vocab/tp] fp32 logits",
     "embedded engines (Ray actors) hold fp32 weights and a KV pool of rollout.max_total_tokens tokens, else "
@@ -333,8 +333,27 @@ def _stage_params(facts: ModelFacts, tp: int, pp: int, stage: int, vocab_pad_mul
     return n
 
 
-def trainer_memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], stage: int) -> dict[str, int]:
-    """Bytes of one trainer rank of PP stage `stage`: weights, gradients, optimizer, activations (+ reference)."""
+def layer_activations(facts: ModelFacts, tp: int, impl: str, seq: int) -> int:
+    """Elements one decoder layer saves for backward per token (sequences of `seq` tokens), as counted on
+    each implementation's layers (saved-tensor hooks): `hf` = transformers' Llama/Qwen2 with SDPA; `local` =
+    megatron's local spec, whose unfused attention multiplies GQA-expanded q, k, v and keeps the
+    probabilities; `te` = Transformer Engine's flash attention, counted as local without those two."""
+    h, d, f = facts.hidden, facts.head_dim, facts.ffn
+    q, kv = facts.heads * d, facts.kv_heads * d
+    norms = 6 * h  # each RMSNorm's input, normalized and scaled output
+    if impl == "hf":  # q, k, v after RoPE, SDPA's output, o_proj's contiguous input; gate, up, silu, product
+        return norms + (3 * q + 2 * kv) // tp + 4 * f // tp
+    mlp = 5 * f // tp  # fc1's fused gate|up output, silu(gate), up, their product
+    rope = 4 * d  # cos and sin for q and k
+    if impl == "local":  # o_proj input, q and expanded k, v for the batched matmuls, probabilities
+        return norms + 4 * q // tp + mlp + rope + seq * facts.heads // tp
+    return norms + (2 * q + 2 * kv) // tp + mlp + rope
+
+
+def trainer_memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], stage: int,
+                   device: str = "cuda") -> dict[str, int]:
+    """Bytes of one trainer rank of PP stage `stage`: weights, gradients, optimizer, activations (+ reference).
+    `device` picks the fused logprob op's chunk sizes (the trainer's device)."""
     t = cfg.train
     tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
     megatron = t.backend == "megatron"
@@ -344,19 +363,17 @@ def trainer_memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], st
     optimizer = n * o // (dp if megatron and t.use_distributed_optimizer else 1)
     T, S = micro_batch_tokens(cfg)
     act_bytes = 2 if bf16 else 4
-    h, q, kv, f = facts.hidden, facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim, facts.ffn
-    per_token_layer = 6 * h + (3 * q + 2 * kv) // tp + 4 * f // tp
-    local_attention = megatron and t.megatron_spec != "te"
-    scores = S * facts.heads // tp if local_attention else 0
-    layers = facts.layers // pp
-    acts = T * layers * (per_token_layer + scores) * act_bytes + T * h * act_bytes  # + the embedding output
+    h = facts.hidden
+    impl = "hf" if not megatron else "te" if t.megatron_spec == "te" else "local"
+    per_token = facts.layers // pp * layer_activations(facts, tp, impl, S) + (2 * h if megatron else 0)
+    acts = T * per_token * act_bytes  # megatron: + the embedding output and the final norm's input
     samples = cfg.rollout.prompts_per_step * cfg.rollout.n_samples_per_prompt
     micro_batches = max(1, math.ceil(samples * S / dp / cfg.algorithm.mini_batches / T))
     acts *= min(pp - stage, micro_batches) if megatron else 1
     if stage == pp - 1:
         resp = min(T, (T // S) * cfg.rollout.max_new_tokens) or cfg.rollout.max_new_tokens
         if t.fused_logprob:
-            chunk_t, chunk_v = (4096, 16384) if megatron else (1024, 8192)
+            chunk_t, chunk_v = (4096, 16384) if device == "cuda" else (1024, 8192)  # ops.fused_logprob's
             acts += 3 * min(chunk_t, resp) * min(chunk_v, facts.vocab // tp) * 4 + resp * h * 4
         else:
             acts += 3 * resp * (facts.vocab // tp) * 4
