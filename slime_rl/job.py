@@ -79,10 +79,24 @@ def _task(cfg: JobConfig):
         raise ConfigError(f"task: {exc}") from None
 
 
+def _model_dir(cfg: JobConfig) -> str | None:
+    """`model.path`, converted first from `model.gguf` when that is set and the directory holds no conversion."""
+    m = cfg.model
+    if m.gguf is not None:
+        from slime_rl.gguf_convert import convert_gguf, is_converted
+
+        if not is_converted(m.path):
+            try:
+                convert_gguf(m.path, gguf_path=None if m.gguf == "smollm2" else m.gguf)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"model.gguf: {exc}") from None
+    return m.path
+
+
 def _model(cfg: JobConfig, tokenizer) -> tuple[dict, dict]:
     m = cfg.model
     if m.path is not None:
-        return load_hf_checkpoint(m.path)
+        return load_hf_checkpoint(_model_dir(cfg))
     hf_config = tiny_hf_config(m.arch, vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
                                num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                                intermediate_size=m.intermediate_size,
@@ -126,7 +140,7 @@ def _tokenizer(cfg: JobConfig, task=None):
     `task`: the job's, when it has been built already."""
     m = cfg.model
     if m.tokenizer or m.path:
-        return load_tokenizer(m.tokenizer or m.path)
+        return load_tokenizer(m.tokenizer or _model_dir(cfg))
     from slime_rl.tasks import task_tokenizer
 
     return load_tokenizer(task_tokenizer(task or _task(cfg), cfg))

@@ -128,3 +128,41 @@ def test_megatron_matches_transformers(converted):
     assert (got[:, 1:] - want)[mask].abs().max().item() < 1e-4
     assert set(exported) == set(state)
     assert all(torch.equal(exported[k], v) for k, v in state.items())
+
+
+def test_the_smollm2_example_runs_a_step_on_its_chat_formatted_word_problems(converted, tmp_path):
+    """examples/smollm2_135m_math.yaml as a user runs it, cut to one small step: the real model and
+    tokenizer, chat-templated prompts, the math_lenient reward, validation before and after."""
+    import json
+    from pathlib import Path
+
+    from slime_rl.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "smollm2_135m_math.yaml"
+    out = tmp_path / "run"
+    assert main(["train", "-c", str(example), "--model.path", str(converted), "--train.num_steps", "1",
+                 "--rollout.max_new_tokens", "8", "--rollout.prompts_per_step", "2",
+                 "--rollout.n_samples_per_prompt", "2", "--data.num_train", "8", "--data.num_val", "4",
+                 "--eval.every_n_steps", "0", "--log.plot", "false", "--log.output_dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "rollout/answer_accuracy" in r)
+    assert 0.0 <= step["rollout/answer_accuracy"] <= 1.0 and step["rollout/response_length"] > 0
+    assert any("val/accuracy" in r for r in records)
+    first = json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].endswith("\\boxed{}.") and first["label"].lstrip("-").isdigit()
+
+
+def test_model_gguf_converts_into_model_path_once(tmp_path, monkeypatch):
+    from slime_rl import gguf_convert
+    from slime_rl.config import ConfigError, build_config
+    from slime_rl.job import _model_dir
+
+    calls = []
+    monkeypatch.setattr(gguf_convert, "convert_gguf", lambda out, gguf_path=None: calls.append((out, gguf_path)))
+    cfg = build_config(overrides=[("model.path", str(tmp_path / "m")), ("model.gguf", "smollm2")])
+    assert _model_dir(cfg) == str(tmp_path / "m") and calls == [(str(tmp_path / "m"), None)]
+    monkeypatch.setattr(gguf_convert, "is_converted", lambda out: True)
+    _model_dir(cfg)
+    assert len(calls) == 1  # converted already: reused
+    with pytest.raises(ConfigError, match="model.gguf"):
+        build_config(overrides=[("model.gguf", "smollm2")])  # no model.path to convert into

@@ -2,8 +2,10 @@
 
 The answer is the content of the last `<answer>...</answer>` block (and the
 `\\boxed{...}` inside it, if any), else of the last balanced `\\boxed{...}` /
-`\\fbox{...}` (nested braces allowed). Equality is decided by `math-verify`
-("0.5" == "1/2" == "\\frac{1}{2}"), with a fast path: when the answer and the
+`\\fbox{...}` (nested braces allowed); `math_lenient` falls back to the last
+number of the response when neither is there (a chat model that answers in
+prose) and reports the tagged/boxed form as format accuracy. Equality is
+decided by `math-verify` ("0.5" == "1/2" == "\\frac{1}{2}"), with a fast path: when the answer and the
 label are both plain decimal numbers they are compared exactly with
 `fractions.Fraction`, and two unequal integers are decided without sympy.
 That keeps scoring thousands of synthetic-arithmetic samples cheap.
@@ -107,3 +109,21 @@ def math_reward(sample: Sample) -> dict[str, float]:
         "format_correct": float(answer is not None),
         "answer_correct": float(correct),
     }
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in `text` (thousands separators dropped), or None."""
+    numbers = _NUMBER_RE.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+@register_reward("math_lenient")
+def math_lenient_reward(sample: Sample) -> dict[str, float]:
+    """1.0 for a correct final answer: the tagged/boxed one, else the response's last number;
+    format_correct = the answer was tagged or boxed."""
+    if sample.label is None:
+        raise ValueError("math_lenient reward needs sample.label (the gold answer); got None")
+    tagged = extract_answer(sample.response_text)
+    answer = tagged if tagged is not None else extract_last_number(sample.response_text)
+    correct = answer is not None and answers_equal(answer, sample.label)
+    return {"reward": float(correct), "format_correct": float(tagged is not None), "answer_correct": float(correct)}

@@ -133,3 +133,4 @@ def _load_builtins() -> None:
     importlib.import_module("slime_rl.tasks.customer_support.task")
     importlib.import_module("slime_rl.tasks.code")
     importlib.import_module("slime_rl.tasks.ranked_list")
+    importlib.import_module("slime_rl.tasks.word_problems")
