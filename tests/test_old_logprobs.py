@@ -18,6 +18,7 @@ from slime_rl import algorithms
 from slime_rl.config import build_config
 from slime_rl.hf_io import init_tiny_model, tiny_hf_config
 from slime_rl.loop import score_batch
+from slime_rl.timing import PhaseTimer
 from slime_rl.types import Sample, SampleStatus
 from training.hf import HFTrainer, OptimSettings
 
@@ -50,7 +51,7 @@ def test_one_update_without_the_old_forward_has_the_same_loss_and_gradient(name,
     calls = []
     trainer_a.logprobs = lambda batch: calls.append(batch)  # must not be called
     batch_a = batch_of(cfg)
-    stats_a = score_batch(SimpleNamespace(cfg=cfg, trainer=trainer_a, critic=None), batch_a)
+    stats_a = score_batch(SimpleNamespace(cfg=cfg, trainer=trainer_a, critic=None, timer=PhaseTimer()), batch_a)
     assert not calls and batch_a.proximal_is_update and batch_a.is_weights_BT is None
     coupled = mode != "sync"
     assert (batch_a.old_logprobs_BT is None) != coupled
@@ -94,7 +95,7 @@ def test_the_old_forward_stays_where_something_reads_it_before_the_update(overri
     cfg = build_config(overrides=overrides)
     recorder = _Recorder()
     batch = batch_of(cfg)
-    stats = score_batch(SimpleNamespace(cfg=cfg, trainer=recorder, critic=None), batch)
+    stats = score_batch(SimpleNamespace(cfg=cfg, trainer=recorder, critic=None, timer=PhaseTimer()), batch)
     assert recorder.forwards == 1 + algorithms.needs(cfg.algorithm).reference
     assert not batch.proximal_is_update and batch.old_logprobs_BT is not None
     assert stats["train_rollout_logprob_abs_diff"] == pytest.approx(0.1, rel=1e-5)
