@@ -394,7 +394,8 @@ def engine_memory(cfg: JobConfig, facts: ModelFacts, gpu_bytes: int) -> dict[str
         args = {k.replace("-", "_").lstrip("_"): v for k, v in ro.sglang_args.items()}
         fraction = float(args.get("mem_fraction_static", 0.85))
         weights = facts.params() * 2 // tp
-        return {"engine_weights": weights, "kv_cache": max(0, int(fraction * gpu_bytes) - weights),
+        pool = int(fraction * gpu_bytes)  # SGLang's static pool: weights + KV cache
+        return {"engine_weights": weights, "kv_cache": max(0, pool - weights), "pool": pool,
                 "kv_bytes_per_token": kv_per_token * 2 // tp}
     per_token = kv_per_token * 4
     kv = ro.max_total_tokens * per_token if ro.max_total_tokens else int(ro.kv_cache_mb * MIB) // per_token * per_token
@@ -423,7 +424,8 @@ def trainer_total(cfg: JobConfig, parts: dict[str, int]) -> int:
 
 def memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], slots: list[Slot],
            gpu_bytes: int) -> list[dict[str, Any]]:
-    """Per device: the parts (bytes), the total and whether it fits `gpu_bytes` (host CPU: no limit)."""
+    """Per device: who is on it, the parts (bytes), the total and whether it fits `gpu_bytes` (host CPU: no
+    limit); external SGLang engines add one entry for each of their GPUs."""
     out = []
     engine = engine_memory(cfg, facts, gpu_bytes)
     for slot in slots:
@@ -436,17 +438,24 @@ def memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], slots: lis
             parts["kv_cache"] = parts.get("kv_cache", 0) + engine["kv_cache"]
         total = _device_total(parts, shared=slot.gpu >= 0 and bool(slot.trainer_ranks and slot.engines),
                               grads_resident=cfg.train.backend == "megatron" or not slot.trainer_ranks)
-        out.append({"where": slot.where, "parts": parts, "total": total,
-                    "capacity": gpu_bytes if slot.gpu >= 0 else None,
-                    "fits": slot.gpu < 0 or total <= gpu_bytes})
+        out.append({"where": slot.where, "holds": _occupants(slot), "trainer": bool(slot.trainer_ranks),
+                    "engines": len(slot.engines), "parts": parts, "total": total,
+                    "capacity": gpu_bytes if slot.gpu >= 0 else None, "fits": slot.gpu < 0 or total <= gpu_bytes})
+    if engine_kind(cfg) == "external":
+        parts = {k: engine[k] for k in ("engine_weights", "kv_cache")}
+        total = sum(parts.values())
+        holds = f"an SGLang server's share (tp-size {_sglang_tp(cfg)}; capacity: mem-fraction-static of the GPU)"
+        out.append({"where": "each external engine GPU", "holds": holds, "trainer": False, "engines": 1,
+                    "parts": parts, "total": max(total, parts["engine_weights"]), "capacity": engine["pool"],
+                    "fits": parts["engine_weights"] < engine["pool"]})
     return out
 
 
-def _advice(cfg: JobConfig, device: dict[str, Any], slot: Slot, capacity: int) -> str:
+def _advice(cfg: JobConfig, device: dict[str, Any], capacity: int) -> str:
     """The setting to change for a device that does not fit."""
     p = device["parts"]
     static = sum(p.get(k, 0) for k in ("weights", "gradients", "optimizer"))
-    if slot.trainer_ranks and static > capacity * 0.8:
+    if device["trainer"] and static > capacity * 0.8:
         t = cfg.train
         if t.backend == "hf":
             return "train.backend megatron with train.tp / train.pp (the hf backend is one process)"
@@ -455,12 +464,14 @@ def _advice(cfg: JobConfig, device: dict[str, Any], slot: Slot, capacity: int) -
         if cfg.trainer_ranks > t.tp * t.pp and not t.use_distributed_optimizer:
             return "train.use_distributed_optimizer true, or raise train.tp / train.pp"
         return "raise train.tp / train.pp (shard the model over more GPUs)"
-    if slot.trainer_ranks and slot.engines:
+    if device["trainer"] and device["engines"]:
         if p.get("kv_cache", 0) > p.get("activations", 0):
             return "lower rollout.kv_cache_mb / rollout.max_total_tokens, or launch.colocate false (more GPUs)"
         return "launch.colocate false (engines on GPUs of their own), or raise train.tp / train.pp"
-    if slot.trainer_ranks:
+    if device["trainer"]:
         return "lower train.max_tokens_per_micro_batch (activations of one micro-batch)"
+    if engine_kind(cfg) == "external":
+        return "a larger tp-size (or mem-fraction-static) in rollout.sglang_args and for the servers"
     if p.get("engine_weights", 0) > capacity * 0.8:
         return "external SGLang engines in bf16 (rollout.engine_urls) with a larger tp-size in rollout.sglang_args"
     return "lower rollout.kv_cache_mb / rollout.max_total_tokens"
@@ -520,10 +531,9 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
     }
     worst = max((d for d in devices if not d["fits"]), key=lambda d: d["total"], default=None)
     if worst is not None:
-        slot = place["slots"][devices.index(worst)]
-        plan["refused"] = (f"does not fit: {worst['where']} holds {_occupants(slot)} and needs "
-                           f"{_size(worst['total'])} of {gpu_memory_gb:g} GiB ({_parts_line(worst['parts'])}); "
-                           f"setting to change: {_advice(cfg, worst, slot, gpu_bytes)}")
+        plan["refused"] = (f"does not fit: {worst['where']} holds {worst['holds']} and needs "
+                           f"{_size(worst['total'])} of {_size(worst['capacity'])} ({_parts_line(worst['parts'])}); "
+                           f"setting to change: {_advice(cfg, worst, gpu_bytes)}")
     return plan
 
 
@@ -565,7 +575,7 @@ def render(plan: dict[str, Any]) -> str:
                  f"training dtype {mb['dtype']}")
     lines.append(f"memory per device (GPU {plan['gpu_memory_gb']:g} GiB):")
     for d in plan["memory"]:
-        cap = "" if d["capacity"] is None else f" of {d['capacity'] / GIB:g} GiB"
+        cap = "" if d["capacity"] is None else f" of {_size(d['capacity'])}"
         verdict = "" if d["capacity"] is None else ("  ok" if d["fits"] else "  DOES NOT FIT")
         lines.append(f"  {d['where']}: total {_size(d['total'])}{cap}{verdict}  [{_parts_line(d['parts'])}]")
     lines += [f"warning: {w}" for w in plan["warnings"]]

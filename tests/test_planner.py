@@ -49,6 +49,13 @@ def test_impossible_plan_is_refused_with_the_setting_to_change(capsys):
     assert "DOES NOT FIT" in out  # the plan itself is still printed
 
 
+def test_sglang_servers_that_cannot_hold_the_weights_are_refused(capsys):
+    recipe = str(ROOT / "examples" / "llama3_8b_grpo_torchrun.yaml")
+    rc, _, err = plan_cli(capsys, recipe, "--rollout.sglang_args", '{"tp-size": 1, "mem-fraction-static": 0.15}')
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "each external engine GPU" in err and "of 12.00 GiB" in err and "rollout.sglang_args" in err
+
+
 def test_every_example_loads_through_the_config_loader():
     assert len(EXAMPLES) >= 5
     for path in EXAMPLES:
