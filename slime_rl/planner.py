@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slime_rl import algorithms
 from slime_rl.config import ConfigError, JobConfig
 
 GIB = 2**30
@@ -378,8 +379,6 @@ def trainer_memory(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], st
         else:
             acts += 3 * resp * (facts.vocab // tp) * 4
     out = {"weights": n * w, "gradients": n * g, "optimizer": optimizer, "activations": acts}
-    from slime_rl import algorithms
-
     if not megatron and algorithms.needs(cfg.algorithm).reference:
         out["reference_weights"] = facts.params() * 4  # megatron keeps its reference copy in host memory
     return out
@@ -483,7 +482,8 @@ def _advice(cfg: JobConfig, device: dict[str, Any], capacity: int) -> str:
 
 def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: int = 8,
                model_name: str | None = None) -> dict[str, Any]:
-    """The whole plan as a JSON-safe dict; PlanRefused (one line naming the setting) when a GPU overflows."""
+    """The whole plan as a JSON-safe dict; when a device overflows, its "refused" entry is the one line that
+    names the setting to change (the CLI raises PlanRefused with it). ConfigError for a bad config or model."""
     if gpu_memory_gb <= 0 or gpus_per_node < 1:
         raise ConfigError(f"--gpu-memory-gb ({gpu_memory_gb}) must be > 0 and --gpus-per-node ({gpus_per_node}) >= 1")
     from slime_rl.job import _check_supported
@@ -495,27 +495,7 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
     gpu_bytes = int(gpu_memory_gb * GIB)
     devices = memory(cfg, facts, layout, place["slots"], gpu_bytes)
     T, S = micro_batch_tokens(cfg)
-    warnings = []
-    if cfg.train.backend == "megatron":
-        from training.megatron import conversion
-
-        try:
-            conversion.check_hf_config(facts.hf_config, layout["tp"], layout["pp"])
-        except conversion.ConversionError as exc:
-            warnings.append(f"train.backend megatron cannot load this model yet: {exc}")
-    from slime_rl import algorithms
-
-    needs = algorithms.needs(cfg.algorithm)
-    if needs.critic:
-        warnings.append(f"algorithm.name {cfg.algorithm.name} trains a critic: its ranks and memory are not planned")
-    if needs.reference and cfg.train.backend == "megatron":
-        per_rank = max(_stage_params(facts, layout["tp"], layout["pp"], s, cfg.train.vocab_pad_multiple)
-                       for s in range(layout["pp"]))
-        warnings.append(f"algorithm.kl_coef > 0: every trainer rank keeps a reference copy of its weights in host "
-                        f"memory ({_size(per_rank * (2 if cfg.train.dtype == 'bfloat16' else 4))}), not on its GPU")
-    if place["engine_kind"].startswith("embedded") and facts.hf_config.get("model_type") not in ("llama", "qwen2"):
-        warnings.append(f"the embedded engine serves llama / qwen2 models only, not "
-                        f"{facts.hf_config.get('model_type')!r}: use SGLang servers (rollout.engine_urls)")
+    warnings = _warnings(cfg, facts, layout, place["engine_kind"])
     plan = {
         "model": {"name": facts.name, "source": facts.source, "params": facts.params(),
                   **{k: getattr(facts, k) for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
@@ -535,6 +515,30 @@ def build_plan(cfg: JobConfig, *, gpu_memory_gb: float = 80.0, gpus_per_node: in
                            f"{_size(worst['total'])} of {_size(worst['capacity'])} ({_parts_line(worst['parts'])}); "
                            f"setting to change: {_advice(cfg, worst, gpu_bytes)}")
     return plan
+
+
+def _warnings(cfg: JobConfig, facts: ModelFacts, layout: dict[str, Any], engine: str) -> list[str]:
+    """What the plan cannot promise: a model the backends cannot load yet, parts it does not plan."""
+    warnings = []
+    if cfg.train.backend == "megatron":
+        from training.megatron import conversion
+
+        try:
+            conversion.check_hf_config(facts.hf_config, layout["tp"], layout["pp"])
+        except conversion.ConversionError as exc:
+            warnings.append(f"train.backend megatron cannot load this model yet: {exc}")
+    needs = algorithms.needs(cfg.algorithm)
+    if needs.critic:
+        warnings.append(f"algorithm.name {cfg.algorithm.name} trains a critic: its ranks and memory are not planned")
+    if needs.reference and cfg.train.backend == "megatron":
+        per_rank = max(_stage_params(facts, layout["tp"], layout["pp"], s, cfg.train.vocab_pad_multiple)
+                       for s in range(layout["pp"]))
+        warnings.append(f"algorithm.kl_coef > 0: every trainer rank keeps a reference copy of its weights in host "
+                        f"memory ({_size(per_rank * (2 if cfg.train.dtype == 'bfloat16' else 4))}), not on its GPU")
+    if engine.startswith("embedded") and facts.hf_config.get("model_type") not in ("llama", "qwen2"):
+        warnings.append(f"the embedded engine serves llama / qwen2 models only, not "
+                        f"{facts.hf_config.get('model_type')!r}: use SGLang servers (rollout.engine_urls)")
+    return warnings
 
 
 def _occupants(slot: Slot | dict[str, Any]) -> str:
