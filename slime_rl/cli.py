@@ -5,7 +5,8 @@ with `-c/--config FILE` and flags override it. Short topology flags familiar
 from ColossalChat's rl_example.py map onto fields: -t/--num-trainers,
 -i/--num-inferencers, -b/--backend, --tp, --pp, --algo. `slime-rl serve` has a
 flag per `rollout.serve.ServeConfig` field (`--max-total-tokens N`), `slime-rl
-serve-rm` one per `slime_rl.rewards.rm_server.RMServeConfig` field.
+serve-rm` one per `slime_rl.rewards.rm_server.RMServeConfig` field. `slime-rl plan CONFIG` takes train's
+flags and prints what the job will do on GPUs (slime_rl/planner.py), exit code 2 when it cannot fit.
 
 An expected error (a bad config value or file, a bad data row, a serve flag
 that cannot work) is one line on stderr and exit code 2; `slime-rl --debug ...`
