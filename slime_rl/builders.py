@@ -47,6 +47,7 @@ def megatron_settings(cfg: JobConfig):
         model=ModelSettings(tp=t.tp, pp=t.pp, spec=t.megatron_spec, dtype=t.dtype,
                             vocab_pad_multiple=t.vocab_pad_multiple, fused_logprob=t.fused_logprob),
         use_distributed_optimizer=t.use_distributed_optimizer, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        shared_prompt=t.shared_prompt_forward,
         seed=cfg.seed, threads=plan.rank, cores=plan.rank_cores)
 
 

@@ -230,3 +230,34 @@ def test_bf16_on_gpu_within_bf16_error(weights, reference):
     megatron_error = (got[:, 1:] - want)[mask].abs().mean().item()
     assert megatron_error <= 2 * hf_error + 1e-3, (megatron_error, hf_error)
     assert rel(stats["grad_norm"], reference["stats"]["grad_norm"]) < 0.05
+
+
+def grouped_batch(seed: int = 1, groups: int = 3, n: int = 4) -> TrainBatch:
+    """GRPO-shaped: `groups` prompts with n samples each, one of them with observation tokens (loss mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(groups):
+        prompt = torch.randint(1, 101, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+        for i in range(n):
+            resp = torch.randint(1, 101, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist()
+            samples.append(Sample(prompt_ids=prompt, response_ids=resp, rollout_logprobs=[-4.6] * len(resp),
+                                  loss_mask=[1] * len(resp), reward=float(i % 2)))
+    samples[2].loss_mask[:2] = [0, 0]
+    advantages = [(1.0, -0.5, 0.8, 0.3, -0.2, 1.2, 0.6)[i % 7] for i in range(len(samples))]
+    return algorithms.build_train_batch(samples, advantages, 0, loss_agg="token", temperature=0.9)
+
+
+def test_shared_prompts_packed_once_give_the_same_step_through_the_pipeline(weights):
+    """train.shared_prompt_forward on Megatron (PP=2): a group's prompt packed once, its samples' continuations
+    attending to it; the same logprobs, loss, grad norm and weights after the step as every sequence alone."""
+    batch = grouped_batch()
+    batch = prepared(batch, torch.zeros_like(batch.rollout_logprobs_BT), torch.zeros_like(batch.rollout_logprobs_BT))
+    plain = run_layout(weights, 1, 2, 1, False, batch, {"shared_prompt": False})
+    shared = run_layout(weights, 1, 2, 1, False, batch, {"shared_prompt": True})
+    real = batch.attention_mask_BT.bool()
+    real[:, 0] = False
+    assert (shared["logprobs"] - plain["logprobs"])[real].abs().max() < 1e-5
+    assert rel(shared["stats"]["loss"], plain["stats"]["loss"]) < 1e-5
+    assert rel(shared["stats"]["grad_norm"], plain["stats"]["grad_norm"]) < 1e-5
+    for k, v in plain["after"].items():
+        assert (shared["after"][k] - v).abs().max().item() < 1e-6, k

@@ -20,8 +20,9 @@ class TrainConfig:
     max_tokens_per_micro_batch: int = 4096  # token budget of one micro-batch (megatron: packed; hf: rows x longest)
     vocab_pad_multiple: int = 128  # megatron pads the vocab to a multiple of this x tp
     fused_logprob: bool = True  # logprob/entropy from hidden states + output weight in chunks, never [T, V] logits
-    # hf: each distinct prompt of a micro-batch runs through the model once, its n samples' responses on its
-    # cached keys/values (training/hf/shared_prefix.py); same loss and gradient, less compute for GRPO groups
+    # each distinct prompt of a micro-batch runs through the model once, its n samples' responses attending to it
+    # (hf: training/hf/shared_prefix.py; megatron: packed once, training/megatron/packing.py); same loss and
+    # gradient, less compute for GRPO groups
     shared_prompt_forward: bool = True
     num_steps: int = 300
     lr: float = 2e-4

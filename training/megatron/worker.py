@@ -51,6 +51,7 @@ class MegatronSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     use_distributed_optimizer: bool = False
     max_tokens_per_micro_batch: int = 4096  # token budget of one packed micro-batch
+    shared_prompt: bool = False  # a group's prompt packed once, its samples' continuations attending to it
     seed: int = 0
     threads: int | None = None  # torch threads of each spawned rank; None = this machine's cores / ranks
     cores: tuple[tuple[int, ...], ...] = ()  # the cores each spawned rank is pinned to (empty: not pinned)
@@ -208,7 +209,8 @@ class MegatronWorker:
         # RL sequences: up to 45% more tokens), so rows there are exactly as long as the longest sequence.
         multiple = 8 if self.device.type == "cuda" else 1
         mbs = packing.micro_batches(batch, self.dp_rank, self.dp_size, self.settings.max_tokens_per_micro_batch,
-                                    max(1, self.opt.micro_batch_size), pad_to_multiple=multiple)
+                                    max(1, self.opt.micro_batch_size), pad_to_multiple=multiple,
+                                    shared_prompt=self.settings.shared_prompt)
         if mbs:
             return mbs, False
         row_len = -(-packing.sequence_lengths(batch)[0] // multiple) * multiple
@@ -235,14 +237,17 @@ class MegatronWorker:
     def _loss(self, mb: packing.PackedMicroBatch, loss_fn: LossFn | None, dummy: bool, out_bSX: torch.Tensor):
         """One micro-batch's loss from the last stage's output: hidden states [b, S, H] or logits [b, S, V_local]."""
         b, S, _ = out_bSX.shape
-        targets_bS = torch.roll(mb.input_ids_bS, -1, dims=1).to(self.device)  # position s predicts token s+1
-        lp_N, ent_N = self._token_logprobs(out_bSX.reshape(b * S, -1), targets_bS.reshape(-1),
-                                           mb.batch.temperature, with_entropy=loss_fn is not None)
-        lp_bT = mb.unpack(lp_N.view(b, S))
+        out_NX = out_bSX.reshape(b * S, -1)
+        targets_N = torch.roll(mb.input_ids_bS, -1, dims=1).reshape(-1).to(self.device)  # s predicts token s+1
+        if len(mb.extra_pos):  # shared prompts: the prompt's last position predicts the later continuations' too
+            out_NX = torch.cat([out_NX, out_NX[mb.extra_pos.to(self.device)]])
+            targets_N = torch.cat([targets_N, mb.extra_targets.to(self.device)])
+        lp_N, ent_N = self._token_logprobs(out_NX, targets_N, mb.batch.temperature, with_entropy=loss_fn is not None)
+        lp_bT = mb.unpack_flat(lp_N)
         one = torch.ones((), dtype=torch.int, device=self.device)
         if loss_fn is None:
             return lp_N.new_zeros(()), one, {"rows": mb.rows, "logprobs": lp_bT.detach().cpu(), "dummy": dummy}
-        loss, stats = loss_fn(lp_bT, mb.unpack(ent_N.view(b, S)), _on(mb.batch, self.device))
+        loss, stats = loss_fn(lp_bT, mb.unpack_flat(ent_N), _on(mb.batch, self.device))
         if dummy:
             return loss * 0.0, one, {"stats": {}}
         return loss, one, {"stats": {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}}
