@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slime_rl.data import write_jsonl
-from slime_rl.tasks.base import VerifiedAnswers, register_task
+from slime_rl.tasks.base import VerifiedAnswers, register_task, user_files
 
 
 def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
@@ -62,8 +62,8 @@ class ArithmeticTask(VerifiedAnswers):
 
     def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
         d = cfg.data
-        if d.train_path is not None:
-            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        if (files := user_files(cfg)) is not None:
+            return files
         paths = make_arithmetic_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed,
                                      max_operand=d.task_max_operand)
         print(f"[data] synthetic arithmetic task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> "

@@ -49,6 +49,13 @@ def task_tokenizer(task: Any, cfg: Any) -> str:
     return str(make(cfg)) if callable(make) else "char"
 
 
+def user_files(cfg: Any) -> dict[str, str | None] | None:
+    """The user's prompt files (`data.train_path`, `val_path`, `sft_path`) when `data.train_path` is set: what a
+    generating task trains on instead of its own data; None otherwise."""
+    d = cfg.data
+    return None if d.train_path is None else {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+
+
 def reward_metrics(samples: list[Sample], prefix: str) -> dict[str, float]:
     """Reward mean, format/answer accuracy (when the reward reports them), response length, truncations."""
     n = max(1, len(samples))

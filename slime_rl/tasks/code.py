@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from slime_rl.data import write_jsonl
 from slime_rl.protocols import RewardFn
-from slime_rl.tasks.base import register_task, reward_metrics
+from slime_rl.tasks.base import register_task, reward_metrics, user_files
 from slime_rl.types import Sample
 
 # name -> (argument kind, spec in words, body, reference implementation); {a} is the family's parameter
@@ -123,8 +123,8 @@ class CodeTask:
 
     def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
         d = cfg.data
-        if d.train_path is not None:
-            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        if (files := user_files(cfg)) is not None:
+            return files
         paths = make_code_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed)
         print(f"[data] synthetic code task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> {out_dir / 'data'}")
         return {k: str(v) for k, v in paths.items()}

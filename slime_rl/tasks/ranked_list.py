@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slime_rl.data import write_jsonl
-from slime_rl.tasks.base import register_task, reward_metrics
+from slime_rl.tasks.base import register_task, reward_metrics, user_files
 from slime_rl.types import Sample
 
 SYMPTOMS = ("fever", "rash", "cough", "ataxia", "seizure", "ptosis", "anemia", "edema", "tremor", "apnea",
@@ -146,8 +146,8 @@ class RankedListTask:
 
     def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
         d = cfg.data
-        if d.train_path is not None:
-            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        if (files := user_files(cfg)) is not None:
+            return files
         paths = make_ranked_list_task(out_dir / "data", d.num_train, d.num_val, d.num_sft, d.task_seed, self.spec)
         print(f"[data] synthetic ranked-list task: {d.num_sft} SFT / {d.num_train} RL / {d.num_val} val -> "
               f"{out_dir / 'data'}")

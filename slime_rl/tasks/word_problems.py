@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slime_rl.data import write_jsonl
-from slime_rl.tasks.base import VerifiedAnswers, register_task
+from slime_rl.tasks.base import VerifiedAnswers, register_task, user_files
 
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ella", "Ben", "Lily", "Noah", "Emma", "Jack", "Ruby", "Omar",
          "Nina", "Tom")
@@ -105,8 +105,8 @@ class WordProblemsTask(VerifiedAnswers):
 
     def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
         d = cfg.data
-        if d.train_path is not None:
-            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        if (files := user_files(cfg)) is not None:
+            return files
         paths = make_word_problems(out_dir / "data", d.num_train, d.num_val, d.task_seed, d.task_max_operand)
         print(f"[data] word problems: {d.num_train} RL / {d.num_val} val -> {out_dir / 'data'}")
         return {"train": str(paths["train"]), "val": str(paths["val"]), "sft": None}

@@ -30,7 +30,7 @@ from typing import Any
 
 from rollout.episodes import EpisodeLimits, MultiTurn, episode_reward
 from slime_rl.data import write_jsonl
-from slime_rl.tasks.base import register_task, reward_metrics
+from slime_rl.tasks.base import register_task, reward_metrics, user_files
 from slime_rl.tasks.chat import ChatEnvironment, ChatRenderer
 from slime_rl.types import Sample
 
@@ -101,8 +101,8 @@ class CustomerSupportTask:
 
     def data(self, cfg: Any, out_dir: Path) -> dict[str, str | None]:
         d = cfg.data
-        if d.train_path is not None:
-            return {"train": d.train_path, "val": d.val_path, "sft": d.sft_path}
+        if (files := user_files(cfg)) is not None:
+            return files
         out = out_dir / "data"
         base = d.task_seed * 100_000_000
 
