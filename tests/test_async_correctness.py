@@ -28,6 +28,7 @@ from rollout.strategies import GroupRunner
 from slime_rl.algorithms import build_train_batch, off_policy, policy_loss
 from slime_rl.buffer import RolloutBuffer, group_version
 from slime_rl.producer import AsyncRollout, PromptStream, RolloutWorker, SyncRollout, staleness_of
+from slime_rl.timing import PhaseTimer
 from slime_rl.types import PAUSE_MODES, GenerateOutput, Sample, SampleStatus, SamplingParams
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -200,7 +201,7 @@ def test_proximal_logprobs_are_the_trainers_weights_before_the_update():
     cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs = 2, 2
     cfg.async_rl.mode, cfg.algorithm.off_policy = "fully_async", "decoupled"
     trainer = _RecordingTrainer()
-    run = SimpleNamespace(cfg=cfg, trainer=trainer, critic=None)
+    run = SimpleNamespace(cfg=cfg, trainer=trainer, critic=None, timer=PhaseTimer())
     samples = [Sample(prompt_ids=[1, 2], response_ids=[3, 4, 5], rollout_logprobs=[-0.7] * 3, loss_mask=[1] * 3,
                       weight_versions=[0] * 3, group_id=0, index=i, reward=float(i), status=SampleStatus.COMPLETED)
                for i in range(4)]
