@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.prompts import prompt_lengths
+
 # decoders whose forward takes (input_ids, position_ids, a 4D mask, past_key_values) as llama's does
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -51,10 +53,11 @@ def plan_shared_prefix(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tens
     """The deduplicated prompts of a right-padded micro-batch, or None when sharing would save less than
     `min_saved_share` of its real tokens (one prompt per row, short prompts, no response token at all)."""
     length_B = attention_mask_BT.sum(dim=1)
-    rows = response_mask_BT[:, 1:].ne(0).any(dim=1).nonzero().squeeze(1)
+    prompt_len_B = prompt_lengths(response_mask_BT)
+    rows = prompt_len_B.nonzero().squeeze(1)
     if len(rows) == 0:
         return None
-    prefix_len_R = response_mask_BT[rows, 1:].ne(0).int().argmax(dim=1) + 1  # first response position (>= 1)
+    prefix_len_R = prompt_len_B[rows]
     index: dict[tuple[int, ...], int] = {}
     prefix_of = [index.setdefault(tuple(ids[:p]), len(index))
                  for ids, p in zip(input_ids_BT[rows].tolist(), prefix_len_R.tolist())]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from slime_rl.types import TrainBatch
+from training.prompts import prompt_lengths
 
 
 @dataclass
@@ -211,13 +212,12 @@ def shared_prompt_units(batch: TrainBatch, lengths: list[int], items: list[int],
     in chunks of at most `max_tokens` tokens and `max_seqs` sequences; the others alone."""
     groups: dict[tuple[int, ...], list[int]] = {}
     units: list[Unit] = []
+    prompt_len = prompt_lengths(batch.response_mask_BT).tolist()
     for i in items:
-        response = batch.response_mask_BT[i, 1:lengths[i]].ne(0).nonzero()
-        if len(response) == 0:
+        if not prompt_len[i]:
             units.append(Unit(0, (i,)))
             continue
-        P = int(response[0]) + 1
-        groups.setdefault(tuple(batch.input_ids_BT[i, :P].tolist()), []).append(i)
+        groups.setdefault(tuple(batch.input_ids_BT[i, :prompt_len[i]].tolist()), []).append(i)
     for prompt, members in groups.items():
         P, chunk = len(prompt), []
         for i in sorted(members, key=lambda i: (-lengths[i], i)):
