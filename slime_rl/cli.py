@@ -277,6 +277,7 @@ def serve_config_from_args(args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An expected error (a bad config, data file or serve flag) is one line on stderr and
     exit code 2; `--debug` prints its traceback instead."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(serve_flags="serve" in argv or "serve-rm" in argv)
     args = parser.parse_args(argv)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _run(args)
+        return _run(args, argv if from_command_line else None)
     except _expected_errors(args.command) as exc:
         if args.traceback:
             traceback.print_exc()
@@ -312,7 +313,9 @@ def _expected_errors(command: str) -> tuple[type[Exception], ...]:
     return errors
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """`argv`: this process's own command line (not a caller's list), which `train` may start again with
+    another OpenMP wait policy (slime_rl.threads.wants_active_wait)."""
     if args.command == "serve":
         from rollout.serve import serve_main
 
@@ -332,6 +335,10 @@ def _run(args: argparse.Namespace) -> int:
         return _plan(args)
     cfg = config_from_args(args)
     from slime_rl import job
+    from slime_rl.threads import reexec_with_active_wait, wants_active_wait
+
+    if argv is not None and args.command == "train" and wants_active_wait(cfg):
+        reexec_with_active_wait(argv)
 
     return {"train": job.run_train, "sft": job.run_sft, "eval": job.run_eval}[args.command](cfg)
 

@@ -87,3 +87,37 @@ def test_every_process_of_a_job_runs_with_the_threads_configured(tmp_path, capsy
         first, second = cpu_ids()[:2]
         assert f"cores: driver [{first}], trainer ranks [[{second}]]" in out, out
     assert cpu_ids() == before
+
+
+@pytest.mark.parametrize("flags,env,wanted", [
+    (["--backend", "hf", "--rollout.num_threads", "2"], {}, True),  # two teams in one process: ACTIVE
+    (["--backend", "hf", "--rollout.num_threads", "1", "--train.num_threads", "1"], {}, False),  # no team
+    (["--backend", "hf", "--rollout.num_threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the user's
+    (["--backend", "hf", "--rollout.num_threads", "2", "--rollout.engine_urls", "http://127.0.0.1:1"], {}, False),
+    (["--rollout.num_threads", "2"], {}, False),  # Megatron: ACTIVE would spin a core away from the rank
+])
+def test_active_wait_only_where_the_hf_trainer_shares_the_engines_process(flags, env, wanted):
+    from slime_rl.cli import build_parser, config_from_args
+    from slime_rl.threads import wants_active_wait
+
+    cfg = config_from_args(build_parser().parse_args(["train", *flags]))
+    assert wants_active_wait(cfg, env=env) is wanted
+
+
+def test_train_from_the_command_line_restarts_itself_with_the_wait_policy(monkeypatch):
+    import os
+    import sys
+
+    started = []
+
+    def execve(exe, args, env):
+        started.append((exe, args, env.get("OMP_WAIT_POLICY")))
+        raise SystemExit(0)
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "execve", execve)
+    argv = ["train", "--backend", "hf", "--rollout.num_threads", "2", "--train.num_steps", "0"]
+    monkeypatch.setattr(sys, "argv", ["slime-rl", *argv])
+    with pytest.raises(SystemExit):
+        main()
+    assert started == [(sys.executable, [sys.executable, "-m", "slime_rl", *argv], "ACTIVE")]
