@@ -760,7 +760,7 @@ def run_bench(args) -> None:
         t0, state = time.perf_counter(), {**git_state(), "loadavg_start": os.getloadavg(), "args": vars(args)}
         result[name] = {**state, **bench(args, trl_py, work), "total_s": time.perf_counter() - t0}
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(result, indent=1).replace(str(ROOT) + "/", "") + "\n")  # paths in the repo
         print(f"\n{name}: results in {out} ({result[name]['total_s'] / 60:.1f} min)", flush=True)
 
 
