@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from slime_rl.service import forms, openapi, uploads, views
+from slime_rl.service import forms, openapi, procs, uploads, views
 from slime_rl.service.deploy import Deployments
 from slime_rl.service.forms import RequestError
 from slime_rl.service.runner import JobRunner
@@ -171,27 +171,26 @@ async def get_log(request: web.Request) -> web.Response:
     raw = request.query.get("tail", "200")
     if not raw.isdigit() or not 0 <= int(raw) <= 10000:
         raise RequestError("tail", "tail: expected an integer in [0, 10000]")
-    from slime_rl.service.procs import tail
+    return web.json_response({"lines": procs.tail(Path(job["job_dir"]) / "log.txt", int(raw))})
 
-    return web.json_response({"lines": tail(Path(job["job_dir"]) / "log.txt", int(raw))})
+
+async def _transition(request: web.Request, act, allowed: str, done: str) -> web.Response:
+    """Cancel or resume (`act`: the runner's method); a job in another state is a 409 naming its status."""
+    s = svc(request)
+    job = s.job_or_404(request.match_info["id"])
+    if not act(job["id"]):
+        status = s.store.job(job["id"])["status"]
+        raise RequestError("status", f"status: job {job['id']} is {status}; only a {allowed} job can be "
+                           f"{done}", status=409)
+    return web.json_response(s.view(s.store.job(job["id"])))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    s = svc(request)
-    job = s.job_or_404(request.match_info["id"])
-    if not s.runner.cancel(job["id"]):
-        raise RequestError("status", f"status: job {job['id']} is {s.store.job(job['id'])['status']}; only a "
-                           "queued or running job can be cancelled", status=409)
-    return web.json_response(s.view(s.store.job(job["id"])))
+    return await _transition(request, svc(request).runner.cancel, "queued or running", "cancelled")
 
 
 async def resume_job(request: web.Request) -> web.Response:
-    s = svc(request)
-    job = s.job_or_404(request.match_info["id"])
-    if not s.runner.resume(job["id"]):
-        raise RequestError("status", f"status: job {job['id']} is {job['status']}; only a failed or cancelled "
-                           "job can be resumed", status=409)
-    return web.json_response(s.view(s.store.job(job["id"])))
+    return await _transition(request, svc(request).runner.resume, "failed or cancelled", "resumed")
 
 
 async def deploy_job(request: web.Request) -> web.Response:
