@@ -110,6 +110,7 @@ setup(
     ),
     # Runtime dependencies are pinned in requirements.txt (installed by the Makefile);
     # torch is deliberately not listed: pip could replace the CPU build with a CUDA one.
+    package_data={"slime_rl.service": ["static/*"]},  # the web UI's files
     install_requires=[],
     entry_points={"console_scripts": ["slime-rl = slime_rl.cli:main"]},
     ext_modules=ext_modules,

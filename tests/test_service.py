@@ -21,7 +21,7 @@ from tests.server_procs import http
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # A tiny job that ends in seconds: no warm-up, 2 steps of 4 x 2, validation only at the ends.
-QUICK = {"batch_size": 4, "samples_per_prompt": 2, "max_steps": 2, "eval_every": 0, "sft_warmup": False,
+QUICK = {"batch_size": 4, "samples_per_prompt": 2, "max_steps": 2, "eval_every": 0, "sft_warmup": "off",
          "backend": "hf", "max_new_tokens": 8}
 LONG = {**QUICK, "max_steps": 100000, "save_every": 1}
 
@@ -121,6 +121,8 @@ def test_a_job_runs_to_succeeded_and_its_model_is_deployed_and_answers(service):
                    timeout=120, what="the deployment")
     assert dep["status"] == "ready" and dep["url"].startswith("http://127.0.0.1:") and dep["url"].endswith("/v1")
     assert s.call("GET", f"/api/jobs/{job['id']}")[1]["deployment"]["id"] == dep["id"]
+    status, models = http("GET", dep["url"] + "/models", headers={"Authorization": f"Bearer {dep['api_key']}"})
+    assert status == 200 and models["data"][0]["id"] == "lifecycle"  # the URL and key work from outside
     status, answer = s.call("POST", f"/api/deployments/{dep['id']}/chat",
                             {"messages": [{"role": "user", "content": "3+4="}], "max_tokens": 8})
     assert status == 200 and isinstance(answer["reply"], str) and answer["usage"]["completion_tokens"] >= 1
@@ -234,7 +236,7 @@ TINY = {"model": {"id": "tiny"}, "task": {"id": "arithmetic"}}
     ({**TINY, "hyperparameters": {"batch_size": 1.5}}, "hyperparameters.batch_size"),
     ({**TINY, "hyperparameters": {"batch_size": "8"}}, "hyperparameters.batch_size"),
     ({**TINY, "hyperparameters": {"lr_multiplier": float("inf")}}, "hyperparameters.lr_multiplier"),
-    ({**TINY, "hyperparameters": {"sft_warmup": "yes"}}, "hyperparameters.sft_warmup"),
+    ({**TINY, "hyperparameters": {"sft_warmup": True}}, "hyperparameters.sft_warmup"),
     ({**TINY, "hyperparameters": {"backend": "tpu"}}, "hyperparameters.backend"),
     ({**TINY, "hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
 ])

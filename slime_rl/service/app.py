@@ -202,7 +202,7 @@ async def deploy_job(request: web.Request) -> web.Response:
                            + ("" if ckpt else " and has no final checkpoint") + "; only a succeeded job with its "
                            "model saved can be deployed", status=409)
     dep = await asyncio.to_thread(s.deployments.deploy, job, ckpt)
-    return web.json_response(views.deployment_view(dep), status=201)
+    return web.json_response(views.deployment_view(dep, s.deployments.api_key(dep["id"])), status=201)
 
 
 def _deployment_or_404(s: Service, dep_id: str) -> dict:
@@ -217,7 +217,9 @@ async def list_deployments(request: web.Request) -> web.Response:
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    return web.json_response(views.deployment_view(_deployment_or_404(svc(request), request.match_info["id"])))
+    s = svc(request)
+    dep = _deployment_or_404(s, request.match_info["id"])
+    return web.json_response(views.deployment_view(dep, s.deployments.api_key(dep["id"])))
 
 
 async def delete_deployment(request: web.Request) -> web.Response:

@@ -88,7 +88,8 @@ def _hyperparameters() -> list[Hyper]:
         Hyper("temperature", "Sampling temperature", "float", d.rollout.temperature, "rollout.temperature", 0.0, 2.0),
         Hyper("eval_every", "Validate every N steps (0 = at the end only)", "int", d.eval.every_n_steps,
               "eval.every_n_steps", 0, 1_000_000),
-        Hyper("sft_warmup", "SFT warm-up before RL", "bool", d.sft.enabled, "sft.enabled"),
+        Hyper("sft_warmup", "SFT warm-up before RL", "choice", "auto", None, choices=("auto", "on", "off"),
+              help="auto: on for the tiny model (it starts from random weights), off for a checkpoint"),
         Hyper("sft_epochs", "SFT warm-up epochs", "int", d.sft.epochs, "sft.epochs", 1, 1000),
         Hyper("backend", "Trainer backend", "choice", d.train.backend, "train.backend",
               choices=literal_choices(type(d.train).__annotations__["backend"]) or ("megatron", "hf")),
@@ -218,10 +219,11 @@ def job_config(req: JobRequest, out_dir: Path, models_dir: Path, files: dict[str
     for name, h in HYPERPARAMETERS.items():
         if h.key and name in req.hyperparameters and req.hyperparameters[name] != h.default:
             _put(cfg, h.key, hp[name])
-    if req.model["id"] != "tiny":  # a chat model: no warm-up unless asked, the user's prompts in its template
-        _put(cfg, "sft.enabled", bool(req.hyperparameters.get("sft_warmup", False)))
-        if files.get("train"):
-            _put(cfg, "data.apply_chat_template", True)
+    tiny = req.model["id"] == "tiny"
+    if hp["sft_warmup"] != "auto" or not tiny:  # a checkpoint starts from its weights unless a warm-up is asked
+        _put(cfg, "sft.enabled", hp["sft_warmup"] == "on" or (hp["sft_warmup"] == "auto" and tiny))
+    if not tiny and files.get("train"):  # the user's plain prompts in the chat model's template
+        _put(cfg, "data.apply_chat_template", True)
     for kind in ("train", "val"):
         if files.get(kind):
             _put(cfg, f"data.{kind}_path", files[kind][0])

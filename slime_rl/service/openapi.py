@@ -47,6 +47,7 @@ def _schemas() -> dict[str, Any]:
             "id": {"type": "string"}, "job_id": {"type": "string"},
             "status": {"type": "string", "enum": ["starting", "ready", "failed", "stopped"]},
             "url": {"type": ["string", "null"], "description": "OpenAI-compatible base URL"},
+            "api_key": {"type": "string", "description": "the server's key: Authorization: Bearer KEY"},
             "model": {"type": "string"}, "error": {"type": ["string", "null"]}}},
         "Chat": {"type": "object", "properties": {
             "messages": {"type": "array", "items": {"type": "object", "properties": {

@@ -92,5 +92,8 @@ def job_view(job: dict, deployment: dict | None = None, detail: bool = True) -> 
     return view
 
 
-def deployment_view(dep: dict) -> dict[str, Any]:
-    return {k: dep[k] for k in ("id", "job_id", "status", "url", "model", "error", "created_at")}
+def deployment_view(dep: dict, api_key: str | None = None) -> dict[str, Any]:
+    """A deployment; with `api_key`, the key its server wants (`Authorization: Bearer KEY` on its /v1 routes),
+    shown to whoever holds the service's token."""
+    view = {k: dep[k] for k in ("id", "job_id", "status", "url", "model", "error", "created_at")}
+    return {**view, "api_key": api_key} if api_key else view

@@ -40,6 +40,8 @@ export function deploySection(jobId) {
         el("span", { id: "deploy-status", class: `badge status-${dep.status}` }, dep.status)) : null,
       dep?.url ? el("div", { class: "deploy-url" }, "OpenAI-compatible URL: ",
         el("code", { id: "deploy-url" }, dep.url)) : null,
+      dep?.url && dep?.api_key ? el("div", { class: "deploy-url" }, "API key (Authorization: Bearer): ",
+        el("code", { id: "deploy-key" }, dep.api_key)) : null,
       error ? el("div", { class: "error-box", id: "deploy-error" }, error) : null);
   }
 
