@@ -20,7 +20,8 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.
 	command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q bubblewrap >/dev/null 2>&1 \
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
 	  || echo "warning: could not install bubblewrap: the code reward will refuse to run"
-	[ -x /usr/bin/chromedriver ] || [ "$$(id -u)" != 0 ] \
+	[ -x /usr/bin/chromedriver ] || { [ "$$(id -u)" != 0 ] && echo "note: tests/test_service_browser.py needs" \
+	  "Chromium and will skip: as root, apt-get install chromium chromium-driver"; } \
 	  || apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
 	  || echo "warning: could not install Chromium: tests/test_service_browser.py will skip" \
