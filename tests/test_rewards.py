@@ -192,7 +192,9 @@ def test_scoring_reuses_the_pools_threads_across_calls():
     for _ in range(20):
         stats = score_samples([_sample("x") for _ in range(8)], slow, max_workers=8)
         assert stats.errors == 0
-    assert runner._POOL.started == before
+    # A thread that has just finished a task may not be back at the queue when the next call submits (a loaded
+    # machine): a few replacements are fine, a call's worth per call (160 here) is what this guards against.
+    assert runner._POOL.started - before <= 8
     release = threading.Event()
     try:
         stats = score_samples([_sample("hang"), _sample("ok")], lambda s: release.wait(30) if s.response_text == "hang"

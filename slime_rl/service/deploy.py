@@ -31,7 +31,6 @@ ROLES = ("system", "user", "assistant")
 class Deployments:
     def __init__(self, store: Store, root: Path):
         self.store, self.root = store, root
-        self._keys: dict[str, str] = {}
         for dep in store.deployments():  # the servers of an earlier service: kept where still there
             if dep["status"] in ("starting", "ready") and not procs.alive(dep["pid"], dep["pid_start"]):
                 store.update_deployment(dep["id"], status="stopped", error="gone when the service restarted")
@@ -46,7 +45,7 @@ class Deployments:
         key = secrets.token_urlsafe(16)
         (dep_dir / "api_key").write_text(key)
         name = job["name"] or job["id"]
-        argv = procs.slime_rl_argv("serve", "--model", str(model_dir), "--port", "0", "--api-key", key,
+        argv = procs.slime_rl_argv("serve", "--model", str(model_dir), "--port", "0", f"--api-key={key}",
                                    "--served-model-name", name, "--num-threads", "1")
         child = procs.spawn(argv, dep_dir / "log.txt", cwd=self.root)
         self.store.add_deployment({"id": dep_id, "job_id": job["id"], "status": "starting", "pid": child.pid,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slime_rl.service import procs
+from slime_rl.service import procs, views
 from slime_rl.service.store import ENDED, Store
 
 POLL_S = 0.5
@@ -83,11 +83,8 @@ class JobRunner:
         return True
 
     @staticmethod
-    def out_dir(job: dict) -> Path:
-        return Path(job["config"]["log"]["output_dir"])
-
-    def checkpoints(self, job: dict) -> list[Path]:
-        ckpts = self.out_dir(job) / "checkpoints"
+    def checkpoints(job: dict) -> list[Path]:
+        ckpts = views.out_dir(job) / "checkpoints"
         return sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")) \
             if ckpts.is_dir() else []
 
