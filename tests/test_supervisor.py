@@ -319,12 +319,13 @@ def test_generations_in_flight_on_a_killed_engine_are_retried_elsewhere(job, poo
     with ThreadPoolExecutor(n) as threads:
         futures = [threads.submit(generate, i) for i in range(n)]
         wait_until(lambda: load(router, victim.url) >= n // 2, 30, "requests in flight on the victim")
-        in_flight = load(router, victim.url)
-        victim.kill()
+        victim.kill()  # at once: a second look at the load could see requests that finished since
         results = [f.result() for f in futures]
     assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200]
     assert all(len(out["output_ids"]) == length for _, out in results)
     versions = [int(out["meta_info"]["weight_version"]) for _, out in results]
-    print(f"\n{in_flight} requests in flight on the victim at SIGKILL; served by version: {versions}")
-    assert versions.count(101) >= n - in_flight + 1  # at least one killed request was redone on `a`
+    print(f"\nserved by version: {versions}")
+    # Round robin gave each engine n / 2; the victim held all of its own in flight when it was killed, so `a`
+    # served more than its half: at least one killed request was redone there.
+    assert versions.count(101) >= n // 2 + 1
     pool.give_back(a)
