@@ -190,10 +190,7 @@ def _make_record(
     system_prompt: str | None,
     max_prompt_tokens: int,
 ) -> PromptRecord:
-    required = [prompt_key] + [k for k in (label_key, response_key) if k is not None] + list(metadata_keys)
-    for key in required:
-        if key not in row:
-            raise _BadRow("missing_key", f"missing key {key!r}")
+    _check_keys(row, [prompt_key] + [k for k in (label_key, response_key) if k is not None] + list(metadata_keys))
     prompt_text, templated = _format_prompt(row[prompt_key], tokenizer, apply_chat_template, system_prompt)
     try:
         prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=not templated)
@@ -224,21 +221,34 @@ def _make_record(
     )
 
 
-def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool,
-                   system_prompt: str | None) -> tuple[str, bool]:
-    """The prompt text the model sees (raw string or chat-templated messages), and whether it is templated."""
+def _check_keys(row: dict[str, Any], required: Iterable[str]) -> None:
+    for key in required:
+        if key not in row:
+            raise _BadRow("missing_key", f"missing key {key!r}")
+
+
+def _check_prompt(prompt: Any) -> list[dict[str, str]] | None:
+    """A row's prompt as written, checked without a tokenizer: None for a non-empty string, the messages of a
+    valid message list."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise _BadRow("empty_prompt", "empty prompt")
+        return None
+    if isinstance(prompt, list):
+        if not prompt:
+            raise _BadRow("empty_prompt", "empty prompt (empty message list)")
+        return _check_messages(prompt)
+    raise _BadRow("bad_prompt_type", f"prompt must be a string or a message list, got {type(prompt).__name__}")
+
+
+def _format_prompt(prompt: Any, tokenizer: Any, apply_chat_template: bool,
+                   system_prompt: str | None) -> tuple[str, bool]:
+    """The prompt text the model sees (raw string or chat-templated messages), and whether it is templated."""
+    messages = _check_prompt(prompt)
+    if messages is None:
         if not apply_chat_template:
             return prompt, False
         messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        if not prompt:
-            raise _BadRow("empty_prompt", "empty prompt (empty message list)")
-        messages = _check_messages(prompt)
-    else:
-        raise _BadRow("bad_prompt_type", f"prompt must be a string or a message list, got {type(prompt).__name__}")
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     warn_bos_disagreement(tokenizer)

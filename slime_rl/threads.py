@@ -92,8 +92,12 @@ def job_plan(cfg) -> tuple[ThreadPlan, int]:
     """The plan of a job whose ranks the local launcher spawns, and how many it spawns (Ray and torchrun size
     their processes themselves)."""
     ranks = cfg.trainer_ranks if cfg.train.backend == "megatron" else 0
-    engine_here = not cfg.rollout.engine_urls and not cfg.debug.load_rollouts
-    return plan_threads(cfg, ranks, engine_here), ranks
+    return plan_threads(cfg, ranks, engine_here(cfg)), ranks
+
+
+def engine_here(cfg) -> bool:
+    """Whether the job runs the embedded engine in the driver's process."""
+    return not cfg.rollout.engine_urls and not cfg.debug.load_rollouts
 
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
@@ -110,8 +114,7 @@ def wants_active_wait(cfg, env=os.environ) -> bool:
     user set is kept."""
     if cfg.train.backend != "hf" or WAIT_POLICY in env:
         return False
-    engine_here = not cfg.rollout.engine_urls and not cfg.debug.load_rollouts
-    return engine_here and job_plan(cfg)[0].driver > 1
+    return engine_here(cfg) and job_plan(cfg)[0].driver > 1
 
 
 def reexec_with_active_wait(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slime_rl.checkpoint import list_checkpoints
 from slime_rl.service import procs, views
 from slime_rl.service.store import ENDED, Store
 
@@ -26,8 +27,7 @@ POLL_S = 0.5
 class JobRunner:
     def __init__(self, store: Store, root: Path, max_concurrent: int = 1):
         self.store, self.root, self.max_concurrent = store, root, max_concurrent
-        self._children: dict[str, Any] = {}  # job id -> Popen, for the processes this service started
-        self._lock = threading.Lock()
+        self._children: dict[str, Any] = {}  # job id -> Popen of the processes this service started (watcher only)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="job-runner", daemon=True)
@@ -74,19 +74,13 @@ class JobRunner:
         if job is None or job["status"] not in ("failed", "cancelled"):
             return False
         config = dict(job["config"])
-        if self.checkpoints(job):
+        if list_checkpoints(views.out_dir(job)):
             config["ckpt"] = {**config.get("ckpt", {}), "resume": "auto"}
         if not self.store.update_job(job_id, only_if=("failed", "cancelled"), status="queued", config=config,
                                      error=None, ended_at=None, returncode=None, pid=None, pid_start=None):
             return False
         self._wake.set()
         return True
-
-    @staticmethod
-    def checkpoints(job: dict) -> list[Path]:
-        ckpts = views.out_dir(job) / "checkpoints"
-        return sorted(p for p in ckpts.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")) \
-            if ckpts.is_dir() else []
 
     # the watcher
     def _watch(self) -> None:
@@ -122,8 +116,7 @@ class JobRunner:
                                      pid=child.pid, pid_start=started, attempts=job["attempts"] + 1):
             procs.stop(child.pid, started, grace_s=2)  # cancelled meanwhile
             return
-        with self._lock:
-            self._children[job["id"]] = child
+        self._children[job["id"]] = child
 
     def _reap(self) -> None:
         for job in self.store.jobs("running"):
@@ -132,13 +125,11 @@ class JobRunner:
                 child.poll()  # reap our own child, so that it is not a zombie that looks alive
             if procs.alive(job["pid"], job["pid_start"]):
                 continue
-            with self._lock:
-                self._children.pop(job["id"], None)
+            self._children.pop(job["id"], None)
             self._finish(job)
         for job_id, child in list(self._children.items()):  # cancelled jobs' children
             if child.poll() is not None:
-                with self._lock:
-                    self._children.pop(job_id, None)
+                self._children.pop(job_id, None)
 
     def _finish(self, job: dict) -> None:
         job_dir = Path(job["job_dir"])

@@ -59,6 +59,10 @@ class Store:
                     row[col] = json.loads(row[col])
         return rows
 
+    def _one(self, table: str, row_id: str) -> dict[str, Any] | None:
+        rows = self._rows(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+        return rows[0] if rows else None
+
     def _insert(self, table: str, values: dict[str, Any]) -> None:
         values = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()}
         cols = ", ".join(values)
@@ -82,8 +86,7 @@ class Store:
                               "request": request, "config": config, "job_dir": job_dir})
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return rows[0] if rows else None
+        return self._one("jobs", job_id)
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
         if status:
@@ -98,16 +101,14 @@ class Store:
         self._insert("uploads", {**record, "created_at": time.time()})
 
     def upload(self, upload_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM uploads WHERE id = ?", (upload_id,))
-        return rows[0] if rows else None
+        return self._one("uploads", upload_id)
 
     # deployments
     def add_deployment(self, record: dict[str, Any]) -> None:
         self._insert("deployments", {**record, "created_at": time.time()})
 
     def deployment(self, dep_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM deployments WHERE id = ?", (dep_id,))
-        return rows[0] if rows else None
+        return self._one("deployments", dep_id)
 
     def deployments(self, job_id: str | None = None) -> list[dict[str, Any]]:
         if job_id:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from slime_rl.config import JobConfig
-from slime_rl.data import _BadRow, _check_messages, _iter_jsonl
+from slime_rl.data import _BadRow, _check_keys, _check_prompt, _iter_jsonl
 from slime_rl.service.forms import TASKS, RequestError
 
 MAX_BYTES = 64 << 20
@@ -37,14 +37,8 @@ def check_rows(path: Path, shown: str) -> int:
         try:
             if isinstance(row, _BadRow):
                 raise row
-            for key in (d.prompt_key, d.label_key):
-                if key not in row:
-                    raise _BadRow("missing_key", f"missing key {key!r}")
-            prompt = row[d.prompt_key]
-            if isinstance(prompt, list) and prompt:
-                _check_messages(prompt)
-            elif not isinstance(prompt, str) or not prompt.strip():
-                raise _BadRow("empty_prompt", f"{d.prompt_key!r} must be a non-empty string or a message list")
+            _check_keys(row, (d.prompt_key, d.label_key))
+            _check_prompt(row[d.prompt_key])
         except _BadRow as bad:
             raise RequestError("file", f"{shown}:{line_no}: {bad}", file=shown, line=line_no) from None
         rows += 1

@@ -36,15 +36,21 @@ def metrics_rows(job: dict) -> list[dict[str, Any]]:
     return rows[-MAX_METRIC_ROWS:]
 
 
-def _last_step(job: dict) -> int:
-    for line in reversed(procs.tail(out_dir(job) / "metrics.jsonl", 50)):
+def _last_step(rows: list[dict[str, Any]]) -> int:
+    return next((int(r["step"]) for r in reversed(rows) if "step" in r), 0)
+
+
+def _tail_rows(job: dict) -> list[dict[str, Any]]:
+    """The metrics' last lines parsed (what the job list needs), without reading the whole file."""
+    rows = []
+    for line in procs.tail(out_dir(job) / "metrics.jsonl", 50):
         try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
+            row = json.loads(line)
+        except ValueError:
             continue
-        if isinstance(step, int):
-            return step
-    return 0
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _read_json(path: Path) -> Any:
@@ -70,21 +76,22 @@ def final_checkpoint(job: dict) -> Path | None:
 
 def job_view(job: dict, deployment: dict | None = None, detail: bool = True) -> dict[str, Any]:
     request = job["request"]
+    rows = metrics_rows(job) if detail else _tail_rows(job)
     view = {
         "id": job["id"], "name": job["name"], "status": job["status"],
         "created_at": job["created_at"], "started_at": job["started_at"], "ended_at": job["ended_at"],
         "model": request["model"], "algorithm": request["algorithm"], "task": request["task"],
         "hyperparameters": request["hyperparameters"], "attempts": job["attempts"],
-        "progress": {"step": _last_step(job), "total_steps": job["config"].get("train", {}).get("num_steps")},
+        "progress": {"step": _last_step(rows), "total_steps": job["config"].get("train", {}).get("num_steps")},
         "error": job["error"],
     }
     if detail:
         ckpt = final_checkpoint(job)
-        rows = [r for r in metrics_rows(job) if any(k.startswith("val/") for k in r)]
+        evals = [r for r in rows if any(k.startswith("val/") for k in r)]
         view.update({
             "config": job["config"], "output_dir": str(out_dir(job)),
             "checkpoint": str(ckpt) if ckpt else None,
-            "eval": rows[-1] if rows else None,
+            "eval": evals[-1] if evals else None,
             "gate": _read_json(out_dir(job) / "gate.json"),
             "time_table": time_table(job),
             "deployment": deployment_view(deployment) if deployment else None,
