@@ -50,6 +50,15 @@ to the start of step w must hold the wave's latency and a train step, so a step 
 needs more than one core; overlapping a phase that waits gains as much as the waves in flight and the
 staleness window allow.
 
+That bound takes sync's phase times as the speed of each phase while the other runs beside it: it assumes the
+machine runs both cores at full speed at once. A VM may not (measured here: a 1-thread matmul on each of the two
+vCPUs at once ran one of them at 0.6x of its speed alone at times, with no process of ours running, and as fast
+at others). So each run also reports its trainer's speed: the seconds the trainer rank spent in its train step,
+measured inside the rank (`train/rank_s`; the rank is alone on its pinned core), over sync's of the same seed,
+and the bound at that speed: the same formula with T longer by the rank's extra seconds, if any (never
+shorter). Its fraction isolates what the async machinery loses (waiting, pushes, the driver's share) from what
+the machine took away.
+
 Reported per mode: medians over seeds with min-max of final accuracy, its difference to sync (same seed),
 samples/s, the ratio to sync (same seed), the bound and the fraction of it reached; max staleness. Runs go
 seed by seed, the mode order reversed every other seed (ABBA), so drifts in the machine's load even out.
@@ -292,7 +301,7 @@ def read_run(out: Path) -> dict:
     ledger = [json.loads(line) for line in (out / "trained_groups.jsonl").read_text().splitlines()]
     lengths = [n for rec in ledger for g in rec["groups"] for n in g["response_lengths"]]
     # phases of the steps without validation: [end - step_s, + rollout_s] rolls out, the rest trains and pushes
-    phases = {"rollout_s": [], "train_s": [], "rollout_cores": [], "train_cores": []}
+    phases = {"rollout_s": [], "train_s": [], "rollout_cores": [], "train_cores": [], "rank_s": []}
     for r in steps:
         if "val/accuracy" in r or r["step"] <= 2:  # (the first steps warm up)
             continue
@@ -301,6 +310,8 @@ def read_run(out: Path) -> dict:
         t_mid = t_start + r["time/rollout_s"]
         phases["rollout_s"].append(r["time/rollout_s"])
         phases["train_s"].append(r["time/step_s"] - r["time/rollout_s"])
+        if "train/rank_s" in r:
+            phases["rank_s"].append(r["train/rank_s"])
         for key, (a, b) in (("rollout_cores", (t_start, t_mid)), ("train_cores", (t_mid, t_end))):
             if (c := cores_between(trace, a, b)) is not None:
                 phases[key].append(c)
@@ -319,17 +330,19 @@ def read_run(out: Path) -> dict:
     }
 
 
-def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int) -> dict:
-    """The best samples/s ratio over sync a mode can reach, from sync's phases (module docstring)."""
+def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int, extra_train_s: float = 0.0) -> dict:
+    """The best samples/s ratio over sync a mode can reach, from sync's phases (module docstring); with
+    `extra_train_s`, at a trainer that takes that much longer per step than in sync (its run's measured speed)."""
     R, T = sync_phases["rollout_s"], sync_phases["train_s"]
+    T2 = T + extra_train_s
     cR, cT = sync_phases["rollout_cores"], sync_phases["train_cores"]
     k = waves_in_flight(mode, inflight_waves)
     if mode == "sync":
         return {"bound": 1.0, "limit": "sync", "waves_in_flight": 1}
-    limits = {"train": T, "rollout latency / waves in flight": R / k, "engine compute": R * cR / max(1.0, cR),
-              f"CPU work / {cores} cores": (R * cR + T * cT) / cores}
+    limits = {"train": T2, "rollout latency / waves in flight": R / k, "engine compute": R * cR / max(1.0, cR),
+              f"CPU work / {cores} cores": (R * cR + T2 * cT) / cores}
     if mode.startswith("fully_async"):  # wave w starts once step w - K's weights are pushed, ends by step w
-        limits["staleness window"] = (R + T) / (STALENESS[mode] + 1)
+        limits["staleness window"] = (R + T2) / (STALENESS[mode] + 1)
     limit = max(limits, key=limits.get)
     return {"bound": (R + T) / limits[limit], "limit": limit, "waves_in_flight": k,
             "step_s_limits": limits}
@@ -405,6 +418,9 @@ def report(args, env, ckpt, runs, total_s) -> None:
             ref = sync[seed]
             ratio = (r["samples"] / r["rl_s"]) / (ref["samples"] / ref["rl_s"])
             bound = ideal_bound(ref["phases"], mode, args.inflight_waves, cores)
+            rank, rank_sync = r["phases"].get("rank_s"), ref["phases"].get("rank_s")
+            extra = max(0.0, rank - rank_sync) if rank is not None and rank_sync is not None else 0.0
+            at_speed = ideal_bound(ref["phases"], mode, args.inflight_waves, cores, extra_train_s=extra)["bound"]
             rows.append({
                 "mode": mode, "seed": seed, "steps": r["steps"], "samples": r["samples"],
                 "samples_per_s": r["samples"] / r["rl_s"], "ratio_vs_sync": ratio,
@@ -412,6 +428,8 @@ def report(args, env, ckpt, runs, total_s) -> None:
                 "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / r["wall_incl_eval_s"] * r["samples"]
                 / ref["samples"],
                 **bound, "fraction_of_bound": ratio / bound["bound"],
+                "trainer_rank_s": rank, "trainer_slowdown": rank / rank_sync if rank and rank_sync else None,
+                "bound_at_trainer_speed": at_speed, "fraction_of_bound_at_trainer_speed": ratio / at_speed,
                 "final_accuracy": r["final_accuracy"], "accuracy_delta_vs_sync": r["final_accuracy"]
                 - ref["final_accuracy"], "step0_accuracy": r["step0_accuracy"], "curve": r["curve"],
                 "reward_curve": [(x["step"], x["rollout/reward_mean"]) for x in r["records"]],
@@ -426,7 +444,8 @@ def report(args, env, ckpt, runs, total_s) -> None:
             "waves_in_flight": waves_in_flight(mode, args.inflight_waves),
             **{key: med([x[key] for x in mine]) for key in (
                 "final_accuracy", "accuracy_delta_vs_sync", "samples_per_s", "ratio_vs_sync",
-                "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound")}}
+                "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound", "trainer_slowdown",
+                "bound_at_trainer_speed", "fraction_of_bound_at_trainer_speed") if None not in [x[key] for x in mine]}}
     phases = {k: med([r["phases"][k] for r in sync.values()]) for k in sync[args.seeds[0]]["phases"]}
     print(f"\nsync's phases per step (medians over seeds): rollout {phases['rollout_s']['median']:.2f}s at "
           f"{phases['rollout_cores']['median']:.2f} cores, train + push {phases['train_s']['median']:.2f}s at "
@@ -435,17 +454,20 @@ def report(args, env, ckpt, runs, total_s) -> None:
           f"temperature 1); samples/s over the steps' wall seconds (validation excluded); medians over seeds "
           f"{args.seeds} [min-max]\n")
     hdr = ("mode", "staleness max", "final acc", "vs sync (pts)", "samples/s", "x sync", "bound", "of bound",
-           "x sync (wall incl. validation)")
+           "trainer step x sync", "bound at it", "of it", "x sync (wall incl. validation)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for mode, m in summary.items():
         def cell(key, fmt, scale=1.0):
-            d = m[key]
+            d = m.get(key)
+            if d is None:
+                return "-"
             return f"{d['median'] * scale:{fmt}} [{d['min'] * scale:{fmt}}, {d['max'] * scale:{fmt}}]"
         print(f"| {mode} | {m['max_staleness']} | {cell('final_accuracy', '.3f')} | "
               f"{cell('accuracy_delta_vs_sync', '+.1f', 100)} | {cell('samples_per_s', '.1f')} | "
               f"{cell('ratio_vs_sync', '.2f')} | {cell('bound', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
-              f"{cell('ratio_vs_sync_wall_incl_eval', '.2f')} |")
+              f"{cell('trainer_slowdown', '.2f')} | {cell('bound_at_trainer_speed', '.2f')} | "
+              f"{cell('fraction_of_bound_at_trainer_speed', '.0%')} | {cell('ratio_vs_sync_wall_incl_eval', '.2f')} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "async", "machine": env, "args": vars(args), "seeds": list(args.seeds),

@@ -52,3 +52,13 @@ def test_compute_bound_workload_is_limited_by_the_trainer_or_the_cores():
     assert b["limit"] == "train" and b["bound"] == pytest.approx(1.6)
     b = bench.ideal_bound(phases(0.50, 0.50, cR=1.5, cT=1.5), "one_step_off", inflight_waves=1, cores=2)
     assert b["limit"] == "CPU work / 2 cores" and b["bound"] == pytest.approx(1.0 / 0.75)
+
+
+def test_bound_at_the_trainers_measured_speed_lengthens_only_the_train_phase():
+    ph = phases(0.18, 0.24, cR=1.0, cT=1.0)  # sync's step: 0.42 s
+    strict = bench.ideal_bound(ph, "fully_async_s2", inflight_waves=1, cores=2)
+    assert strict["limit"] == "train" and strict["bound"] == pytest.approx(0.42 / 0.24)
+    slow = bench.ideal_bound(ph, "fully_async_s2", inflight_waves=1, cores=2, extra_train_s=0.08)
+    assert slow["limit"] == "train" and slow["bound"] == pytest.approx(0.42 / 0.32)  # sync's step over the slower T
+    assert slow["step_s_limits"]["rollout latency / waves in flight"] == pytest.approx(0.18)
+    assert slow["step_s_limits"]["CPU work / 2 cores"] == pytest.approx((0.18 + 0.32) / 2)

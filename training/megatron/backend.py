@@ -110,7 +110,7 @@ class MegatronDriver:
         results = [r for r in self.group.call("train_step", batch, loss_fn) if r is not None]
         self.step += 1
         stats = merge_step_stats([s for r in results for s in r["micro_stats"]])
-        return {**stats, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+        return {**stats, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"], "rank_s": results[0]["rank_s"]}
 
     def reset_optimizer(self, opt: OptimSettings) -> None:
         self.opt = opt

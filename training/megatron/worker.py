@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -316,7 +317,9 @@ class MegatronWorker:
                 p.data.copy_(s)
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict | None:
-        """One optimizer step over the whole batch; loss statistics from the last stage (TP rank 0)."""
+        """One optimizer step over the whole batch; loss statistics from the last stage (TP rank 0), with the
+        seconds this rank spent in it (`rank_s`: the driver's train time less this is its own share)."""
+        t0 = time.perf_counter()
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -330,7 +333,7 @@ class MegatronWorker:
         if not (self.last_stage and self.tp_rank == 0):
             return None
         return {"micro_stats": [o["stats"] for o in out], "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
-                "lr": lr}
+                "lr": lr, "rank_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ checkpoints
     def _sharded_state(self, is_loading: bool) -> dict:
