@@ -55,9 +55,10 @@ machine runs both cores at full speed at once. A VM may not (measured here: a 1-
 vCPUs at once ran one of them at 0.6x of its speed alone at times, with no process of ours running, and as fast
 at others). So each run also reports its trainer's speed: the seconds the trainer rank spent in its train step,
 measured inside the rank (`train/rank_s`; the rank is alone on its pinned core), over sync's of the same seed,
-and the bound at that speed: the same formula with T longer by the rank's extra seconds, if any (never
-shorter). Its fraction isolates what the async machinery loses (waiting, pushes, the driver's share) from what
-the machine took away.
+and the bound at that speed: the same formula with T longer (or shorter) by the difference of the rank's
+seconds. Its fraction isolates what the async machinery loses (waiting, pushes, the driver's share) from what
+the machine's speed gave or took. `--rereport FILE` recomputes the ratios, bounds and table of a results file
+from the runs' measured rows, without running anything.
 
 Reported per mode: medians over seeds with min-max of final accuracy, its difference to sync (same seed),
 samples/s, the ratio to sync (same seed), the bound and the fraction of it reached; max staleness. Runs go
@@ -332,7 +333,8 @@ def read_run(out: Path) -> dict:
 
 def ideal_bound(sync_phases: dict, mode: str, inflight_waves: int, cores: int, extra_train_s: float = 0.0) -> dict:
     """The best samples/s ratio over sync a mode can reach, from sync's phases (module docstring); with
-    `extra_train_s`, at a trainer that takes that much longer per step than in sync (its run's measured speed)."""
+    `extra_train_s`, at a trainer that takes that much longer (negative: shorter) per step than in sync (the
+    speed measured in the mode's own run)."""
     R, T = sync_phases["rollout_s"], sync_phases["train_s"]
     T2 = T + extra_train_s
     cR, cT = sync_phases["rollout_cores"], sync_phases["train_cores"]
@@ -387,57 +389,69 @@ def run_bench(args) -> None:
           f"seeds {args.seeds}, reward delay {args.reward_delay_s} s, waves in flight <= {args.inflight_waves}")
     task = make_task(work / "data", args) if args.task != "arithmetic" else {}
     ckpt = args.sft_checkpoint or sft(args, task, work)
-    runs: dict[str, dict[int, dict]] = {m: {} for m in args.modes}
+    rows = []
     for i, seed in enumerate(args.seeds):  # ABBA: the mode order is reversed every other seed
         for mode in (args.modes if i % 2 == 0 else list(reversed(args.modes))):
             out = work / f"{mode}_seed{seed}"
             proc = rl(args, task, ckpt, mode, seed, out, work / f"{mode}_seed{seed}.log")
-            res = {**read_run(out), **proc, "seed": seed}
-            runs[mode][seed] = res
+            res = {**read_run(out), **proc}
+            rows.append(measured_row(mode, seed, res))
             ph = res["phases"]
             print(f"  {mode:15s} seed {seed}: {res['samples'] / res['rl_s']:.1f} samples/s (steps {res['rl_s']:.0f}s, "
                   f"wall incl. validation {res['wall_incl_eval_s']:.0f}s, process {proc['process_s']:.0f}s, load "
                   f"{proc['load1_before']:.1f}->{proc['load1_after']:.1f}); val {res['step0_accuracy']:.3f} -> "
                   f"{res['final_accuracy']:.3f}; staleness max {res['max_staleness']}; rollout/train per step "
                   f"{ph['rollout_s']:.2f}/{ph['train_s']:.2f}s", flush=True)
-    report(args, env, ckpt, runs, time.perf_counter() - t_start)
+    report(args, env, ckpt, rows, time.perf_counter() - t_start)
 
 
 def med(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def report(args, env, ckpt, runs, total_s) -> None:
+def measured_row(mode: str, seed: int, r: dict) -> dict:
+    """What one run measured (read_run + run_child), as its row of the results."""
+    return {"mode": mode, "seed": seed, "steps": r["steps"], "samples": r["samples"],
+            "samples_per_s": r["samples"] / r["rl_s"],
+            "samples_per_s_wall_incl_eval": r["samples"] / r["wall_incl_eval_s"],
+            "final_accuracy": r["final_accuracy"], "step0_accuracy": r["step0_accuracy"], "curve": r["curve"],
+            "reward_curve": [(x["step"], x["rollout/reward_mean"]) for x in r["records"]],
+            "rl_s": r["rl_s"], "wall_incl_eval_s": r["wall_incl_eval_s"], "phases": r["phases"],
+            "max_staleness": r["max_staleness"], "resumed_samples": r["resumed_samples"],
+            "regenerated_groups": r["regenerated_groups"], "lengths": r["lengths"],
+            "process_s": r["process_s"], "cpu_s": r["cpu_s"], "load1_before": r["load1_before"],
+            "load1_after": r["load1_after"]}
+
+
+def derived(row: dict, ref: dict, inflight_waves: int, cores: int) -> dict:
+    """A run's ratios against sync's run of the same seed (`ref`), its bounds and the fractions reached."""
+    mode = row["mode"]
+    ratio = row["samples_per_s"] / ref["samples_per_s"]
+    bound = ideal_bound(ref["phases"], mode, inflight_waves, cores)
+    rank, rank_sync = row["phases"].get("rank_s"), ref["phases"].get("rank_s")
+    measured = rank is not None and rank_sync is not None
+    at_speed = ideal_bound(ref["phases"], mode, inflight_waves, cores,
+                           extra_train_s=rank - rank_sync if measured else 0.0)["bound"]
+    return {"ratio_vs_sync": ratio,
+            "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / row["wall_incl_eval_s"] * row["samples"]
+            / ref["samples"],
+            **bound, "fraction_of_bound": ratio / bound["bound"],
+            "trainer_rank_s": rank, "trainer_slowdown": rank / rank_sync if measured else None,
+            "bound_at_trainer_speed": at_speed if measured else None,
+            "fraction_of_bound_at_trainer_speed": ratio / at_speed if measured else None,
+            "accuracy_delta_vs_sync": row["final_accuracy"] - ref["final_accuracy"]}
+
+
+def report(args, env, ckpt, rows: list[dict], total_s, ran_at: dict | None = None) -> None:
+    """Each row's ratios and bounds against sync of its seed, the medians per mode: printed, written (--out)
+    and plotted (--png). `ran_at`: the commit and load of runs measured earlier (--rereport)."""
     cores = env["cpu_count"]
-    sync = runs.get("sync")
+    sync = {x["seed"]: x for x in rows if x["mode"] == "sync"}
     if not sync:
         raise SystemExit("--modes must include sync (every ratio is against it)")
-    rows, summary = [], {}
-    for mode, by_seed in runs.items():
-        for seed, r in by_seed.items():
-            ref = sync[seed]
-            ratio = (r["samples"] / r["rl_s"]) / (ref["samples"] / ref["rl_s"])
-            bound = ideal_bound(ref["phases"], mode, args.inflight_waves, cores)
-            rank, rank_sync = r["phases"].get("rank_s"), ref["phases"].get("rank_s")
-            extra = max(0.0, rank - rank_sync) if rank is not None and rank_sync is not None else 0.0
-            at_speed = ideal_bound(ref["phases"], mode, args.inflight_waves, cores, extra_train_s=extra)["bound"]
-            rows.append({
-                "mode": mode, "seed": seed, "steps": r["steps"], "samples": r["samples"],
-                "samples_per_s": r["samples"] / r["rl_s"], "ratio_vs_sync": ratio,
-                "samples_per_s_wall_incl_eval": r["samples"] / r["wall_incl_eval_s"],
-                "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / r["wall_incl_eval_s"] * r["samples"]
-                / ref["samples"],
-                **bound, "fraction_of_bound": ratio / bound["bound"],
-                "trainer_rank_s": rank, "trainer_slowdown": rank / rank_sync if rank and rank_sync else None,
-                "bound_at_trainer_speed": at_speed, "fraction_of_bound_at_trainer_speed": ratio / at_speed,
-                "final_accuracy": r["final_accuracy"], "accuracy_delta_vs_sync": r["final_accuracy"]
-                - ref["final_accuracy"], "step0_accuracy": r["step0_accuracy"], "curve": r["curve"],
-                "reward_curve": [(x["step"], x["rollout/reward_mean"]) for x in r["records"]],
-                "rl_s": r["rl_s"], "wall_incl_eval_s": r["wall_incl_eval_s"], "phases": r["phases"],
-                "max_staleness": r["max_staleness"], "resumed_samples": r["resumed_samples"],
-                "regenerated_groups": r["regenerated_groups"], "lengths": r["lengths"],
-                "process_s": r["process_s"], "cpu_s": r["cpu_s"], "load1_before": r["load1_before"],
-                "load1_after": r["load1_after"]})
+    rows = [{**x, **derived(x, sync[x["seed"]], args.inflight_waves, cores)} for x in rows]
+    summary = {}
+    for mode in dict.fromkeys(x["mode"] for x in rows):
         mine = [x for x in rows if x["mode"] == mode]
         summary[mode] = {
             "max_staleness": max(x["max_staleness"] for x in mine), "configured_staleness": STALENESS[mode],
@@ -446,7 +460,8 @@ def report(args, env, ckpt, runs, total_s) -> None:
                 "final_accuracy", "accuracy_delta_vs_sync", "samples_per_s", "ratio_vs_sync",
                 "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound", "trainer_slowdown",
                 "bound_at_trainer_speed", "fraction_of_bound_at_trainer_speed") if None not in [x[key] for x in mine]}}
-    phases = {k: med([r["phases"][k] for r in sync.values()]) for k in sync[args.seeds[0]]["phases"]}
+    phases = {k: med([r["phases"][k] for r in sync.values()]) for k in next(iter(sync.values()))["phases"]
+              if None not in [r["phases"][k] for r in sync.values()]}
     print(f"\nsync's phases per step (medians over seeds): rollout {phases['rollout_s']['median']:.2f}s at "
           f"{phases['rollout_cores']['median']:.2f} cores, train + push {phases['train_s']['median']:.2f}s at "
           f"{phases['train_cores']['median']:.2f} cores; {cores} CPUs")
@@ -475,9 +490,19 @@ def report(args, env, ckpt, runs, total_s) -> None:
                            f"thread(s) each, on {cores} CPUs",
               "commit": git_commit(), "sft_checkpoint": ckpt, "sync_phases": phases, "modes": summary, "results": rows,
               "total_s": total_s, "loadavg_end": os.getloadavg()}
+    if ran_at:
+        result.update({**ran_at, "reported_at_commit": git_commit()})
     out.write_text(json.dumps(result, indent=1))
     plot(rows, args, env)
     print(f"wrote {out} and {args.png} ({total_s:.0f}s in all)")
+
+
+def rereport(path: str, out: str, png: str) -> None:
+    """`report` again over the measured rows of a results file (after a change to how they are read)."""
+    data = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**{**data["args"], "out": out, "png": png})
+    report(args, data["machine"], data["sft_checkpoint"], data["results"], data["total_s"],
+           ran_at={"commit": data["commit"], "loadavg_end": data["loadavg_end"]})
 
 
 def plot(rows: list[dict], args, env: dict) -> None:
@@ -551,13 +576,19 @@ def main() -> None:
     p.add_argument("--sft-checkpoint", default=None, help="reuse an SFT checkpoint (skip SFT)")
     p.add_argument("--work", default=None, help="wiped first (default: runs/bench/<--out's stem>)")
     p.add_argument("--child-timeout", type=int, default=3600)
-    p.add_argument("--out", default="benchmarks/results/async.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/async.json (--rereport: its FILE)")
+    p.add_argument("--rereport", metavar="FILE", default=None, help="recompute the table of a results file from "
+                   "its measured rows (no runs)")
     p.add_argument("--png", default=None, help="default: --out with .png")
     args = p.parse_args()
     if args.reward_delay_s and args.task != "arithmetic":
         p.error("--reward-delay-s is for the arithmetic task")
+    args.out = args.out or args.rereport or "benchmarks/results/async.json"
     args.png = args.png or str(Path(args.out).with_suffix(".png"))
-    run_bench(args)
+    if args.rereport:
+        rereport(args.rereport, args.out, args.png)
+    else:
+        run_bench(args)
 
 
 if __name__ == "__main__":

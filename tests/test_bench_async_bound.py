@@ -62,3 +62,27 @@ def test_bound_at_the_trainers_measured_speed_lengthens_only_the_train_phase():
     assert slow["limit"] == "train" and slow["bound"] == pytest.approx(0.42 / 0.32)  # sync's step over the slower T
     assert slow["step_s_limits"]["rollout latency / waves in flight"] == pytest.approx(0.18)
     assert slow["step_s_limits"]["CPU work / 2 cores"] == pytest.approx((0.18 + 0.32) / 2)
+    fast = bench.ideal_bound(ph, "fully_async_s2", inflight_waves=1, cores=2, extra_train_s=-0.04)
+    assert fast["bound"] == pytest.approx(0.42 / 0.20)  # a trainer faster than in sync raises it
+
+
+def test_rows_are_reported_against_sync_of_their_seed(tmp_path):
+    def row(mode, seed, samples_per_s, rank_s):
+        return {"mode": mode, "seed": seed, "samples": 1000, "samples_per_s": samples_per_s,
+                "rl_s": 1000 / samples_per_s,
+                "wall_incl_eval_s": 1200 / samples_per_s, "final_accuracy": 0.3, "step0_accuracy": 0.3,
+                "curve": [(0, 0.0, 0.3), (2, 1.0, 0.3)], "reward_curve": [(1, 0.1), (2, 0.2)], "max_staleness": 0,
+                "phases": {**phases(0.18, 0.24, cR=1.0, cT=1.0), "rank_s": rank_s}}
+
+    rows = [row("sync", 0, 100.0, 0.20), row("fully_async_s2", 0, 150.0, 0.28), row("sync", 1, 50.0, 0.20),
+            row("fully_async_s2", 1, 80.0, 0.20)]
+    args = bench.argparse.Namespace(inflight_waves=1, steps=2, eval_samples=1, seeds=[0, 1], threads=1, lr=1e-4,
+                                    task="arithmetic", prompts=1, samples=1, reward_delay_s=0.0,
+                                    out=str(tmp_path / "r.json"), png=str(tmp_path / "r.png"))
+    bench.report(args, {"cpu_count": 2}, "ckpt", rows, 1.0)
+    got = {(x["mode"], x["seed"]): x for x in bench.json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert got["fully_async_s2", 0]["ratio_vs_sync"] == pytest.approx(1.5)
+    assert got["fully_async_s2", 1]["ratio_vs_sync"] == pytest.approx(1.6)
+    assert got["fully_async_s2", 0]["trainer_slowdown"] == pytest.approx(1.4)
+    assert got["fully_async_s2", 0]["bound_at_trainer_speed"] == pytest.approx(0.42 / 0.32)
+    assert got["fully_async_s2", 1]["fraction_of_bound_at_trainer_speed"] == pytest.approx(1.6 / (0.42 / 0.24))

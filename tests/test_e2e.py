@@ -27,12 +27,19 @@ TINY = ["--model.hidden_size", "64", "--model.intermediate_size", "128", "--data
 
 
 @pytest.mark.parametrize("backend", [["--backend", "megatron", "--tp", "2"], ["--backend", "hf"]], ids=["megatron-tp2", "hf"])
-def test_rl_improves_a_custom_reward(tmp_path, capsys, backend):
+def test_rl_improves_a_custom_reward(tmp_path, capsys, monkeypatch, backend):
+    import gc
+
+    from slime_rl import job
+
+    frozen, rl_loop = [], job.rl_loop  # the loop runs with what was built before it out of the collector's passes
+    monkeypatch.setattr(job, "rl_loop", lambda *a, **kw: frozen.append(gc.get_freeze_count()) or rl_loop(*a, **kw))
     out = tmp_path / "run"
     rc = main(["train", *TINY, *backend, "--sft.enabled", "false", "--reward.name", "test_e2e:sevens",
                "--train.num_steps", "16", "--train.lr", "3e-3", "--train.warmup_steps", "0", "--rollout.prompts_per_step", "16",
                "--eval.every_n_steps", "8", "--log.output_dir", str(out)])
     assert rc == 0
+    assert frozen[0] > 10_000 and gc.get_freeze_count() == 0  # and given back after
     steps = [r for r in _records(out / "metrics.jsonl") if "rollout/reward_mean" in r]
     assert len(steps) == 16
     first = sum(r["rollout/reward_mean"] for r in steps[:3]) / 3
