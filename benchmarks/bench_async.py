@@ -35,6 +35,9 @@ CPU time of its process tree every 0.1 s):
   temperature 1), i.e. at the same number of trained samples for every mode;
 - samples/s = trained samples / the sum of the steps' wall seconds (validation excluded: sync idles through
   it while async producers keep working); the wall clock with validation included is reported beside it;
+- the steady samples/s: the same over the steps after the first WARMUP_STEPS (2), whose first step holds an
+  async pipeline's fill (the first wave's whole latency, 1.5-2 s on the waiting workload) and the first
+  steps' warm-up in every mode;
 - the phase times of sync: rollout R (generation + reward) and train T (train + weight push) per step, and the
   cores the process tree kept busy in each (c_R, c_T), from the CPU samples, on steps without validation.
 
@@ -59,6 +62,10 @@ and the bound at that speed: the same formula with T longer (or shorter) by the 
 seconds. Its fraction isolates what the async machinery loses (waiting, pushes, the driver's share) from what
 the machine's speed gave or took. `--rereport FILE` recomputes the ratios, bounds and table of a results file
 from the runs' measured rows, without running anything.
+
+The bound is a steady-state one (sync's median phases, warm-up steps left out), so the fraction of it reached
+compares it with the steady ratio to sync; the ratio over all steps is reported beside it (on a 60-step run
+of the waiting workload the fill is 7% of a fully_async_s4 run's seconds).
 
 Reported per mode: medians over seeds with min-max of final accuracy, its difference to sync (same seed),
 samples/s, the ratio to sync (same seed), the bound and the fraction of it reached; max staleness. Runs go
@@ -294,6 +301,9 @@ def cores_between(trace: list, t0: float, t1: float) -> float | None:
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
+WARMUP_STEPS = 2  # left out of the phases and of the steady samples/s: warm-up, and an async pipeline's fill
+
+
 def read_run(out: Path) -> dict:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in recs if r.get("step") == 0 and STAMP in r)
@@ -304,7 +314,7 @@ def read_run(out: Path) -> dict:
     # phases of the steps without validation: [end - step_s, + rollout_s] rolls out, the rest trains and pushes
     phases = {"rollout_s": [], "train_s": [], "rollout_cores": [], "train_cores": [], "rank_s": []}
     for r in steps:
-        if "val/accuracy" in r or r["step"] <= 2:  # (the first steps warm up)
+        if "val/accuracy" in r or r["step"] <= WARMUP_STEPS:
             continue
         t_end = r[STAMP]
         t_start = t_end - r["time/step_s"]
@@ -320,6 +330,9 @@ def read_run(out: Path) -> dict:
         "records": steps, "step0_accuracy": start.get("val/accuracy"), "steps": len(steps),
         "samples": sum(g["n"] for rec in ledger for g in rec["groups"]),
         "rl_s": sum(r["time/step_s"] for r in steps), "wall_incl_eval_s": steps[-1][STAMP] - start[STAMP],
+        "steady_samples": sum(g["n"] for rec in ledger if rec["step"] > WARMUP_STEPS for g in rec["groups"]),
+        "steady_s": sum(r["time/step_s"] for r in steps if r["step"] > WARMUP_STEPS),
+        "first_step_s": steps[0]["time/step_s"],
         "curve": [(0, 0.0, start.get("val/accuracy"))]
                  + [(r["step"], r[STAMP] - start[STAMP], r["val/accuracy"]) for r in steps if "val/accuracy" in r],
         "final_accuracy": steps[-1]["val/accuracy"],
@@ -412,8 +425,8 @@ def med(xs: list[float]) -> dict:
 def measured_row(mode: str, seed: int, r: dict) -> dict:
     """What one run measured (read_run + run_child), as its row of the results."""
     return {"mode": mode, "seed": seed, "steps": r["steps"], "samples": r["samples"],
-            "samples_per_s": r["samples"] / r["rl_s"],
-            "samples_per_s_wall_incl_eval": r["samples"] / r["wall_incl_eval_s"],
+            "samples_per_s": r["samples"] / r["rl_s"], "samples_per_s_steady": r["steady_samples"] / r["steady_s"],
+            "first_step_s": r["first_step_s"], "samples_per_s_wall_incl_eval": r["samples"] / r["wall_incl_eval_s"],
             "final_accuracy": r["final_accuracy"], "step0_accuracy": r["step0_accuracy"], "curve": r["curve"],
             "reward_curve": [(x["step"], x["rollout/reward_mean"]) for x in r["records"]],
             "rl_s": r["rl_s"], "wall_incl_eval_s": r["wall_incl_eval_s"], "phases": r["phases"],
@@ -426,13 +439,13 @@ def measured_row(mode: str, seed: int, r: dict) -> dict:
 def derived(row: dict, ref: dict, inflight_waves: int, cores: int) -> dict:
     """A run's ratios against sync's run of the same seed (`ref`), its bounds and the fractions reached."""
     mode = row["mode"]
-    ratio = row["samples_per_s"] / ref["samples_per_s"]
+    ratio = row["samples_per_s_steady"] / ref["samples_per_s_steady"]
     bound = ideal_bound(ref["phases"], mode, inflight_waves, cores)
     rank, rank_sync = row["phases"].get("rank_s"), ref["phases"].get("rank_s")
     measured = rank is not None and rank_sync is not None
     at_speed = ideal_bound(ref["phases"], mode, inflight_waves, cores,
                            extra_train_s=rank - rank_sync if measured else 0.0)["bound"]
-    return {"ratio_vs_sync": ratio,
+    return {"ratio_vs_sync": row["samples_per_s"] / ref["samples_per_s"], "ratio_vs_sync_steady": ratio,
             "ratio_vs_sync_wall_incl_eval": ref["wall_incl_eval_s"] / row["wall_incl_eval_s"] * row["samples"]
             / ref["samples"],
             **bound, "fraction_of_bound": ratio / bound["bound"],
@@ -457,8 +470,8 @@ def report(args, env, ckpt, rows: list[dict], total_s, ran_at: dict | None = Non
             "max_staleness": max(x["max_staleness"] for x in mine), "configured_staleness": STALENESS[mode],
             "waves_in_flight": waves_in_flight(mode, args.inflight_waves),
             **{key: med([x[key] for x in mine]) for key in (
-                "final_accuracy", "accuracy_delta_vs_sync", "samples_per_s", "ratio_vs_sync",
-                "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound", "trainer_slowdown",
+                "final_accuracy", "accuracy_delta_vs_sync", "samples_per_s", "ratio_vs_sync", "ratio_vs_sync_steady",
+                "first_step_s", "ratio_vs_sync_wall_incl_eval", "bound", "fraction_of_bound", "trainer_slowdown",
                 "bound_at_trainer_speed", "fraction_of_bound_at_trainer_speed") if None not in [x[key] for x in mine]}}
     phases = {k: med([r["phases"][k] for r in sync.values()]) for k in next(iter(sync.values()))["phases"]
               if None not in [r["phases"][k] for r in sync.values()]}
@@ -468,7 +481,8 @@ def report(args, env, ckpt, rows: list[dict], total_s, ran_at: dict | None = Non
     print(f"final accuracy: the job's validation at step {args.steps} ({args.eval_samples} samples per problem at "
           f"temperature 1); samples/s over the steps' wall seconds (validation excluded); medians over seeds "
           f"{args.seeds} [min-max]\n")
-    hdr = ("mode", "staleness max", "final acc", "vs sync (pts)", "samples/s", "x sync", "bound", "of bound",
+    hdr = ("mode", "staleness max", "final acc", "vs sync (pts)", "samples/s", "x sync", "first step s",
+           "x sync, steady", "bound", "of bound",
            "trainer step x sync", "bound at it", "of it", "x sync (wall incl. validation)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -480,7 +494,9 @@ def report(args, env, ckpt, rows: list[dict], total_s, ran_at: dict | None = Non
             return f"{d['median'] * scale:{fmt}} [{d['min'] * scale:{fmt}}, {d['max'] * scale:{fmt}}]"
         print(f"| {mode} | {m['max_staleness']} | {cell('final_accuracy', '.3f')} | "
               f"{cell('accuracy_delta_vs_sync', '+.1f', 100)} | {cell('samples_per_s', '.1f')} | "
-              f"{cell('ratio_vs_sync', '.2f')} | {cell('bound', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
+              f"{cell('ratio_vs_sync', '.2f')} | {cell('first_step_s', '.2f')} | "
+              f"{cell('ratio_vs_sync_steady', '.2f')} | "
+              f"{cell('bound', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
               f"{cell('trainer_slowdown', '.2f')} | {cell('bound_at_trainer_speed', '.2f')} | "
               f"{cell('fraction_of_bound_at_trainer_speed', '.0%')} | {cell('ratio_vs_sync_wall_incl_eval', '.2f')} |")
     out = Path(args.out)
@@ -497,11 +513,26 @@ def report(args, env, ckpt, rows: list[dict], total_s, ran_at: dict | None = Non
     print(f"wrote {out} and {args.png} ({total_s:.0f}s in all)")
 
 
+PROC_KEYS = ("process_s", "cpu_s", "load1_before", "load1_after")  # measured around the child, not in its directory
+
+
 def rereport(path: str, out: str, png: str) -> None:
-    """`report` again over the measured rows of a results file (after a change to how they are read)."""
+    """`report` again over a results file's runs (after a change to how they are read or reported): each read
+    again from its directory under the file's --work where it is still there, else its row as written."""
     data = json.loads(Path(path).read_text())
     args = argparse.Namespace(**{**data["args"], "out": out, "png": png})
-    report(args, data["machine"], data["sft_checkpoint"], data["results"], data["total_s"],
+    work = Path(data["args"].get("work") or f"runs/bench/{Path(data['args']['out']).stem}")
+    rows = []
+    for row in data["results"]:
+        run_dir = work / f"{row['mode']}_seed{row['seed']}"
+        if (run_dir / "metrics.jsonl").exists():
+            row = {**row, **measured_row(row["mode"], row["seed"],
+                                         {**read_run(run_dir), **{k: row[k] for k in PROC_KEYS}})}
+        elif "samples_per_s_steady" not in row:
+            raise SystemExit(f"{path}: {row['mode']} seed {row['seed']} has no steady samples/s and its run "
+                             f"directory {run_dir} is gone: run the benchmark again")
+        rows.append(row)
+    report(args, data["machine"], data["sft_checkpoint"], rows, data["total_s"],
            ran_at={"commit": data["commit"], "loadavg_end": data["loadavg_end"]})
 
 
