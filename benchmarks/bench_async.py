@@ -57,7 +57,7 @@ That bound takes sync's phase times as the speed of each phase while the other r
 machine runs both cores at full speed at once. A VM may not (measured here: a 1-thread matmul on each of the two
 vCPUs at once ran one of them at 0.6x of its speed alone at times, with no process of ours running, and as fast
 at others). So each run also reports its trainer's speed: the seconds the trainer rank spent in its train step,
-measured inside the rank (`train/rank_s`; the rank is alone on its pinned core), over sync's of the same seed,
+measured inside the rank (`time/rank_s`; the rank is alone on its pinned core), over sync's of the same seed,
 and the bound at that speed: the same formula with T longer (or shorter) by the difference of the rank's
 seconds. Its fraction isolates what the async machinery loses (waiting, pushes, the driver's share) from what
 the machine's speed gave or took. `--rereport FILE` recomputes the ratios, bounds and table of a results file
@@ -321,8 +321,8 @@ def read_run(out: Path) -> dict:
         t_mid = t_start + r["time/rollout_s"]
         phases["rollout_s"].append(r["time/rollout_s"])
         phases["train_s"].append(r["time/step_s"] - r["time/rollout_s"])
-        if "train/rank_s" in r:
-            phases["rank_s"].append(r["train/rank_s"])
+        if "time/rank_s" in r:
+            phases["rank_s"].append(r["time/rank_s"])
         for key, (a, b) in (("rollout_cores", (t_start, t_mid)), ("train_cores", (t_mid, t_end))):
             if (c := cores_between(trace, a, b)) is not None:
                 phases[key].append(c)

@@ -49,6 +49,8 @@ def test_rl_improves_a_custom_reward(tmp_path, capsys, monkeypatch, backend):
     assert steps[0]["train/train_rollout_logprob_abs_diff"] < 1e-5
     assert steps[0]["train/ratio_max"] == 1.0 and steps[0]["train/ratio_min"] == 1.0
     assert all(r["sync/bytes"] > 0 and r["sync/total_s"] >= r["sync/paused_s"] >= 0 for r in steps)
+    if "megatron" in backend:  # the ranks' own seconds, a share of the driver's train time; a time, not train/
+        assert all(0 < r["time/rank_s"] < r["time/train_s"] and "train/rank_s" not in r for r in steps)
     versions = [r["weight_version"] for r in steps]
     assert versions == list(range(versions[0], versions[0] + 16))  # one push per step
     assert (out / "curves.png").stat().st_size > 10_000
