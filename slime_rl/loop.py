@@ -198,9 +198,6 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> dict[str, float]:
     return {"explained_variance": float(ev), "value_mean": float((values_BT * mask_BT).sum() / n)}
 
 
-RANK_S = "rank_s"  # train()'s stats carry the ranks' seconds to the step's times (time/rank_s)
-
-
 def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, float]:
     """score_batch, then `ppo_epochs` passes of `mini_batches` optimizer steps (the critic's first, then the
     policy's; during the critic's warm-up only the critic's). Old logprobs are computed once, before the first
@@ -213,7 +210,6 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
     size = -(-batch.num_sequences // n)
     updates = a.ppo_epochs * n
     per_update = []  # each update's metrics, means pre-divided: merged, they sum to the mean over the step
-    rank_s = 0.0  # the trainer ranks' own seconds in the updates (Megatron reports them): a time, not a statistic
     for _ in range(a.ppo_epochs):
         for k in range(n):  # mini-batches: weights renormalized per mini-batch
             mini = batch.select(slice(k * size, (k + 1) * size))
@@ -222,12 +218,11 @@ def train(run: Run, batch: TrainBatch, loss_fn, step: int = 0) -> dict[str, floa
             steps += [(run.trainer, loss_fn, "")] if train_policy else []
             for backend, fn, prefix in steps:
                 out = backend.train_step(mini, fn)
-                rank_s += out.pop(RANK_S, 0.0)
+                # the trainer ranks' own seconds (Megatron reports them): a time (time/rank_s), not a statistic
+                run.timer.count("rank_seconds", out.pop("rank_s", 0.0))
                 per_update.append({prefix + key: v if key.endswith(("_max", "_min")) else v / updates
                                    for key, v in out.items()})
     stats.update(merge_step_stats(per_update))
-    if rank_s:
-        stats[RANK_S] = rank_s
     run.timer.count("trained_tokens", batch_tokens(batch) * a.ppo_epochs * train_policy)
     if a.ref_update_every and (step + 1) % a.ref_update_every == 0:
         refresh_reference(run)
@@ -304,8 +299,6 @@ def rl_loop(run: Run, progress=None, resume: dict | None = None) -> dict[str, fl
                 with timer.phase("rollout"):  # one-step-off: the push first waits for the groups in flight
                     sync_stats = rollout.push(lambda: sync_weights(run))
                 times = {"time/train_s": t2 - t1, "time/push_s": time.perf_counter() - t2}
-                if RANK_S in stats:  # the ranks' own share of train_s; the rest is the driver's
-                    times["time/rank_s"] = stats.pop(RANK_S)
             record = {"step": step + 1, "weight_version": run.weight_version,
                       **run.task.eval_metrics([s for g in groups for s in g], "rollout"),
                       "rollout/max_staleness": staleness_of(groups, trainer_version),

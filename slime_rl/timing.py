@@ -216,4 +216,6 @@ def step_times(d: Snapshot) -> dict[str, float]:
     for key, count, phase in (("gen", "generated_tokens", "generation"), ("train", "trained_tokens", "train")):
         if c.get(count) and s.get(phase, 0.0) > 0:
             out[f"time/{key}_tokens_per_s"] = c[count] / s[phase]
+    if c.get("rank_seconds"):  # the trainer ranks' own share of time/train_s; the rest is the driver's
+        out["time/rank_s"] = c["rank_seconds"]
     return out
